@@ -1,0 +1,57 @@
+"""How inbox events are presented to the agent.
+
+A finished job reaches the agent as a message from the ``background_job`` source that names
+the job and the call id of the tool call that started it, followed by the outcome as JSON.
+The model thereby gets the real result of its earlier call without a second tool-result
+message for the same call id, which chat-completion APIs would reject.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+JOB_RESULT_SOURCE = "background_job"
+_HEADER = "Background job finished. Tell the user the outcome of their request."
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    call_id: str | None
+    tool: str
+    status: str  # succeeded | failed | cancelled
+    content: str  # JSON text the tool produced, or the error
+    is_error: bool
+    arguments: dict[str, Any]
+
+
+def format_job_result(result: JobResult) -> str:
+    body = {
+        "job_id": result.job_id,
+        "call_id": result.call_id,
+        "tool": result.tool,
+        "arguments": result.arguments,
+        "status": result.status,
+        "is_error": result.is_error,
+        "content": result.content,
+    }
+    return f"{_HEADER}\n{json.dumps(body)}"
+
+
+def parse_job_result(text: str) -> JobResult | None:
+    _, _, raw = text.partition("\n")
+    try:
+        data = json.loads(raw)
+        return JobResult(
+            job_id=str(data["job_id"]),
+            call_id=data.get("call_id"),
+            tool=str(data["tool"]),
+            status=str(data["status"]),
+            content=str(data["content"]),
+            is_error=bool(data["is_error"]),
+            arguments=dict(data.get("arguments") or {}),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None

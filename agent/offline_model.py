@@ -1,0 +1,199 @@
+"""The offline model: a deterministic ChatCompletionClient that needs no credentials.
+
+It maps a few documented phrases to the same tool calls an LLM would make, so the whole
+pipeline (tools, jobs, durable state, proactive messages) runs with no network. Phrases:
+
+========================================  ============================================
+``help`` / ``what can you do``            explains itself and how to configure a model
+``activate line <number>``                ``activate_new_line(phone_number)``
+``status`` / ``is it done?`` / ``status <id>``  ``get_job_status(job_id)``
+``list jobs`` / ``jobs``                  ``list_jobs()``
+``cancel <job id>``                       ``cancel_job(job_id)``
+``my name is <name>`` / ``what is my name``  remembers from the conversation's context
+========================================  ============================================
+
+Anything else gets a plain answer that this is the offline model and how to set a real one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any, Literal
+
+from autogen_core import CancellationToken, FunctionCall
+from autogen_core.models import (
+    AssistantMessage,
+    ChatCompletionClient,
+    CreateResult,
+    FunctionExecutionResultMessage,
+    LLMMessage,
+    ModelCapabilities,
+    ModelFamily,
+    ModelInfo,
+    RequestUsage,
+    SystemMessage,
+    UserMessage,
+)
+from autogen_core.tools import Tool, ToolSchema
+from pydantic import BaseModel
+
+from agent.events import JOB_RESULT_SOURCE, parse_job_result
+
+CONFIGURE_HINT = (
+    "To use a real model, set OPENAI_API_KEY (and optionally OPENAI_MODEL / OPENAI_BASE_URL for "
+    "an OpenAI-compatible server), or AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_DEPLOYMENT, then restart the bot."
+)
+
+HELP_TEXT = (
+    "I'm running on the **offline model**: a built-in stand-in for a real LLM that understands a few phrases.\n\n"
+    "- `activate line 555-0100`: activate a phone line (a background job; I'll message you when it's done)\n"
+    "- `status` or `is it done?`: the state of your latest job (`status <job id>` for a given one)\n"
+    "- `list jobs`: every job in this conversation\n"
+    "- `cancel <job id>`: cancel a job\n"
+    "- `my name is Ada` / `what is my name?`: I remember this conversation, even across restarts\n"
+    "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
+)
+
+_ACTIVATE = re.compile(r"\bactivate\b(?:\s+(?:a|the|new|my|phone))*\s+line\b\s*(?:for\s+|number\s+)?(?P<number>.*)$", re.I)
+_STATUS = re.compile(r"^(?:status|job status|is it (?:done|finished|ready)\??|what(?:'s| is) the status\??)\s*(?P<id>[\w-]*)\??$", re.I)
+_LIST = re.compile(r"^(?:list\s+(?:my\s+|the\s+)?jobs|jobs|show\s+(?:my\s+)?jobs)\s*[.!?]?$", re.I)
+_CANCEL = re.compile(r"^(?:cancel|stop)\s+(?:job\s+)?(?P<id>[\w-]+)\s*[.!]?$", re.I)
+_HELP = re.compile(r"^(?:/?help|\?|what can you do\??|how do you work\??)$", re.I)
+_MY_NAME = re.compile(r"\bmy name is\s+(?P<name>[\w' -]{1,40}?)\s*[.!]?$", re.I)
+_ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.I)
+
+_INFO: ModelInfo = {
+    "vision": False,
+    "function_calling": True,
+    "json_output": False,
+    "family": ModelFamily.UNKNOWN,
+    "structured_output": False,
+    "multiple_system_messages": True,
+}
+
+
+def _text_of(message: LLMMessage) -> str:
+    content = getattr(message, "content", "")
+    return content if isinstance(content, str) else ""
+
+
+def describe_tool_result(name: str, content: str, is_error: bool) -> str:
+    """What the offline model says about one tool result (also used for job results)."""
+    if is_error:
+        return f"Sorry, `{name}` failed: {content}"
+    try:
+        data: Any = json.loads(content)
+    except ValueError:
+        return content
+    if not isinstance(data, dict):
+        return content
+    if "message" in data:
+        return str(data["message"])
+    return content
+
+
+class OfflineChatCompletionClient(ChatCompletionClient):
+    """Deterministic stand-in for an LLM; see the module docstring for the phrases."""
+
+    def __init__(self) -> None:
+        self._usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
+
+    async def create(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = [],
+        tool_choice: Tool | Literal["auto", "required", "none"] = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> CreateResult:
+        tool_names = {t.name if not isinstance(t, dict) else t["name"] for t in tools}
+        content = self._respond(list(messages), tool_names)
+        return CreateResult(finish_reason="function_calls" if isinstance(content, list) else "stop",
+                            content=content, usage=self._usage, cached=False)
+
+    def _respond(self, messages: list[LLMMessage], tools: set[str]) -> str | list[FunctionCall]:
+        last = messages[-1] if messages else None
+        if isinstance(last, FunctionExecutionResultMessage):
+            return "\n\n".join(describe_tool_result(r.name, r.content, bool(r.is_error)) for r in last.content)
+        if not isinstance(last, UserMessage):
+            return "I'm the offline model and I have nothing to add. " + CONFIGURE_HINT
+        if last.source == JOB_RESULT_SOURCE:
+            result = parse_job_result(_text_of(last))
+            if result is None:
+                return "A background job finished, but I could not read its result."
+            return describe_tool_result(result.tool, result.content, result.is_error)
+        return self._answer_user(_text_of(last).strip(), messages[:-1], tools)
+
+    def _answer_user(self, text: str, history: list[LLMMessage], tools: set[str]) -> str | list[FunctionCall]:
+        def call(name: str, **arguments: str) -> str | list[FunctionCall]:
+            if name not in tools:
+                return f"The `{name}` tool is not available right now."
+            return [FunctionCall(id=f"call_{uuid.uuid4().hex[:12]}", name=name, arguments=json.dumps(arguments))]
+
+        if _HELP.match(text):
+            return HELP_TEXT
+        if m := _ACTIVATE.search(text):
+            number = m.group("number").strip().rstrip(".!?")
+            if not number:
+                return "Which number should I activate? Say for example `activate line 555-0100`."
+            return call("activate_new_line", phone_number=number)
+        if m := _CANCEL.match(text):
+            return call("cancel_job", job_id=m.group("id"))
+        if _LIST.match(text):
+            return call("list_jobs")
+        if m := _STATUS.match(text):
+            return call("get_job_status", job_id=m.group("id") or "")
+        if m := _MY_NAME.search(text):
+            return f"Nice to meet you, {m.group('name').strip()}. I'll remember that."
+        if _ASK_NAME.search(text):
+            for message in reversed(history):
+                if isinstance(message, UserMessage) and (found := _MY_NAME.search(_text_of(message))):
+                    return f"Your name is {found.group('name').strip()}."
+            return "You haven't told me your name yet."
+        return (
+            f"I'm the offline model, so I only understand a few phrases (say `help` to see them). "
+            f"You said: “{text[:200]}”. " + CONFIGURE_HINT
+        )
+
+    async def create_stream(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = [],
+        tool_choice: Tool | Literal["auto", "required", "none"] = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> AsyncGenerator[str | CreateResult, None]:
+        yield await self.create(messages, tools=tools)
+
+    async def close(self) -> None:
+        return None
+
+    def actual_usage(self) -> RequestUsage:
+        return self._usage
+
+    def total_usage(self) -> RequestUsage:
+        return self._usage
+
+    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = []) -> int:
+        return sum(len(_text_of(m).split()) for m in messages)
+
+    def remaining_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = []) -> int:
+        return 1_000_000 - self.count_tokens(messages)
+
+    @property
+    def capabilities(self) -> ModelCapabilities:  # type: ignore[override]
+        return _INFO  # type: ignore[return-value]
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return _INFO
+
+
+__all__ = ["HELP_TEXT", "OfflineChatCompletionClient", "SystemMessage", "AssistantMessage"]

@@ -1,0 +1,239 @@
+"""The conversation processor: folds inbox events into agent state, one conversation at a time.
+
+DESIGN.md's protocol, steps 2, 3 and 5. For each conversation at most one drain task runs
+in this process; ``wake`` from ingest or a finished job either starts it or asks the running
+one to look again. A turn is committed in one conditional write (state + processed events +
+outbox + new jobs); only then are messages sent and jobs scheduled. Sending removes each
+message from the outbox after the connector accepted it, so a crash can repeat at most the
+one message that was in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
+from agent.runner import AgentError, AgentInput, AgentTurnRunner
+from storage.abc import JSON, ConcurrencyError, ConversationRecord, ConversationStore, InboxEvent, JobRecord, OutboxMessage
+
+log = logging.getLogger(__name__)
+
+TYPING_INTERVAL = 3.0  # Teams shows a typing indicator for about 3 s
+
+
+class DeliveryError(Exception):
+    """The channel did not accept an activity."""
+
+    def __init__(self, message: str, *, permanent: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class MessageSender(Protocol):
+    async def send(self, reference: JSON, activity: JSON) -> str | None:
+        """Deliver one activity proactively; return its id. Raises DeliveryError."""
+
+    async def typing(self, reference: JSON) -> None:
+        """Best-effort typing indicator."""
+
+
+def text_activity(text: str) -> JSON:
+    return {"type": "message", "text": text, "textFormat": "markdown"}
+
+
+ScheduleJob = Callable[[JobRecord], Awaitable[None]]
+
+
+class ConversationProcessor:
+    def __init__(
+        self,
+        store: ConversationStore,
+        runner: AgentTurnRunner,
+        sender: MessageSender,
+        *,
+        welcome: Callable[[], JSON],
+        schedule_job: ScheduleJob | None = None,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self._store = store
+        self._runner = runner
+        self._sender = sender
+        self._welcome = welcome
+        self._schedule_job = schedule_job
+        self._max_backoff = max_backoff
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._closing = False
+
+    # --- waking ---
+    def wake(self, key: str) -> None:
+        """Make sure the conversation's pending work gets processed (cheap, idempotent)."""
+        if self._closing:
+            return
+        task = self._tasks.get(key)
+        if task is not None and not task.done():
+            self._again.add(key)
+            return
+        self._tasks[key] = asyncio.get_running_loop().create_task(self._drain(key), name=f"conversation:{key}")
+
+    async def recover(self) -> int:
+        """Start-up: process pending inboxes and re-send unsent outbox messages."""
+        keys = await self._store.conversations_with_work()
+        for key in keys:
+            self.wake(key)
+        if keys:
+            log.info("recovering %d conversation(s) with pending events or unsent messages", len(keys))
+        return len(keys)
+
+    async def idle(self) -> None:
+        """Wait until no conversation is being processed (tests and graceful shutdown)."""
+        while tasks := [t for t in self._tasks.values() if not t.done()]:
+            await asyncio.wait(tasks)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        self._closing = True
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- the drain loop ---
+    async def _drain(self, key: str) -> None:
+        delay = 0.5
+        while not self._closing:
+            self._again.discard(key)
+            try:
+                retry_in = await self._process_once(key)
+            except Exception:
+                log.exception("processing conversation %s failed; retrying in %.1f s", key, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._max_backoff)
+                self._again.add(key)
+                continue
+            if retry_in is not None:
+                await asyncio.sleep(retry_in)
+                self._again.add(key)
+            if key not in self._again:
+                break
+            delay = 0.5
+
+    async def _process_once(self, key: str) -> float | None:
+        """One round: commit a turn for the pending events, then flush the outbox.
+
+        Returns seconds to wait before another round when delivery must be retried.
+        """
+        record = await self._store.load(key)
+        events = await self._store.pending_events(key)
+        if events:
+            reference = await self._store.get_reference(key)
+            typing = asyncio.create_task(self._keep_typing(reference)) if reference else None
+            try:
+                committed = await self._commit_turn(record, events)
+            finally:
+                if typing is not None:
+                    typing.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await typing
+            if committed is None:  # someone else moved first: reload and redo
+                self._again.add(key)
+                return None
+            record = committed
+        return await self._flush(record)
+
+    async def _commit_turn(self, record: ConversationRecord, events: Sequence[InboxEvent]) -> ConversationRecord | None:
+        state = record.agent_state
+        outbox = list(record.outbox)
+        new_jobs: list[JobRecord] = []
+        for event in events:
+            replies: list[JSON] = []
+            if event.kind == "welcome":
+                replies.append(self._welcome())
+            elif event.kind == "reset":
+                state = None
+                replies.append(text_activity("Done: I've forgotten this conversation. Let's start afresh."))
+            elif event.kind == "command":
+                pass  # answered inline by a dialog; recorded only so a redelivery is ignored
+            elif (item := self._agent_input(event)) is not None:
+                try:
+                    outcome = await self._runner.run(record.key, state, [item])
+                except AgentError as exc:
+                    log.warning("agent turn failed in %s for event %s: %s", record.key, event.id, exc)
+                    replies.append(text_activity(
+                        "Sorry, I couldn't get an answer from the model just now. Nothing was lost: "
+                        "please try again in a moment."))
+                else:
+                    state = outcome.state
+                    new_jobs.extend(outcome.new_jobs)
+                    replies.extend(text_activity(text) for text in outcome.replies)
+            else:
+                log.warning("ignoring inbox event %s of unknown kind %r", event.id, event.kind)
+            outbox.extend(OutboxMessage(id=f"{event.id}#{n}", activity=a) for n, a in enumerate(replies))
+        updated = record.evolve(agent_state=state, outbox=tuple(outbox), turns=record.turns + len(events))
+        try:
+            committed = await self._store.commit(updated, processed=[e.id for e in events], new_jobs=new_jobs)
+        except ConcurrencyError:
+            log.info("conversation %s changed while its turn ran; redoing the turn", record.key)
+            return None
+        for job in new_jobs:
+            await self._start_job(job)
+        return committed
+
+    @staticmethod
+    def _agent_input(event: InboxEvent) -> AgentInput | None:
+        if event.kind == "message":
+            text = str(event.payload.get("text") or "").strip()
+            return AgentInput(text=text or "(an empty message)")
+        if event.kind == "job_finished":
+            return AgentInput(text=format_job_result(JobResult(**event.payload)), source=JOB_RESULT_SOURCE)
+        return None
+
+    async def _start_job(self, job: JobRecord) -> None:
+        if self._schedule_job is None:
+            return
+        try:
+            await self._schedule_job(job)
+        except Exception:  # the job stays queued in the store; start-up recovery schedules it
+            log.exception("could not schedule job %s now; it will be scheduled at the next start-up", job.id)
+
+    async def _keep_typing(self, reference: JSON) -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                await self._sender.typing(reference)
+            await asyncio.sleep(TYPING_INTERVAL)
+
+    # --- sending ---
+    async def _flush(self, record: ConversationRecord) -> float | None:
+        if not record.outbox:
+            return None
+        reference = await self._store.get_reference(record.key)
+        if reference is None:
+            log.error("conversation %s has %d unsent message(s) but no conversation reference; dropping them",
+                      record.key, len(record.outbox))
+            await self._remove_from_outbox(record, {m.id for m in record.outbox})
+            return None
+        for message in record.outbox:
+            try:
+                await self._sender.send(reference, message.activity)
+            except DeliveryError as exc:
+                if not exc.permanent:
+                    wait = exc.retry_after or 5.0
+                    log.warning("sending to %s failed (%s); retrying in %.1f s", record.key, exc, wait)
+                    return wait
+                log.error("dropping message %s to %s: %s", message.id, record.key, exc)
+            record = await self._remove_from_outbox(record, {message.id})
+        return None
+
+    async def _remove_from_outbox(self, record: ConversationRecord, ids: set[str]) -> ConversationRecord:
+        while True:
+            updated = record.evolve(outbox=tuple(m for m in record.outbox if m.id not in ids))
+            try:
+                return await self._store.commit(updated)
+            except ConcurrencyError:
+                record = await self._store.load(record.key)

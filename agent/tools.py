@@ -1,0 +1,147 @@
+"""The tools offered to the agent in one turn.
+
+Long-running tools do not run here: calling one records a job in the turn's scope (it is
+committed atomically with the turn) and answers the model at once with the job id. The job
+helper tools read and cancel jobs through the store and the job runner.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from autogen_core import CancellationToken
+from autogen_core.tools import BaseTool, FunctionTool, Tool
+from pydantic import BaseModel, ValidationError
+
+from jobs.registry import JobRegistry, LongRunningTool
+from jobs.runner import JobRunner
+from storage.abc import ConversationStore, JobNotFoundError, JobRecord
+
+
+@dataclass
+class TurnScope:
+    """What one turn's tool calls produced, to be committed with the turn."""
+
+    conversation_key: str
+    new_jobs: list[JobRecord] = field(default_factory=list)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def validation_message(error: ValidationError) -> str:
+    """A pydantic error as one readable sentence (no URLs or type codes for the user)."""
+    parts = []
+    for item in error.errors():
+        message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+        where = ".".join(str(p) for p in item.get("loc", ()))
+        parts.append(message if item.get("type") == "value_error" else f"{where}: {message}")
+    return "; ".join(parts)
+
+
+class ScheduleJobTool(BaseTool[BaseModel, str]):
+    """Presents a long-running tool to the model; a call records a job and returns its id."""
+
+    def __init__(self, spec: LongRunningTool, scope: TurnScope) -> None:
+        super().__init__(spec.args_model, str, spec.name, spec.description)
+        self._spec = spec
+        self._scope = scope
+
+    async def run_json(self, args: Any, cancellation_token: CancellationToken, call_id: str | None = None) -> Any:
+        try:
+            validated = self._spec.args_model.model_validate(args)
+        except ValidationError as exc:
+            raise ValueError(validation_message(exc)) from None
+        return self._record(validated, call_id)
+
+    async def run(self, args: BaseModel, cancellation_token: CancellationToken) -> str:
+        return self._record(args, None)
+
+    def _record(self, args: BaseModel, call_id: str | None) -> str:
+        job = JobRecord(
+            call_id=call_id,
+            id=new_job_id(),
+            conversation_key=self._scope.conversation_key,
+            tool=self._spec.name,
+            arguments=args.model_dump(),
+            max_attempts=self._spec.retry.max_attempts,
+        )
+        self._scope.new_jobs.append(job)
+        message = (
+            self._spec.scheduled_message(args, job.id)
+            if self._spec.scheduled_message
+            else f"Started `{job.tool}` as background job `{job.id}`; I'll report back when it finishes."
+        )
+        return json.dumps({"job_id": job.id, "status": "queued", "message": message})
+
+
+def describe_job(job: JobRecord) -> str:
+    """One line a person can read: what, state, progress, attempts, outcome."""
+    args = ", ".join(str(v) for v in job.arguments.values())
+    head = f"Job `{job.id}` ({job.tool} {args}): **{job.status}**"
+    details: list[str] = []
+    if job.status == "running" and job.progress is not None:
+        details.append(f"{job.progress:.0%}" + (f", {job.progress_text}" if job.progress_text else ""))
+    if job.max_attempts > 1 and (job.attempt > 1 or job.next_retry_at):
+        details.append(f"attempt {job.attempt} of {job.max_attempts}")
+    if job.status == "queued" and job.next_retry_at:
+        wait = max(0.0, job.next_retry_at - time.time())
+        details.append(f"retrying in {wait:.0f} s after: {job.error}")
+    if job.status == "failed" and job.error:
+        details.append(job.error)
+    if job.status == "succeeded" and isinstance(job.result, dict) and job.result.get("message"):
+        details.append(str(job.result["message"]))
+    return head + (" (" + "; ".join(details) + ")" if details else "")
+
+
+def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> list[Tool]:
+    key = scope.conversation_key
+
+    async def get_job_status(job_id: str = "") -> str:
+        """Status of a background job in this conversation; an empty job_id means the latest job."""
+        if job_id:
+            try:
+                job = await store.get_job(key, job_id)
+            except JobNotFoundError:
+                return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
+        else:
+            jobs = await store.list_jobs(key)
+            if not jobs:
+                return json.dumps({"message": "There are no background jobs in this conversation yet."})
+            job = jobs[-1]
+        return json.dumps({"job": job.to_json(), "message": describe_job(job)}, default=str)
+
+    async def list_jobs() -> str:
+        """List every background job of this conversation with its status."""
+        jobs = await store.list_jobs(key)
+        if not jobs:
+            return json.dumps({"jobs": [], "message": "There are no background jobs in this conversation yet."})
+        lines = "\n".join(f"- {describe_job(j)}" for j in jobs)
+        return json.dumps({"jobs": [j.id for j in jobs], "message": f"Jobs in this conversation:\n{lines}"})
+
+    async def cancel_job(job_id: str) -> str:
+        """Cancel a background job of this conversation by its id."""
+        try:
+            job = await runner.cancel(key, job_id)
+        except JobNotFoundError:
+            return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
+        if job.status in ("succeeded", "failed") or (job.status == "cancelled" and not job.cancel_requested):
+            return json.dumps({"status": job.status,
+                               "message": f"Job `{job_id}` already finished ({job.status}); nothing to cancel."})
+        return json.dumps({"status": "cancelling", "message": f"Cancelling job `{job_id}`…"})
+
+    return [
+        FunctionTool(get_job_status, description=get_job_status.__doc__ or "", name="get_job_status"),
+        FunctionTool(list_jobs, description=list_jobs.__doc__ or "", name="list_jobs"),
+        FunctionTool(cancel_job, description=cancel_job.__doc__ or "", name="cancel_job"),
+    ]
+
+
+def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner) -> Sequence[Tool]:
+    return [ScheduleJobTool(spec, scope) for spec in registry] + job_tools(scope, store, runner)

@@ -1,0 +1,153 @@
+"""Composition root: Settings -> stores -> scheduler -> adapter -> bot -> aiohttp app.
+
+Only this module picks concrete implementations; everything else receives what it needs.
+Run with ``python app.py`` (``make run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import web
+from botbuilder.core import ConversationState
+
+from agent.models import create_model_client
+from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
+from agent.processor import ConversationProcessor, text_activity
+from agent.runner import AgentTurnRunner
+from agent.tools import turn_tools
+from bot.dialog_storage import ConversationStoreStorage
+from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
+from bot.handler import TeamsBot
+from bot.sender import ProactiveSender
+from config import ConfigError, Settings
+from dialogs.commands import CommandDialogs
+from jobs.activate_line import make_activate_line_tool
+from jobs.registry import JobRegistry
+from jobs.runner import JobRunner
+from jobs.scheduler import JobScheduler
+from storage.abc import ConversationStore
+from storage.sqlite import SqliteStore
+
+log = logging.getLogger("app")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: ConversationStore
+    processor: ConversationProcessor
+    job_runner: JobRunner
+    scheduler: JobScheduler
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def build_store(settings: Settings) -> ConversationStore:
+    return SqliteStore(settings.sqlite_path)
+
+
+def help_text(settings: Settings, offline: bool) -> str:
+    if offline:
+        return HELP_TEXT
+    return (
+        f"I'm an AI assistant ({settings.model_description}). Ask me anything; long tasks such as "
+        "activating a phone line run in the background and I message you when they finish.\n\n"
+        "Commands: `help`, `reset` (forget this conversation). Ask me about your jobs in plain words."
+    )
+
+
+WELCOME = (
+    "👋 Hi! I'm a durable AI agent: I remember this conversation even if I restart, and long tasks "
+    "(try `activate line 555-0100`) run in the background; I'll message you here when they finish. "
+    "Say `help` to see what I can do."
+)
+
+
+def create_app(settings: Settings) -> web.Application:
+    store = build_store(settings)
+    model_client = create_model_client(settings)
+    offline = isinstance(model_client, OfflineChatCompletionClient)
+    registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
+    adapter = create_adapter(settings)
+    sender = ProactiveSender(adapter, settings.app_id)
+
+    processor_ref: list[ConversationProcessor] = []
+
+    def wake(key: str) -> None:
+        processor_ref[0].wake(key)
+
+    job_runner = JobRunner(store, registry, wake)
+    scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
+    runner = AgentTurnRunner(
+        model_client,
+        lambda scope: turn_tools(scope, registry, store, job_runner),
+        context_messages=settings.context_messages,
+    )
+    processor = ConversationProcessor(
+        store, runner, sender, welcome=lambda: text_activity(WELCOME), schedule_job=scheduler.schedule
+    )
+    processor_ref.append(processor)
+
+    conversation_state = ConversationState(ConversationStoreStorage(store))
+    bot_ref: list[TeamsBot] = []
+    commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
+                              on_reset=lambda tc: bot_ref[0].request_reset(tc))
+    bot = TeamsBot(store, wake, commands)
+    bot_ref.append(bot)
+
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler)
+    app.router.add_post("/api/messages", messages_handler(adapter, bot))
+    app.router.add_get("/healthz", healthz)
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Open stores, start the scheduler, recover unfinished work; undo it all on shutdown."""
+    services = app[SERVICES]
+    settings = services.settings
+    await services.store.open()
+    await services.scheduler.start()
+    recovered_jobs = await services.scheduler.recover()
+    recovered_conversations = await services.processor.recover()
+    log.info(
+        "ready on port %d: %s store, %s, %s mode; recovered %d job(s), %d conversation(s)",
+        settings.port, type(services.store).__name__, settings.model_description,
+        "local (no auth)" if settings.local_mode else "authenticated", recovered_jobs, recovered_conversations,
+    )
+    yield
+    await services.processor.close()
+    await services.scheduler.shutdown()
+    await services.store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Durable AI agent for Microsoft Teams")
+    parser.add_argument("--port", type=int, help="overrides PORT")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_core", "autogen_agentchat"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    port = args.port or settings.port
+    web.run_app(create_app(settings), host=settings.host, port=port, print=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The Teams-aware activity handler: the ingest side of the durability protocol (step 1).
+
+Every activity's conversation reference is stored; a user message is appended to the
+conversation's inbox (its activity id makes a redelivery a no-op) before the HTTP answer,
+and the conversation's processor is woken. The agent never runs inside the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+
+from botbuilder.core import TurnContext
+from botbuilder.core.teams import TeamsActivityHandler
+from botbuilder.schema import Activity, ChannelAccount
+
+from dialogs.commands import CommandDialogs
+from storage.abc import ConversationStore, InboxEvent
+
+log = logging.getLogger(__name__)
+
+GROUP_CONVERSATION_TYPES = {"channel", "groupChat"}
+
+
+def conversation_key(activity: Activity) -> str:
+    """Unique across channels: the same conversation id could exist on two channels."""
+    return f"{activity.channel_id}:{activity.conversation.id}"
+
+
+def message_text(activity: Activity) -> str:
+    """The user's text with the bot's @mention removed (channels and group chats)."""
+    text = activity.text or ""
+    if activity.recipient is not None and (
+        activity.conversation.conversation_type in GROUP_CONVERSATION_TYPES or activity.entities
+    ):
+        for mention in TurnContext.get_mentions(activity):
+            mentioned = mention.additional_properties.get("mentioned") or {}
+            if mentioned.get("id") == activity.recipient.id and mention.additional_properties.get("text"):
+                text = text.replace(mention.additional_properties["text"], "")
+    return " ".join(text.split())
+
+
+class TeamsBot(TeamsActivityHandler):
+    def __init__(
+        self,
+        store: ConversationStore,
+        wake: Callable[[str], None],
+        commands: CommandDialogs,
+    ) -> None:
+        self._store = store
+        self._wake = wake
+        self._commands = commands
+
+    async def on_turn(self, turn_context: TurnContext) -> None:
+        activity = turn_context.activity
+        reference = TurnContext.get_conversation_reference(activity).serialize()
+        await self._store.save_reference(conversation_key(activity), reference)
+        await super().on_turn(turn_context)
+
+    async def on_message_activity(self, turn_context: TurnContext) -> None:
+        activity = turn_context.activity
+        key = conversation_key(activity)
+        event_id = activity.id or f"noid-{uuid.uuid4().hex}"
+        if await self._store.has_event(key, event_id):
+            log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
+            return
+        text = message_text(activity)
+        if await self._commands.handle(turn_context, text):
+            # Record handled commands too, so a redelivered one is not answered twice.
+            await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"text": text}))
+            self._wake(key)
+            return
+        sender = activity.from_property
+        payload = {"text": text, "from": {"id": getattr(sender, "id", None), "name": getattr(sender, "name", None)}}
+        if await self._store.append_event(key, InboxEvent(id=event_id, kind="message", payload=payload)):
+            self._wake(key)
+
+    async def on_members_added_activity(self, members_added: list[ChannelAccount], turn_context: TurnContext) -> None:
+        activity = turn_context.activity
+        bot_id = activity.recipient.id if activity.recipient else None
+        if any(member.id != bot_id for member in members_added) or (
+            activity.channel_id == "msteams" and any(member.id == bot_id for member in members_added)
+        ):
+            await self._welcome(turn_context)
+
+    async def on_installation_update_add(self, turn_context: TurnContext) -> None:
+        await self._welcome(turn_context)
+
+    async def _welcome(self, turn_context: TurnContext) -> None:
+        key = conversation_key(turn_context.activity)
+        # One welcome per conversation, however many join events arrive.
+        if await self._store.append_event(key, InboxEvent(id="welcome", kind="welcome", payload={})):
+            self._wake(key)
+
+    async def request_reset(self, turn_context: TurnContext) -> None:
+        """Called by the reset dialog once the user confirmed."""
+        key = conversation_key(turn_context.activity)
+        event_id = f"reset:{turn_context.activity.id or uuid.uuid4().hex}"
+        if await self._store.append_event(key, InboxEvent(id=event_id, kind="reset", payload={})):
+            self._wake(key)

@@ -1,0 +1,130 @@
+"""Settings, read once from the environment (and a ``.env`` file if present).
+
+Bot Framework names are kept as Microsoft documents them (``MicrosoftAppId`` ...), so the
+same environment works for this bot, the samples and the Azure portal's app settings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a value the bot cannot use; the message names the variable."""
+
+
+def read_dotenv(path: Path) -> dict[str, str]:
+    """Parse a minimal ``.env`` (KEY=VALUE lines, # comments, optional quotes)."""
+    values: dict[str, str] = {}
+    if not path.is_file():
+        return values
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        name, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        values[name.strip()] = value
+    return values
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    port: int = 3978
+    host: str = "0.0.0.0"
+    app_id: str = ""
+    app_password: str = ""
+    app_type: str = "MultiTenant"
+    app_tenant_id: str = ""
+    data_dir: Path = Path("data")
+    cosmos_endpoint: str = ""
+    cosmos_key: str = ""
+    cosmos_database: str = "durable-agent"
+    cosmos_container: str = "conversations"
+    job_store_url: str = ""
+    openai_api_key: str = ""
+    openai_model: str = ""
+    openai_base_url: str = ""
+    azure_openai_endpoint: str = ""
+    azure_openai_deployment: str = ""
+    azure_openai_api_version: str = "2024-10-21"
+    azure_openai_api_key: str = ""
+    activate_line_seconds: float = 20.0
+    context_messages: int = 40
+    log_level: str = "INFO"
+
+    @property
+    def local_mode(self) -> bool:
+        """No app id: the Emulator / Agents Playground talk to us without tokens."""
+        return not self.app_id
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "conversations.sqlite3"
+
+    @property
+    def effective_job_store_url(self) -> str:
+        return self.job_store_url or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').resolve()}"
+
+    @property
+    def model_description(self) -> str:
+        if self.azure_openai_endpoint:
+            return f"Azure OpenAI deployment {self.azure_openai_deployment!r}"
+        if self.openai_api_key or self.openai_base_url:
+            return f"OpenAI-compatible model {self.openai_model or 'gpt-4o-mini'!r}"
+        return "the offline model (no model configured)"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> Settings:
+        merged: dict[str, str] = dict(read_dotenv(dotenv)) if dotenv else {}
+        merged.update(os.environ if env is None else env)
+        e = merged
+        return cls(
+            port=_int(e, "PORT", 3978),
+            host=e.get("HOST", "0.0.0.0") or "0.0.0.0",
+            app_id=e.get("MicrosoftAppId", "").strip(),
+            app_password=e.get("MicrosoftAppPassword", ""),
+            app_type=e.get("MicrosoftAppType", "") or "MultiTenant",
+            app_tenant_id=e.get("MicrosoftAppTenantId", ""),
+            data_dir=Path(e.get("DATA_DIR", "") or "data"),
+            cosmos_endpoint=e.get("COSMOS_ENDPOINT", ""),
+            cosmos_key=e.get("COSMOS_KEY", ""),
+            cosmos_database=e.get("COSMOS_DATABASE", "") or "durable-agent",
+            cosmos_container=e.get("COSMOS_CONTAINER", "") or "conversations",
+            job_store_url=e.get("JOB_STORE_URL", ""),
+            openai_api_key=e.get("OPENAI_API_KEY", ""),
+            openai_model=e.get("OPENAI_MODEL", ""),
+            openai_base_url=e.get("OPENAI_BASE_URL", ""),
+            azure_openai_endpoint=e.get("AZURE_OPENAI_ENDPOINT", ""),
+            azure_openai_deployment=e.get("AZURE_OPENAI_DEPLOYMENT", ""),
+            azure_openai_api_version=e.get("AZURE_OPENAI_API_VERSION", "") or "2024-10-21",
+            azure_openai_api_key=e.get("AZURE_OPENAI_API_KEY", ""),
+            activate_line_seconds=_float(e, "ACTIVATE_LINE_SECONDS", 20.0),
+            context_messages=_int(e, "AGENT_CONTEXT_MESSAGES", 40),
+            log_level=(e.get("LOG_LEVEL", "") or "INFO").upper(),
+        )

@@ -1,0 +1,94 @@
+"""Fixed conversational flows that never go to the model: help, reset (with confirmation).
+
+They run inline, inside the HTTP request, on botbuilder-dialogs; dialog state lives in
+``ConversationState`` over the durable store, so a pending "are you sure?" survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from botbuilder.core import ConversationState, MessageFactory, TurnContext
+from botbuilder.dialogs import (
+    ComponentDialog,
+    DialogSet,
+    DialogTurnResult,
+    DialogTurnStatus,
+    WaterfallDialog,
+    WaterfallStepContext,
+)
+from botbuilder.dialogs.prompts import ConfirmPrompt, PromptOptions
+
+log = logging.getLogger(__name__)
+
+COMMANDS = {
+    "help": "show what I can do",
+    "reset": "forget this conversation (asks first)",
+}
+
+OnReset = Callable[[TurnContext], Awaitable[None]]
+
+
+def normalise_command(text: str) -> str:
+    return " ".join(text.strip().lower().lstrip("/").split())
+
+
+class ResetDialog(ComponentDialog):
+    def __init__(self, on_reset: OnReset) -> None:
+        super().__init__("reset")
+        self._on_reset = on_reset
+        self.add_dialog(ConfirmPrompt("confirm"))
+        self.add_dialog(WaterfallDialog("reset-steps", [self._ask, self._act]))
+        self.initial_dialog_id = "reset-steps"
+
+    async def _ask(self, step: WaterfallStepContext) -> DialogTurnResult:
+        return await step.prompt(
+            "confirm",
+            PromptOptions(
+                prompt=MessageFactory.text(
+                    "This makes me forget everything in this conversation (background jobs keep running). "
+                    "Reset? Answer **yes** or **no**."),
+                retry_prompt=MessageFactory.text("Please answer **yes** to reset or **no** to keep things."),
+            ),
+        )
+
+    async def _act(self, step: WaterfallStepContext) -> DialogTurnResult:
+        if step.result:
+            await self._on_reset(step.context)
+        else:
+            await step.context.send_activity("OK, I kept everything.")
+        return await step.end_dialog(bool(step.result))
+
+
+class CommandDialogs:
+    """Routes a message to a command or an active dialog; returns whether it was handled."""
+
+    def __init__(self, conversation_state: ConversationState, help_text: Callable[[], str], on_reset: OnReset) -> None:
+        self._state = conversation_state
+        self._help_text = help_text
+        self._dialogs = DialogSet(conversation_state.create_property("DialogState"))
+        self._dialogs.add(ResetDialog(on_reset))
+
+    async def handle(self, turn_context: TurnContext, text: str) -> bool:
+        dialog_context = await self._dialogs.create_context(turn_context)
+        try:
+            if dialog_context.active_dialog is not None:
+                result = await dialog_context.continue_dialog()
+                return result.status != DialogTurnStatus.Empty
+            command = normalise_command(text)
+            if command == "help":
+                await turn_context.send_activity(MessageFactory.text(self._help_text()))
+                return True
+            if command == "reset":
+                await dialog_context.begin_dialog("reset")
+                return True
+            if text.strip().startswith("/"):
+                known = ", ".join(f"`{name}`" for name in COMMANDS)
+                await turn_context.send_activity(MessageFactory.text(
+                    f"I don't know the command `{text.strip()[:40]}`. Commands I know: {known}. "
+                    "Anything else you type goes to the assistant."))
+                return True
+            return False
+        finally:
+            await self._state.save_changes(turn_context)

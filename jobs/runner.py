@@ -1,0 +1,184 @@
+"""Runs one job attempt: the tool with its context, timeout, retries, and the finish event.
+
+Ordering that makes a crash at any point safe (DESIGN.md, step 4):
+the "job finished" inbox event is appended *before* the job record is marked finished. A
+crash in between re-runs the job on recovery (at-least-once; the tool dedupes on its job id)
+and the re-run's event is a no-op because its id (``job:<id>``) already exists, so the
+completion is announced exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from agent.events import JobResult
+from jobs.context import JobCancelledError, JobContext
+from jobs.registry import JobRegistry, PermanentJobError
+from storage.abc import ConversationStore, InboxEvent, JobRecord
+
+log = logging.getLogger(__name__)
+
+Wake = Callable[[str], None]
+
+
+class Scheduling(Protocol):
+    async def schedule(self, job: JobRecord, run_at: float | None = None) -> None: ...
+
+    async def unschedule(self, job_id: str) -> None: ...
+
+
+def finished_event(job: JobRecord) -> InboxEvent:
+    """The inbox event announcing a finished job; its id makes appending it idempotent."""
+    if job.status == "succeeded":
+        content = json.dumps(job.result)
+    elif job.status == "cancelled":
+        content = json.dumps({"message": f"Job {job.id} ({job.tool}) was cancelled.", "job_id": job.id})
+    else:
+        content = job.error or "unknown error"
+    result = JobResult(
+        job_id=job.id,
+        call_id=job.call_id,
+        tool=job.tool,
+        status=job.status,
+        content=content,
+        is_error=job.status == "failed",
+        arguments=job.arguments,
+    )
+    return InboxEvent(id=f"job:{job.id}", kind="job_finished", payload=result.__dict__)
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: ConversationStore,
+        registry: JobRegistry,
+        wake: Wake,
+        progress_listener: Callable[[JobRecord], Awaitable[None]] | None = None,
+    ) -> None:
+        self._store = store
+        self._registry = registry
+        self._wake = wake
+        self._progress_listener = progress_listener
+        self._live: dict[str, JobContext] = {}
+        self._tasks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.scheduler: Scheduling | None = None
+
+    def is_live(self, job_id: str) -> bool:
+        return job_id in self._live
+
+    async def run(self, conversation_key: str, job_id: str) -> None:
+        """Run the next attempt of a job (the APScheduler entry point lands here)."""
+        if job_id in self._live:
+            log.info("job %s is already running in this process; ignoring the duplicate start", job_id)
+            return
+        job = await self._store.get_job(conversation_key, job_id)
+        if job.finished:
+            await self._announce(job)
+            return
+        if job.cancel_requested:
+            await self._finish(job.evolve(status="cancelled", finished_at=time.time()))
+            return
+        try:
+            tool = self._registry.get(job.tool)
+        except LookupError as exc:
+            await self._finish(job.evolve(status="failed", error=str(exc), finished_at=time.time()))
+            return
+
+        job = job.evolve(status="running", attempt=job.attempt + 1, next_retry_at=None,
+                         started_at=job.started_at or time.time())
+        await self._store.put_job(job)
+        current = job
+
+        async def on_progress(fraction: float | None, text: str | None) -> bool:
+            nonlocal current
+            stored = await self._store.get_job(conversation_key, job_id)
+            current = current.evolve(progress=fraction, progress_text=text, cancel_requested=stored.cancel_requested)
+            await self._store.put_job(current)
+            if self._progress_listener:
+                await self._progress_listener(current)
+            return current.cancel_requested
+
+        context = JobContext(job_id=job.id, conversation_key=conversation_key, attempt=job.attempt,
+                             _progress_sink=on_progress)
+        self._live[job.id] = context
+        log.info("job %s (%s) attempt %d/%d started", job.id, job.tool, job.attempt, tool.retry.max_attempts)
+        try:
+            args = tool.args_model.model_validate(job.arguments)
+            attempt_task = asyncio.ensure_future(tool.run(context, args))
+            self._tasks[job.id] = attempt_task
+            result: dict[str, Any] = await asyncio.wait_for(attempt_task, timeout=tool.timeout)
+        except JobCancelledError:
+            await self._finish(current.evolve(status="cancelled", finished_at=time.time()))
+        except TimeoutError:
+            await self._retry_or_fail(current, f"timed out after {tool.timeout:g} s", tool.retry.max_attempts,
+                                      tool.retry.delay(current.attempt))
+        except (PermanentJobError, ValidationError) as exc:
+            await self._finish(current.evolve(status="failed", error=str(exc), finished_at=time.time()))
+        except asyncio.CancelledError:
+            if context.cancelled:
+                await self._finish(current.evolve(status="cancelled", finished_at=time.time()))
+            else:
+                # Shutdown: leave it "running" so recovery runs it again after the restart.
+                log.info("job %s interrupted by shutdown; it will resume after restart", job.id)
+                raise
+        except Exception as exc:  # a tool's failure must never escape the runner
+            log.warning("job %s attempt %d failed: %s", job.id, current.attempt, exc)
+            await self._retry_or_fail(current, f"{type(exc).__name__}: {exc}", tool.retry.max_attempts,
+                                      tool.retry.delay(current.attempt))
+        else:
+            await self._finish(current.evolve(status="succeeded", result=result, progress=1.0,
+                                              error=None, finished_at=time.time()))
+        finally:
+            self._live.pop(job.id, None)
+            self._tasks.pop(job.id, None)
+
+    async def _retry_or_fail(self, job: JobRecord, error: str, max_attempts: int, delay: float) -> None:
+        if job.attempt >= max_attempts:
+            await self._finish(job.evolve(status="failed", error=f"{error} (after {job.attempt} attempts)",
+                                          finished_at=time.time()))
+            return
+        retry_at = time.time() + delay
+        job = job.evolve(status="queued", error=error, next_retry_at=retry_at)
+        await self._store.put_job(job)
+        log.info("job %s will retry (attempt %d of %d) in %.1f s", job.id, job.attempt + 1, max_attempts, delay)
+        if self._progress_listener:
+            await self._progress_listener(job)
+        if self.scheduler is not None:
+            await self.scheduler.schedule(job, run_at=retry_at)
+
+    async def _finish(self, job: JobRecord) -> None:
+        await self._announce(job)
+        await self._store.put_job(job)
+        log.info("job %s (%s) %s", job.id, job.tool, job.status)
+        if self._progress_listener:
+            await self._progress_listener(job)
+
+    async def _announce(self, job: JobRecord) -> None:
+        if await self._store.append_event(job.conversation_key, finished_event(job)):
+            self._wake(job.conversation_key)
+
+    async def cancel(self, conversation_key: str, job_id: str) -> JobRecord:
+        """Request cancellation; returns the job as it stands. Raises JobNotFoundError."""
+        job = await self._store.get_job(conversation_key, job_id)
+        if job.finished:
+            return job
+        job = job.evolve(cancel_requested=True)
+        await self._store.put_job(job)
+        if (live := self._live.get(job_id)) is not None:
+            live.cancel()
+            # A tool that never checks its context is still stopped at its next await.
+            if (task := self._tasks.get(job_id)) is not None:
+                task.cancel()
+        elif job.status == "queued":
+            if self.scheduler is not None:
+                await self.scheduler.unschedule(job_id)
+            job = job.evolve(status="cancelled", finished_at=time.time())
+            await self._finish(job)
+        return job

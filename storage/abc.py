@@ -1,0 +1,208 @@
+"""The durable store's interface: every implementation (memory, sqlite, cosmos) fulfils it.
+
+A conversation is one record (agent state, outbox, version tag) plus its inbox events,
+its job records, and the conversation reference used for proactive sends. The record is
+only ever written with :meth:`ConversationStore.commit`, conditional on its etag, which is
+what makes "fold events into state" safe against crashes and concurrent writers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+JSON = dict[str, Any]
+
+#: Shape version written on every stored conversation document (see docs on migration).
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    """Base class of every error a store raises."""
+
+
+class ConcurrencyError(StoreError):
+    """The record changed since it was loaded: reload and redo the work."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"conversation {key!r} was modified concurrently; reload and retry")
+        self.key = key
+
+
+class JobNotFoundError(StoreError, LookupError):
+    def __init__(self, key: str, job_id: str) -> None:
+        super().__init__(f"no job {job_id!r} in conversation {key!r}")
+        self.key = key
+        self.job_id = job_id
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    """Something that happened to a conversation, to be folded into its state in order.
+
+    ``id`` is the idempotency key: the activity id for user messages, ``job:<id>`` for
+    job results, so a redelivered activity or a re-run job appends nothing new.
+    """
+
+    id: str
+    kind: str  # "message" | "welcome" | "reset" | "job_finished"
+    payload: JSON
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """An activity the bot has decided to send; removed from the outbox once sent."""
+
+    id: str
+    activity: JSON
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A long-running tool call. Lives in the conversation's partition, keyed by ``id``."""
+
+    id: str
+    conversation_key: str
+    tool: str
+    arguments: JSON
+    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    call_id: str | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    progress: float | None = None
+    progress_text: str | None = None
+    result: Any = None
+    error: str | None = None
+    cancel_requested: bool = False
+    next_retry_at: float | None = None
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    announced: bool = False
+    card_activity_id: str | None = None
+
+    FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+
+    @property
+    def finished(self) -> bool:
+        return self.status in self.FINISHED
+
+    def to_json(self) -> JSON:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> JobRecord:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def evolve(self, **changes: Any) -> JobRecord:
+        return replace(self, updated_at=time.time(), **changes)
+
+
+@dataclass(frozen=True)
+class ConversationRecord:
+    """The single item an atomic commit writes.
+
+    ``etag`` is None for a conversation never committed; ``outbox`` holds unsent messages
+    only; ``agent_state`` is the AutoGen team state (already pruned by the agent).
+    """
+
+    key: str
+    agent_state: JSON | None = None
+    outbox: tuple[OutboxMessage, ...] = ()
+    etag: str | None = None
+    turns: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+    def evolve(self, **changes: Any) -> ConversationRecord:
+        return replace(self, **changes)
+
+
+class ConversationStore(ABC):
+    """Durable conversation state. All methods are coroutines; none may block the loop."""
+
+    async def open(self) -> None:
+        """Create tables/containers if missing. Called once at start-up."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+    # --- conversation reference (for proactive sends) ---
+    @abstractmethod
+    async def save_reference(self, key: str, reference: JSON) -> None:
+        """Upsert the conversation reference; independent of the record's etag."""
+
+    @abstractmethod
+    async def get_reference(self, key: str) -> JSON | None: ...
+
+    # --- inbox ---
+    @abstractmethod
+    async def append_event(self, key: str, event: InboxEvent) -> bool:
+        """Append an event; return False (and change nothing) if its id is already there."""
+
+    @abstractmethod
+    async def has_event(self, key: str, event_id: str) -> bool: ...
+
+    @abstractmethod
+    async def pending_events(self, key: str) -> list[InboxEvent]:
+        """Unprocessed events of the conversation, oldest first."""
+
+    # --- the conversation record ---
+    @abstractmethod
+    async def load(self, key: str) -> ConversationRecord:
+        """The stored record, or an empty one (etag None) if none was committed yet."""
+
+    @abstractmethod
+    async def commit(
+        self,
+        record: ConversationRecord,
+        *,
+        processed: Sequence[str] = (),
+        new_jobs: Sequence[JobRecord] = (),
+    ) -> ConversationRecord:
+        """Atomically write ``record``, mark ``processed`` events done and create ``new_jobs``.
+
+        Conditional on ``record.etag`` (None = must not exist yet). Raises
+        :class:`ConcurrencyError` if the stored etag differs; nothing is written then.
+        Returns the record with its new etag.
+        """
+
+    @abstractmethod
+    async def conversations_with_work(self) -> list[str]:
+        """Keys of conversations with pending events or unsent outbox messages."""
+
+    # --- jobs ---
+    @abstractmethod
+    async def get_job(self, key: str, job_id: str) -> JobRecord:
+        """Raises :class:`JobNotFoundError` if there is no such job."""
+
+    @abstractmethod
+    async def put_job(self, job: JobRecord) -> None:
+        """Overwrite a job record (the job runner is the only writer of a running job)."""
+
+    @abstractmethod
+    async def list_jobs(self, key: str) -> list[JobRecord]:
+        """The conversation's jobs, oldest first."""
+
+    @abstractmethod
+    async def unfinished_jobs(self) -> list[JobRecord]:
+        """Jobs queued or running in any conversation (for recovery at start-up)."""
+
+    # --- small key/value items (botbuilder dialog state) ---
+    @abstractmethod
+    async def read_items(self, keys: Iterable[str]) -> dict[str, JSON]: ...
+
+    @abstractmethod
+    async def write_items(self, items: Mapping[str, JSON]) -> None: ...
+
+    @abstractmethod
+    async def delete_items(self, keys: Iterable[str]) -> None: ...

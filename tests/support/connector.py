@@ -1,0 +1,401 @@
+"""A fake Bot Framework Connector service for end-to-end tests.
+
+The bot answers users by calling the Connector REST API (v3) at the activity's
+``serviceUrl``.  Pointing ``serviceUrl`` at a :class:`RecordingConnector` lets a
+test observe exactly what the bot sent, and inject throttling/server errors to
+exercise retry logic, without any network access or Microsoft credentials.
+
+The server runs in a background thread with its own event loop so it keeps
+answering while a synchronous test blocks in :meth:`RecordingConnector.wait_for`
+and also while an async test awaits on pytest's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import unquote
+
+from aiohttp import web
+
+__all__ = ["Recorded", "RecordingConnector"]
+
+#: Activity dict as sent by the bot (Bot Framework JSON, camelCase keys).
+Activity = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One HTTP request the bot made to the connector.
+
+    ``status`` is what the fake answered and ``response_id`` the activity id it
+    handed back (POST/PUT), so tests can correlate a later update/delete with
+    the message it targets.
+    """
+
+    method: str
+    path: str
+    conversation_id: str | None
+    activity_id: str | None
+    activity: Activity | None
+    headers: dict[str, str]
+    time: float = field(default_factory=time.monotonic)  # arrival, before any delay
+    status: int = 200
+    response_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """Pending fault injection: answer the next ``remaining`` requests with ``status``."""
+
+    remaining: int
+    status: int
+    headers: dict[str, str]
+
+
+class RecordingConnector:
+    """Fake Connector service that records every activity the bot delivers.
+
+    Use as ``with RecordingConnector() as connector:`` and pass
+    ``connector.url`` as the ``serviceUrl`` of incoming activities.
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self._host = host
+        self._port: int | None = None
+        self._lock = threading.Lock()
+        self._requests: list[Recorded] = []
+        self._failed: list[Recorded] = []
+        self._delivered: list[Recorded] = []
+        self._fault: _Fault | None = None
+        self._delay = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 10.0) -> RecordingConnector:
+        """Start serving on a free port; returns self once the socket is bound."""
+        if self._thread is not None:
+            raise RuntimeError("RecordingConnector already started")
+        ready = threading.Event()
+        errors: list[BaseException] = []
+        loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:  # noqa: BLE001 - reported by start()
+                errors.append(exc)
+                ready.set()
+                return
+            # Signal only once the loop runs, so stop() can always clean up.
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=run, name="RecordingConnector", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(timeout) or errors:
+            self.stop()
+            if errors:
+                raise RuntimeError("RecordingConnector failed to start") from errors[0]
+            raise TimeoutError("RecordingConnector did not start in time")
+        return self
+
+    async def _serve(self) -> None:
+        """Bind the aiohttp app (runs on the background loop)."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, self._host, 0)
+        await site.start()
+        self._port = int(runner.addresses[0][1])
+
+    def stop(self) -> None:
+        """Shut the server down and join the thread; safe to call twice."""
+        loop, thread, runner = self._loop, self._thread, self._runner
+        if loop is None or thread is None:
+            return
+        if runner is not None and loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(runner.cleanup(), loop)
+            with contextlib.suppress(Exception):  # best-effort shutdown
+                fut.result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        if not loop.is_running():
+            loop.close()
+        self._loop = self._thread = self._runner = None
+        self._port = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """Port the server listens on (only valid while started)."""
+        if self._port is None:
+            raise RuntimeError("RecordingConnector is not running")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL to use as ``serviceUrl`` (with trailing slash)."""
+        return f"http://{self._host}:{self.port}/"
+
+    # ------------------------------------------------------------------ faults
+
+    def fail_next(
+        self, n: int, status: int, headers: dict[str, str] | None = None
+    ) -> None:
+        """Answer the next ``n`` requests with ``status`` (e.g. 429 + Retry-After, 500).
+
+        Failed requests go to :attr:`failed`, never to the delivered activities,
+        so tests can assert the bot retried. ``n=0`` cancels a pending fault.
+        """
+        with self._lock:
+            self._fault = _Fault(n, status, dict(headers or {})) if n > 0 else None
+
+    def set_delay(self, seconds: float) -> None:
+        """Delay every response by ``seconds`` to simulate a slow Connector."""
+        with self._lock:
+            self._delay = max(0.0, seconds)
+
+    # ------------------------------------------------------------------ handler
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        """Route one Connector API call, record it and answer like Azure would."""
+        arrived = time.monotonic()
+        raw_path = request.raw_path.split("?", 1)[0]
+        # Conversation ids are URL-encoded by msrest (Teams ids hold ':', ';', '@').
+        parts = [unquote(p) for p in raw_path.split("/") if p]
+        conversation_id = (
+            parts[2]
+            if len(parts) >= 3 and parts[:2] == ["v3", "conversations"]
+            else None
+        )
+        activity_id = parts[4] if len(parts) == 5 and parts[3] == "activities" else None
+
+        body = await request.read()
+        activity: Activity | None = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            activity = parsed if isinstance(parsed, dict) else None
+
+        with self._lock:
+            delay = self._delay
+            fault = self._fault
+            if fault is not None:
+                left = fault.remaining - 1
+                self._fault = (
+                    _Fault(left, fault.status, fault.headers) if left > 0 else None
+                )
+        if delay:
+            await asyncio.sleep(delay)
+
+        def record(status: int, response_id: str | None = None) -> Recorded:
+            return Recorded(
+                method=request.method,
+                path=request.path,
+                conversation_id=conversation_id,
+                activity_id=activity_id,
+                activity=activity,
+                headers=dict(request.headers),
+                time=arrived,
+                status=status,
+                response_id=response_id,
+            )
+
+        if fault is not None:
+            with self._lock:
+                self._failed.append(record(fault.status))
+            error = {
+                "error": {
+                    "code": f"Injected{fault.status}",
+                    "message": "injected failure",
+                }
+            }
+            return web.json_response(error, status=fault.status, headers=fault.headers)
+
+        method = request.method
+        tail = parts[3:] if conversation_id is not None else None
+        on_conversation = tail == ["activities"]  # send to conversation
+        on_activity = activity_id is not None  # reply / update / delete
+        response_id: str | None = None
+        if method == "POST" and (on_conversation or on_activity):
+            response_id = str(uuid.uuid4())
+        elif method == "PUT" and on_activity:
+            response_id = activity_id
+
+        response: web.Response
+        if response_id is not None:
+            response = web.json_response({"id": response_id})
+        elif method == "DELETE" and on_activity:
+            response = web.Response(status=200)
+        elif method == "GET" and tail == ["members"]:
+            response = web.json_response([{"id": "user-1", "name": "Ada"}])
+        else:
+            error = {
+                "error": {
+                    "code": "NotFound",
+                    "message": f"{method} {request.path} not faked",
+                }
+            }
+            response = web.json_response(error, status=404)
+
+        entry = record(response.status, response_id)
+        with self._lock:
+            self._requests.append(entry)
+            if response_id is not None and activity is not None:
+                self._delivered.append(entry)
+        return response
+
+    # ------------------------------------------------------------------ accessors
+
+    def requests(self) -> list[Recorded]:
+        """All non-failed requests, in arrival order (copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def failed(self) -> list[Recorded]:
+        """Requests answered by :meth:`fail_next` (copy)."""
+        with self._lock:
+            return list(self._failed)
+
+    def delivered(self, conversation_id: str | None = None) -> list[Recorded]:
+        """Successful activity POSTs/PUTs as :class:`Recorded` (to see ids, routes)."""
+        with self._lock:
+            entries = list(self._delivered)
+        if conversation_id is not None:
+            entries = [e for e in entries if e.conversation_id == conversation_id]
+        return entries
+
+    def activities(
+        self, type: str | None = None, conversation_id: str | None = None
+    ) -> list[Activity]:
+        """Delivered activity dicts, optionally filtered by ``type`` and conversation."""
+        result = [
+            e.activity
+            for e in self.delivered(conversation_id)
+            if e.activity is not None
+        ]
+        if type is not None:
+            result = [a for a in result if a.get("type") == type]
+        return result
+
+    def messages(self, conversation_id: str | None = None) -> list[Activity]:
+        """Delivered ``message`` activities (sends, replies and updates)."""
+        return self.activities("message", conversation_id)
+
+    def texts(self, conversation_id: str | None = None) -> list[str]:
+        """``text`` of delivered messages, skipping messages without text (cards)."""
+        return [
+            m["text"]
+            for m in self.messages(conversation_id)
+            if m.get("text") is not None
+        ]
+
+    def clear(self) -> None:
+        """Forget everything recorded (pending faults and delay are kept)."""
+        with self._lock:
+            self._requests.clear()
+            self._failed.clear()
+            self._delivered.clear()
+
+    # ------------------------------------------------------------------ waiting
+
+    def _describe(self) -> str:
+        """Summary for timeout messages: what the bot did send so far."""
+        with self._lock:
+            n_requests, n_failed = len(self._requests), len(self._failed)
+        return (
+            f"texts delivered so far: {self.texts()!r}; "
+            f"{n_requests} request(s) recorded, {n_failed} failed"
+        )
+
+    def wait_for(
+        self,
+        predicate: Callable[[RecordingConnector], bool],
+        timeout: float = 10.0,
+        interval: float = 0.05,
+    ) -> None:
+        """Block until ``predicate(self)`` is true; AssertionError on timeout.
+
+        Only use from code that does not run the bot on the calling thread's
+        event loop (use :meth:`awaiting` there instead).
+        """
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"condition not met within {timeout}s; {self._describe()}"
+                )
+            time.sleep(interval)
+
+    async def awaiting(
+        self,
+        predicate: Callable[[RecordingConnector], bool],
+        timeout: float = 10.0,
+        interval: float = 0.05,
+    ) -> None:
+        """Async :meth:`wait_for`: yields to the event loop while polling."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"condition not met within {timeout}s; {self._describe()}"
+                )
+            await asyncio.sleep(interval)
+
+    def wait_for_messages(
+        self, count: int, conversation_id: str | None = None, timeout: float = 10.0
+    ) -> list[Activity]:
+        """Wait for at least ``count`` delivered messages and return all of them."""
+        try:
+            self.wait_for(lambda c: len(c.messages(conversation_id)) >= count, timeout)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"expected >= {count} message(s) for {conversation_id!r}: {exc}"
+            ) from None
+        return self.messages(conversation_id)
+
+    async def awaiting_messages(
+        self, count: int, conversation_id: str | None = None, timeout: float = 10.0
+    ) -> list[Activity]:
+        """Async :meth:`wait_for_messages` for tests running on an event loop."""
+        try:
+            await self.awaiting(
+                lambda c: len(c.messages(conversation_id)) >= count, timeout
+            )
+        except AssertionError as exc:
+            raise AssertionError(
+                f"expected >= {count} message(s) for {conversation_id!r}: {exc}"
+            ) from None
+        return self.messages(conversation_id)

@@ -1,0 +1,121 @@
+"""Teams app manifest template, icons and scripts/package_manifest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST_DIR = ROOT / "manifest"
+SCRIPT = ROOT / "scripts" / "package_manifest.py"
+BOT_ID = "0b6f2a4e-3c1d-4e5f-9a8b-7c6d5e4f3a2b"
+SCOPES = {"personal", "team", "groupChat"}
+COMMANDS = {"help", "jobs", "cancel", "reset"}
+# The official schemas ship in the npm package @microsoft/app-manifest (checked
+# with 1.1.2, which has teams/v1.0 ... v1.30) at
+#   build/json-schemas/teams/v<manifestVersion>/MicrosoftTeams.schema.json
+APP_MANIFEST_PKG = ROOT / "node_modules" / "@microsoft" / "app-manifest"
+
+
+def load_template() -> dict:
+    return json.loads((MANIFEST_DIR / "manifest.template.json").read_text(encoding="utf-8"))
+
+
+def package(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the packaging script with a clean environment (no MicrosoftAppId/BOT_DOMAIN)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("MicrosoftAppId", "BOT_DOMAIN")}
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path / "appPackage.zip"), *args],
+        env={**base, **(env or {})}, capture_output=True, text=True, timeout=60,
+    )
+
+
+def built_manifest(tmp_path: Path) -> dict:
+    with zipfile.ZipFile(tmp_path / "appPackage.zip") as zf:
+        return json.loads(zf.read("manifest.json"))
+
+
+def test_template_is_valid_json_with_placeholders() -> None:
+    manifest = load_template()
+    assert manifest["$schema"].endswith(f"/v{manifest['manifestVersion']}/MicrosoftTeams.schema.json")
+    assert manifest["id"] == "${{BOT_ID}}"
+    assert manifest["bots"][0]["botId"] == "${{BOT_ID}}"
+    assert len(manifest["name"]["short"]) <= 30 and len(manifest["description"]["short"]) <= 80
+
+
+def test_bot_scopes_and_commands() -> None:
+    (bot,) = load_template()["bots"]
+    assert set(bot["scopes"]) == SCOPES
+    assert bot["supportsFiles"] is False and bot["isNotificationOnly"] is False
+    covered = {scope for cl in bot["commandLists"] for scope in cl["scopes"]}
+    assert covered == SCOPES
+    for command_list in bot["commandLists"]:
+        titles = [c["title"] for c in command_list["commands"]]
+        assert sorted(titles) == sorted(COMMANDS), command_list["scopes"]
+
+
+def test_icons() -> None:
+    with Image.open(MANIFEST_DIR / "color.png") as color:
+        assert color.size == (192, 192)
+        assert color.mode == "RGB" or color.getextrema()[3][0] == 255  # opaque
+    with Image.open(MANIFEST_DIR / "outline.png") as outline:
+        assert outline.size == (32, 32)
+        rgba = outline.convert("RGBA")
+        alpha_min, alpha_max = rgba.getextrema()[3]
+        assert alpha_min == 0 and alpha_max == 255  # has transparency and a visible glyph
+        visible = [p[:3] for p in rgba.get_flattened_data() if p[3]]
+        assert set(visible) == {(255, 255, 255)}  # white only
+
+
+def test_package_with_bot_id(tmp_path: Path) -> None:
+    result = package(tmp_path, env={"MicrosoftAppId": BOT_ID, "BOT_DOMAIN": "bot.example.com"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / "appPackage.zip")
+    with zipfile.ZipFile(tmp_path / "appPackage.zip") as zf:
+        assert sorted(zf.namelist()) == ["color.png", "manifest.json", "outline.png"]
+        text = zf.read("manifest.json").decode("utf-8")
+    assert "${{" not in text
+    manifest = json.loads(text)
+    assert manifest["id"] == manifest["bots"][0]["botId"] == BOT_ID
+    assert manifest["validDomains"] == ["bot.example.com"]
+
+
+def test_package_bot_id_argument_and_no_domain(tmp_path: Path) -> None:
+    result = package(tmp_path, "--bot-id", BOT_ID)
+    assert result.returncode == 0, result.stderr
+    manifest = built_manifest(tmp_path)
+    assert manifest["id"] == BOT_ID
+    assert "validDomains" not in manifest
+
+
+def test_package_without_bot_id_exits_2(tmp_path: Path) -> None:
+    result = package(tmp_path)
+    assert result.returncode == 2
+    assert "MicrosoftAppId" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "appPackage.zip").exists()
+
+
+def test_package_rejects_non_guid(tmp_path: Path) -> None:
+    result = package(tmp_path, "--bot-id", "not-a-guid")
+    assert result.returncode != 0 and "GUID" in result.stderr
+
+
+def test_manifest_matches_official_schema(tmp_path: Path) -> None:
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
+    version = load_template()["manifestVersion"]
+    schema_path = APP_MANIFEST_PKG / "build" / "json-schemas" / "teams" / f"v{version}" / "MicrosoftTeams.schema.json"
+    if not schema_path.exists():
+        pytest.skip(f"npm package @microsoft/app-manifest not installed ({schema_path} missing)")
+    assert package(tmp_path, "--bot-id", BOT_ID, "--bot-domain", "bot.example.com").returncode == 0
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    # The schema says draft-04 but uses draft-06 "const" (for manifestVersion);
+    # Draft7Validator enforces it and reads everything else the same way.
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(built_manifest(tmp_path))]
+    assert not errors, errors
