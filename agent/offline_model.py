@@ -10,6 +10,7 @@ pipeline (tools, jobs, durable state, proactive messages) runs with no network. 
 ``list jobs`` / ``jobs``                  ``list_jobs()``
 ``cancel <job id>``                       ``cancel_job(job_id)``
 ``my name is <name>`` / ``what is my name``  remembers from the conversation's context
+``think for <n> seconds``                 answers after n seconds (a slow model, for trying crashes)
 ========================================  ============================================
 
 Anything else gets a plain answer that this is the offline model and how to set a real one.
@@ -17,6 +18,7 @@ Anything else gets a plain answer that this is the offline model and how to set 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -54,6 +56,7 @@ HELP_TEXT = (
     "- `list jobs`: every job in this conversation\n"
     "- `cancel <job id>`: cancel a job\n"
     "- `my name is Ada` / `what is my name?`: I remember this conversation, even across restarts\n"
+    "- `think for 5 seconds`: a slow answer (to try stopping me mid-turn)\n"
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
 )
 
@@ -63,6 +66,7 @@ _LIST = re.compile(r"^(?:list\s+(?:my\s+|the\s+)?jobs|jobs|show\s+(?:my\s+)?jobs
 _CANCEL = re.compile(r"^(?:cancel|stop)\s+(?:job\s+)?(?P<id>[\w-]+)\s*[.!]?$", re.I)
 _HELP = re.compile(r"^(?:/?help|\?|what can you do\??|how do you work\??)$", re.I)
 _MY_NAME = re.compile(r"\bmy name is\s+(?P<name>[\w' -]{1,40}?)\s*[.!]?$", re.I)
+_THINK = re.compile(r"^think for (?P<seconds>\d+(?:\.\d+)?) seconds?[.!]?$", re.I)
 _ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.I)
 
 _INFO: ModelInfo = {
@@ -112,6 +116,12 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult:
         tool_names = {t.name if not isinstance(t, dict) else t["name"] for t in tools}
+        last = messages[-1] if messages else None
+        if isinstance(last, UserMessage) and (m := _THINK.match(_text_of(last).strip())):
+            seconds = min(float(m.group("seconds")), 600.0)
+            await asyncio.sleep(seconds)
+            return CreateResult(finish_reason="stop", content=f"I thought about it for {seconds:g} seconds.",
+                                usage=self._usage, cached=False)
         content = self._respond(list(messages), tool_names)
         return CreateResult(finish_reason="function_calls" if isinstance(content, list) else "stop",
                             content=content, usage=self._usage, cached=False)

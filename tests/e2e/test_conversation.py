@@ -1,0 +1,150 @@
+"""The durable core seen from outside: the real app process, Emulator-style activities."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import stored_rows
+from tests.support.activities import conversation_update, message, teams_channel_mention
+from tests.support.botproc import BotProcess
+from tests.support.connector import RecordingConnector
+
+pytestmark = pytest.mark.e2e
+
+
+def say(bot: BotProcess, conn: RecordingConnector, conv: str, text: str, **kwargs: object) -> dict[str, object]:
+    activity = message(text, conversation_id=conv, service_url=conn.url, **kwargs)  # type: ignore[arg-type]
+    status, body = bot.post_activity(activity)
+    assert status == 201, body
+    return activity
+
+
+def test_welcome_when_a_user_joins_not_for_the_bot_alone(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    status, _ = bot.post_activity(conversation_update(members_added=["bot-1"], conversation_id=conv,
+                                                      service_url=conn.url))
+    assert status == 200
+    status, _ = bot.post_activity(conversation_update(members_added=["user-1", "bot-1"], conversation_id=conv,
+                                                      service_url=conn.url))
+    assert status == 200
+    [welcome] = conn.wait_for_messages(1, conv)
+    assert "Hi!" in welcome["text"]
+    time.sleep(0.5)
+    assert len(conn.messages(conv)) == 1
+
+
+def test_reply_goes_to_the_conversation_with_a_typing_indicator(bot: BotProcess, conn: RecordingConnector,
+                                                                 conv: str) -> None:
+    say(bot, conn, conv, "hello there")
+    [reply] = conn.wait_for_messages(1, conv)
+    assert "offline model" in reply["text"]
+    assert reply["conversation"]["id"] == conv
+    assert conn.activities(type="typing", conversation_id=conv), "no typing indicator was sent"
+
+
+def test_state_is_carried_across_turns_and_restarts(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    say(bot, conn, conv, "my name is Grace")
+    conn.wait_for_messages(1, conv)
+    say(bot, conn, conv, "what is my name?")
+    assert conn.wait_for_messages(2, conv)[1]["text"] == "Your name is Grace."
+    bot.terminate()
+    bot.start()
+    say(bot, conn, conv, "what is my name?")
+    assert conn.wait_for_messages(3, conv)[2]["text"] == "Your name is Grace."
+
+
+def test_a_redelivered_activity_is_answered_once(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    activity = say(bot, conn, conv, "my name is Ada")
+    status, _ = bot.post_activity(activity)
+    assert status == 201
+    conn.wait_for_messages(1, conv)
+    say(bot, conn, conv, "what is my name?")  # a later message proves the duplicate was not queued behind
+    texts = [m["text"] for m in conn.wait_for_messages(2, conv)]
+    time.sleep(0.5)
+    assert texts == ["Nice to meet you, Ada. I'll remember that.", "Your name is Ada."]
+    assert len(conn.messages(conv)) == 2
+
+
+def test_sigkill_between_ingest_and_reply_loses_nothing(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    say(bot, conn, conv, "think for 3 seconds")  # acknowledged: 201 means it is in the inbox
+    time.sleep(0.5)
+    bot.kill()  # mid-turn: the model is still "thinking", nothing committed
+    assert conn.messages(conv) == []
+    bot.start()
+    [reply] = conn.wait_for_messages(1, conv, timeout=15)
+    assert reply["text"] == "I thought about it for 3 seconds."
+    time.sleep(1)
+    assert len(conn.messages(conv)) == 1
+
+
+def test_sigkill_with_a_reply_waiting_in_the_outbox(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    conn.fail_next(1000, 503)  # the connector is down: the committed reply stays in the outbox
+    say(bot, conn, conv, "my name is Linus")
+    conn.wait_for(lambda c: len(c.failed) >= 2, timeout=10)
+    bot.kill()
+    conn.fail_next(0, 200)
+    bot.start()
+    [reply] = conn.wait_for_messages(1, conv, timeout=15)
+    assert reply["text"] == "Nice to meet you, Linus. I'll remember that."
+    time.sleep(1)
+    assert len(conn.messages(conv)) == 1
+
+
+def test_mention_is_stripped_in_a_teams_channel(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    activity = teams_channel_mention("my name is Bob", conversation_id=conv, service_url=conn.url)
+    status, body = bot.post_activity(activity)
+    assert status == 201, body
+    [reply] = conn.wait_for_messages(1, conv)
+    assert reply["text"] == "Nice to meet you, Bob. I'll remember that."
+
+
+def test_help_and_reset_with_confirmation(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    say(bot, conn, conv, "my name is Ada")
+    conn.wait_for_messages(1, conv)
+    say(bot, conn, conv, "help")
+    assert "offline model" in conn.wait_for_messages(2, conv)[1]["text"]
+    say(bot, conn, conv, "reset")
+    assert "Reset?" in conn.wait_for_messages(3, conv)[2]["text"]
+    say(bot, conn, conv, "no")
+    assert conn.wait_for_messages(4, conv)[3]["text"] == "OK, I kept everything."
+    say(bot, conn, conv, "/reset")
+    conn.wait_for_messages(5, conv)
+    bot.kill()  # the pending confirmation is durable dialog state
+    bot.start()
+    say(bot, conn, conv, "yes")
+    assert "forgotten" in conn.wait_for_messages(6, conv)[5]["text"]
+    say(bot, conn, conv, "what is my name?")
+    assert conn.wait_for_messages(7, conv)[6]["text"] == "You haven't told me your name yet."
+
+
+def test_unknown_slash_command_gets_a_helpful_answer(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
+    say(bot, conn, conv, "/frobnicate")
+    [reply] = conn.wait_for_messages(1, conv)
+    assert "don't know the command" in reply["text"] and "`help`" in reply["text"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "phrase"),
+    [
+        (b"{not json", "application/json", 400, "not valid JSON"),
+        (b"[1, 2]", "application/json", 400, "JSON object"),
+        (b'{"type": "message", "text": "hi"}', "application/json", 400, "conversation.id"),
+        (b'{"type": "message", "conversation": {"id": "c"}}', "application/json", 400, "serviceUrl"),
+        (b'{"type": 7, "conversation": {"id": "c"}, "serviceUrl": "http://x"}', "application/json", 400, "'type'"),
+        (b'{"type": "message"}', "text/plain", 415, "application/json"),
+        (b'{"text": "' + b"x" * 300_000 + b'"}', "application/json", 413, "limit"),
+    ],
+)
+def test_bad_input_gets_a_clear_4xx_and_stores_nothing(bot: BotProcess, tmp_path: Path, body: bytes,
+                                                      content_type: str, status: int, phrase: str) -> None:
+    got, text = bot.post_activity({}, raw_body=body, content_type=content_type)
+    assert got == status, text
+    assert phrase in text
+    assert stored_rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
+    assert stored_rows(tmp_path, "SELECT count(*) FROM conversation_references") == [(0,)]
+
+
+def test_health(bot: BotProcess) -> None:
+    assert bot.get("/healthz") == (200, '{"status": "ok"}')
