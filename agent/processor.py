@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from crashpoints import crash_point
 from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
 from storage.abc import JSON, ConcurrencyError, ConversationRecord, ConversationStore, InboxEvent, JobRecord, OutboxMessage
@@ -181,6 +182,7 @@ class ConversationProcessor:
         except ConcurrencyError:
             log.info("conversation %s changed while its turn ran; redoing the turn", record.key)
             return None
+        crash_point("turn_committed")
         for job in new_jobs:
             await self._start_job(job)
         return committed
@@ -221,6 +223,7 @@ class ConversationProcessor:
         for message in record.outbox:
             try:
                 await self._sender.send(reference, message.activity)
+                crash_point("message_sent")
             except DeliveryError as exc:
                 if not exc.permanent:
                     wait = exc.retry_after or 5.0

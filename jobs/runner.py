@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from crashpoints import crash_point
 from agent.events import JobResult
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
@@ -54,6 +55,15 @@ def finished_event(job: JobRecord) -> InboxEvent:
     return InboxEvent(id=f"job:{job.id}", kind="job_finished", payload=result.__dict__)
 
 
+def job_from_finished_event(job: JobRecord, event: InboxEvent) -> JobRecord:
+    outcome = JobResult(**event.payload)
+    if outcome.status == "succeeded":
+        return job.evolve(status="succeeded", result=json.loads(outcome.content), progress=1.0, error=None,
+                          finished_at=event.created_at)
+    return job.evolve(status=outcome.status, error=outcome.content if outcome.is_error else None,
+                      finished_at=event.created_at)
+
+
 class JobRunner:
     def __init__(
         self,
@@ -82,6 +92,10 @@ class JobRunner:
         if job.finished:
             await self._announce(job)
             return
+        if (event := await self._store.get_event(conversation_key, f"job:{job_id}")) is not None:
+            # It finished and was announced just before a crash: restore the record, don't re-run.
+            await self._store.put_job(job_from_finished_event(job, event))
+            return
         if job.cancel_requested:
             await self._finish(job.evolve(status="cancelled", finished_at=time.time()))
             return
@@ -101,6 +115,7 @@ class JobRunner:
             stored = await self._store.get_job(conversation_key, job_id)
             current = current.evolve(progress=fraction, progress_text=text, cancel_requested=stored.cancel_requested)
             await self._store.put_job(current)
+            crash_point("job_progress")
             if self._progress_listener:
                 await self._progress_listener(current)
             return current.cancel_requested
@@ -155,6 +170,7 @@ class JobRunner:
 
     async def _finish(self, job: JobRecord) -> None:
         await self._announce(job)
+        crash_point("job_event_appended")
         await self._store.put_job(job)
         log.info("job %s (%s) %s", job.id, job.tool, job.status)
         if self._progress_listener:

@@ -153,6 +153,10 @@ class ConversationStore(ABC):
     async def has_event(self, key: str, event_id: str) -> bool: ...
 
     @abstractmethod
+    async def get_event(self, key: str, event_id: str) -> InboxEvent | None:
+        """The event with that id, processed or not; None if there is none."""
+
+    @abstractmethod
     async def pending_events(self, key: str) -> list[InboxEvent]:
         """Unprocessed events of the conversation, oldest first."""
 

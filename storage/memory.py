@@ -45,6 +45,10 @@ class MemoryStore(ConversationStore):
     async def has_event(self, key: str, event_id: str) -> bool:
         return event_id in self._events.get(key, {})
 
+    async def get_event(self, key: str, event_id: str) -> InboxEvent | None:
+        found = self._events.get(key, {}).get(event_id)
+        return copy.deepcopy(found[0]) if found else None
+
     async def pending_events(self, key: str) -> list[InboxEvent]:
         return [copy.deepcopy(e) for e, done in self._events.get(key, {}).values() if not done]
 

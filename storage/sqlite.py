@@ -161,6 +161,11 @@ class SqliteStore(ConversationStore):
     async def has_event(self, key: str, event_id: str) -> bool:
         return await self._fetchone("SELECT 1 FROM events WHERE key = ? AND id = ?", (key, event_id)) is not None
 
+    async def get_event(self, key: str, event_id: str) -> InboxEvent | None:
+        row = await self._fetchone(
+            "SELECT id, kind, payload, created_at FROM events WHERE key = ? AND id = ?", (key, event_id))
+        return InboxEvent(id=row[0], kind=row[1], payload=json.loads(row[2]), created_at=row[3]) if row else None
+
     async def pending_events(self, key: str) -> list[InboxEvent]:
         rows = await self._fetchall(
             "SELECT id, kind, payload, created_at FROM events WHERE key = ? AND processed = 0 ORDER BY seq",

@@ -1,0 +1,167 @@
+"""Long-running tools as durable jobs, end to end: immediate answer, proactive completion, crashes."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import stored_rows
+from tests.e2e.test_conversation import say
+from tests.support.botproc import BotProcess
+from tests.support.connector import RecordingConnector
+
+pytestmark = pytest.mark.e2e
+
+JOB_ID = re.compile(r"job `([0-9a-f]{12})`")
+
+
+def job_id_in(text: str) -> str:
+    match = JOB_ID.search(text)
+    assert match, f"no job id in {text!r}"
+    return match.group(1)
+
+
+def agent_messages(data_dir: Path, conv: str) -> list[dict[str, Any]]:
+    [(doc,)] = stored_rows(data_dir, f"SELECT doc FROM conversations WHERE key = 'emulator:{conv}'")
+    state = json.loads(str(doc))["agent_state"]
+    return list(state["agent_states"]["assistant"]["agent_state"]["llm_context"]["messages"])
+
+
+def jobs_in_store(data_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(str(doc)) for (doc,) in stored_rows(data_dir, "SELECT doc FROM jobs ORDER BY created_at")]
+
+
+def completions(conn: RecordingConnector, conv: str) -> list[str]:
+    return [t for t in conn.texts(conv) if "is active" in t]
+
+
+def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, conn: RecordingConnector, conv: str,
+                                                             tmp_path: Path) -> None:
+    started = time.monotonic()
+    say(bot, conn, conv, "activate line 555-0100")
+    [ack] = conn.wait_for_messages(1, conv, timeout=5)
+    assert time.monotonic() - started < 2.0
+    job_id = job_id_in(ack["text"])
+    assert "555-0100" in ack["text"] and "message you" in ack["text"]
+
+    [_, done] = conn.wait_for_messages(2, conv, timeout=15)
+    assert time.monotonic() - started >= 2.0  # ACTIVATE_LINE_SECONDS
+    assert done["text"] == f"✅ Line 555-0100 is active (job `{job_id}`)."
+
+    messages = agent_messages(tmp_path, conv)
+    [call] = [c for m in messages if m["type"] == "AssistantMessage" and isinstance(m["content"], list)
+              for c in m["content"]]
+    assert call["name"] == "activate_new_line" and json.loads(call["arguments"]) == {"phone_number": "555-0100"}
+    [outcome] = [m for m in messages if m["type"] == "UserMessage" and m["source"] == "background_job"]
+    result = json.loads(outcome["content"].split("\n", 1)[1])
+    assert result["call_id"] == call["id"] and result["status"] == "succeeded"
+    assert json.loads(result["content"])["status"] == "active"
+    [job] = jobs_in_store(tmp_path)
+    assert (job["status"], job["attempt"], job["call_id"], job["progress"]) == ("succeeded", 1, call["id"], 1.0)
+
+
+@pytest.mark.parametrize("crash_at", [
+    "turn_committed",  # the job is recorded but not yet started
+    "job_progress:2",  # the job is running
+    "job_event_appended",  # the job finished, its record not yet marked finished
+    "turn_committed:2",  # the completion turn is committed, the message not yet sent
+])
+def test_sigkill_around_a_job_announces_it_exactly_once(tmp_path: Path, conn: RecordingConnector, conv: str,
+                                                        crash_at: str) -> None:
+    bot = BotProcess(tmp_path, env={"ACTIVATE_LINE_SECONDS": "2", "CRASH_AT": crash_at}).start()
+    try:
+        say(bot, conn, conv, "activate line 555-0199")
+        deadline = time.monotonic() + 15
+        while bot.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not bot.alive, f"the process never reached crash point {crash_at}"
+        assert "crash point" in bot.log_tail()
+        bot.extra_env.pop("CRASH_AT")
+        bot.start()
+        conn.wait_for(lambda c: len(completions(c, conv)) >= 1, timeout=20)
+        time.sleep(1.5)
+        assert len(completions(conn, conv)) == 1, conn.texts(conv)
+        acks = [t for t in conn.texts(conv) if "started activating" in t]
+        assert len(acks) == 1, conn.texts(conv)
+        [job] = jobs_in_store(tmp_path)
+        assert job["status"] == "succeeded"
+    finally:
+        bot.kill()
+
+
+def test_sigkill_between_send_and_mark_repeats_at_most_one_message(tmp_path: Path, conn: RecordingConnector,
+                                                                   conv: str) -> None:
+    bot = BotProcess(tmp_path, env={"ACTIVATE_LINE_SECONDS": "1", "CRASH_AT": "message_sent:2"}).start()
+    try:
+        say(bot, conn, conv, "activate line 555-0142")
+        deadline = time.monotonic() + 15
+        while bot.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not bot.alive
+        bot.extra_env.pop("CRASH_AT")
+        bot.start()
+        time.sleep(2)
+        assert 1 <= len(completions(conn, conv)) <= 2
+        assert len(conn.messages(conv)) <= 3
+    finally:
+        bot.kill()
+
+
+@pytest.mark.parametrize("count", [2, 10])
+def test_parallel_jobs_are_each_reported(bot: BotProcess, conn: RecordingConnector, conv: str, tmp_path: Path,
+                                         count: int) -> None:
+    numbers = [f"555-{100 + n:04d}" for n in range(count)]
+    for number in numbers:
+        say(bot, conn, conv, f"activate line {number}")
+    say(bot, conn, conv, "my name is Ada")  # chatting while the jobs run and finish
+    conn.wait_for(lambda c: len(completions(c, conv)) >= count, timeout=30)
+    say(bot, conn, conv, "what is my name?")
+    conn.wait_for(lambda c: "Your name is Ada." in c.texts(conv), timeout=10)
+    time.sleep(0.5)
+    done = completions(conn, conv)
+    assert sorted(re.search(r"Line (\S+) is active", t).group(1) for t in done) == numbers  # type: ignore[union-attr]
+    results = [m for m in agent_messages(tmp_path, conv) if m.get("source") == "background_job"]
+    assert len({json.loads(m["content"].split("\n", 1)[1])["job_id"] for m in results}) == min(count, len(results))
+    assert all(j["status"] == "succeeded" for j in jobs_in_store(tmp_path))
+
+
+@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "8"}])
+def test_cancel_a_running_job_and_ask_about_jobs(bot: BotProcess, conn: RecordingConnector, conv: str,
+                                                 tmp_path: Path) -> None:
+    say(bot, conn, conv, "activate line 555-0100")
+    job_id = job_id_in(conn.wait_for_messages(1, conv)[0]["text"])
+    time.sleep(1)
+    say(bot, conn, conv, "is it done?")
+    assert "**running**" in conn.wait_for_messages(2, conv)[1]["text"]
+    say(bot, conn, conv, f"cancel {job_id}")
+    conn.wait_for(lambda c: any("was cancelled" in t for t in c.texts(conv)), timeout=10)
+    assert any(t.startswith(f"Cancelling job `{job_id}`") for t in conn.texts(conv))
+    say(bot, conn, conv, f"cancel {job_id}")
+    conn.wait_for(lambda c: any("already finished (cancelled)" in t for t in c.texts(conv)), timeout=10)
+    say(bot, conn, conv, "list jobs")
+    conn.wait_for(lambda c: any(t.startswith("Jobs in this conversation") and "**cancelled**" in t
+                                for t in c.texts(conv)), timeout=10)
+    assert completions(conn, conv) == []
+    [job] = jobs_in_store(tmp_path)
+    assert job["status"] == "cancelled"
+
+
+def test_bad_job_requests_get_clear_answers(bot: BotProcess, conn: RecordingConnector, conv: str,
+                                            tmp_path: Path) -> None:
+    say(bot, conn, conv, "activate line banana")
+    assert "'banana' is not a phone number" in conn.wait_for_messages(1, conv)[0]["text"]
+    say(bot, conn, conv, "status 0123456789ab")
+    assert "no job `0123456789ab`" in conn.wait_for_messages(2, conv)[1]["text"]
+    say(bot, conn, conv, "cancel nosuchjob")
+    assert "no job `nosuchjob`" in conn.wait_for_messages(3, conv)[2]["text"]
+    say(bot, conn, conv, "activate line 555-0100")
+    conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=15)
+    job_id = jobs_in_store(tmp_path)[0]["id"]
+    say(bot, conn, conv, f"cancel {job_id}")
+    conn.wait_for(lambda c: any("already finished (succeeded)" in t for t in c.texts(conv)), timeout=10)
+    assert len(jobs_in_store(tmp_path)) == 1

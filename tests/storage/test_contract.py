@@ -1,0 +1,408 @@
+"""The ConversationStore contract: the same assertions over every implementation.
+
+The ``store`` fixture (conftest.py) is parametrised over all implementations. Queries that
+span conversations (``conversations_with_work``, ``unfinished_jobs``) are checked by
+membership of this test's own keys, so the suite also holds on a shared server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from storage.abc import (
+    ConcurrencyError,
+    ConversationRecord,
+    ConversationStore,
+    InboxEvent,
+    JobNotFoundError,
+    JobRecord,
+    OutboxMessage,
+)
+
+MakeKey = Callable[[str], str]
+
+
+def _event(event_id: str, kind: str = "message", **payload: Any) -> InboxEvent:
+    return InboxEvent(id=event_id, kind=kind, payload=payload or {"text": f"hello {event_id}"})
+
+
+def _job(key: str, job_id: str, **fields: Any) -> JobRecord:
+    return JobRecord(id=job_id, conversation_key=key, tool="activate_line", arguments={"line": job_id}, **fields)
+
+
+async def _pending_ids(store: ConversationStore, key: str) -> list[str]:
+    return [e.id for e in await store.pending_events(key)]
+
+
+async def _increment(store: ConversationStore, key: str, max_attempts: int = 500) -> int:
+    """load -> bump agent_state["counter"] -> commit, retrying on ConcurrencyError."""
+    for attempt in range(max_attempts):
+        record = await store.load(key)
+        state = dict(record.agent_state or {})
+        state["counter"] = state.get("counter", 0) + 1
+        await asyncio.sleep(0)  # let the other writers interleave between load and commit
+        try:
+            await store.commit(record.evolve(agent_state=state, turns=record.turns + 1))
+            return attempt
+        except ConcurrencyError:
+            continue
+    raise AssertionError(f"no successful commit after {max_attempts} attempts")
+
+
+# --- conversation references ---
+
+
+async def test_reference_round_trips(store: ConversationStore, key: str) -> None:
+    reference = {"conversation": {"id": key}, "serviceUrl": "https://smba.example/", "user": {"name": "Zoë"}}
+    await store.save_reference(key, reference)
+    assert await store.get_reference(key) == reference
+
+
+async def test_reference_save_overwrites(store: ConversationStore, key: str) -> None:
+    await store.save_reference(key, {"serviceUrl": "https://old.example/"})
+    await store.save_reference(key, {"serviceUrl": "https://new.example/"})
+    assert await store.get_reference(key) == {"serviceUrl": "https://new.example/"}
+
+
+async def test_missing_reference_is_none(store: ConversationStore, key: str) -> None:
+    assert await store.get_reference(key) is None
+
+
+async def test_saving_reference_does_not_touch_record_etag(store: ConversationStore, key: str) -> None:
+    committed = await store.commit(ConversationRecord(key=key, agent_state={"a": 1}))
+    await store.save_reference(key, {"serviceUrl": "https://x.example/"})
+    assert (await store.load(key)).etag == committed.etag
+
+
+# --- inbox ---
+
+
+async def test_append_event_round_trips(store: ConversationStore, key: str) -> None:
+    event = InboxEvent(id="a1", kind="job_finished", payload={"job": "j1", "note": "ünïcødé ✓"}, created_at=1234.5)
+    assert await store.append_event(key, event) is True
+    assert await store.pending_events(key) == [event]
+
+
+async def test_duplicate_event_id_is_ignored(store: ConversationStore, key: str) -> None:
+    first = _event("a1", text="first")
+    assert await store.append_event(key, first) is True
+    assert await store.append_event(key, _event("a1", kind="reset", text="second")) is False
+    assert await store.pending_events(key) == [first]
+
+
+async def test_duplicate_of_processed_event_is_ignored(store: ConversationStore, key: str) -> None:
+    await store.append_event(key, _event("a1"))
+    record = await store.load(key)
+    await store.commit(record, processed=["a1"])
+    assert await store.append_event(key, _event("a1")) is False
+    assert await store.pending_events(key) == []
+
+
+async def test_same_event_id_in_two_conversations_is_two_events(store: ConversationStore, make_key: MakeKey) -> None:
+    a, b = make_key("a"), make_key("b")
+    assert await store.append_event(a, _event("x", text="for a")) is True
+    assert await store.append_event(b, _event("x", text="for b")) is True
+    await store.commit(await store.load(a), processed=["x"])
+    assert await _pending_ids(store, a) == []
+    assert [e.payload for e in await store.pending_events(b)] == [{"text": "for b"}]
+
+
+async def test_pending_events_keep_arrival_order(store: ConversationStore, key: str) -> None:
+    ids = [f"activity-{n}" for n in range(20)]
+    random.Random(20).shuffle(ids)
+    assert ids != sorted(ids)
+    for event_id in ids:
+        await store.append_event(key, _event(event_id))
+    assert await _pending_ids(store, key) == ids
+
+
+async def test_pending_events_of_unknown_conversation_is_empty(store: ConversationStore, key: str) -> None:
+    assert await store.pending_events(key) == []
+
+
+async def test_has_event(store: ConversationStore, make_key: MakeKey) -> None:
+    a, b = make_key("a"), make_key("b")
+    assert await store.has_event(a, "e1") is False
+    await store.append_event(a, _event("e1"))
+    assert await store.has_event(a, "e1") is True
+    assert await store.has_event(b, "e1") is False
+    await store.commit(await store.load(a), processed=["e1"])
+    assert await store.has_event(a, "e1") is True  # processed events still count
+
+
+# --- the conversation record ---
+
+
+async def test_load_unknown_conversation_is_empty(store: ConversationStore, key: str) -> None:
+    record = await store.load(key)
+    assert record == ConversationRecord(key=key)
+    assert record.etag is None and record.agent_state is None and record.outbox == () and record.turns == 0
+
+
+async def test_commit_new_record_assigns_etag(store: ConversationStore, key: str) -> None:
+    committed = await store.commit(ConversationRecord(key=key, agent_state={"n": 1}))
+    assert committed.etag is not None
+    assert committed.agent_state == {"n": 1}
+    again = await store.commit(committed.evolve(agent_state={"n": 2}))
+    assert again.etag is not None and again.etag != committed.etag
+
+
+async def test_load_returns_committed_content(store: ConversationStore, key: str) -> None:
+    state = {
+        "type": "TeamState",
+        "agent_states": {"assistant": {"messages": [{"role": "user", "content": "Grüße, 世界 🚀"}]}},
+        "numbers": [1, 2.5, -3, None, True],
+        "empty": {},
+    }
+    outbox = (
+        OutboxMessage(id="o1", activity={"type": "message", "text": "déjà vu"}),
+        OutboxMessage(id="o2", activity={"type": "typing"}),
+    )
+    committed = await store.commit(ConversationRecord(key=key, agent_state=state, outbox=outbox, turns=7))
+    loaded = await store.load(key)
+    assert loaded == committed
+    assert loaded.agent_state == state
+    assert loaded.outbox == outbox
+    assert isinstance(loaded.outbox, tuple) and all(isinstance(m, OutboxMessage) for m in loaded.outbox)
+    assert loaded.turns == 7
+
+
+async def test_mutating_loaded_state_does_not_change_store(store: ConversationStore, key: str) -> None:
+    await store.commit(ConversationRecord(key=key, agent_state={"items": [1]}))
+    loaded = await store.load(key)
+    assert loaded.agent_state is not None
+    loaded.agent_state["items"].append(2)
+    assert (await store.load(key)).agent_state == {"items": [1]}
+
+
+# --- conditional write ---
+
+
+async def test_stale_etag_raises_and_changes_nothing(store: ConversationStore, key: str) -> None:
+    await store.append_event(key, _event("e1"))
+    stale = await store.commit(ConversationRecord(key=key, agent_state={"v": 1}))
+    current = await store.commit(stale.evolve(agent_state={"v": 2}))
+    with pytest.raises(ConcurrencyError) as caught:
+        await store.commit(
+            stale.evolve(agent_state={"v": "lost"}), processed=["e1"], new_jobs=[_job(key, "j1")]
+        )
+    assert caught.value.key == key
+    assert await store.load(key) == current
+    assert await _pending_ids(store, key) == ["e1"]
+    assert await store.list_jobs(key) == []
+
+
+async def test_etag_none_when_record_exists_raises(store: ConversationStore, key: str) -> None:
+    existing = await store.commit(ConversationRecord(key=key, agent_state={"v": 1}))
+    with pytest.raises(ConcurrencyError):
+        await store.commit(ConversationRecord(key=key, agent_state={"v": "overwrite"}))
+    assert await store.load(key) == existing
+
+
+async def test_made_up_etag_for_missing_record_raises(store: ConversationStore, key: str) -> None:
+    with pytest.raises(ConcurrencyError):
+        await store.commit(ConversationRecord(key=key, agent_state={}, etag="not-a-real-etag"))
+    assert await store.load(key) == ConversationRecord(key=key)
+
+
+# --- atomic commit ---
+
+
+async def test_commit_marks_exactly_the_processed_events(store: ConversationStore, key: str) -> None:
+    for event_id in ["e5", "e1", "e4", "e2", "e3"]:
+        await store.append_event(key, _event(event_id))
+    await store.commit(await store.load(key), processed=["e1", "e2"])
+    assert await _pending_ids(store, key) == ["e5", "e4", "e3"]
+
+
+async def test_commit_creates_new_jobs(store: ConversationStore, key: str) -> None:
+    await store.append_event(key, _event("e1"))
+    jobs = [_job(key, "j1", created_at=1.0, call_id="call_1"), _job(key, "j2", created_at=2.0)]
+    await store.commit(await store.load(key), processed=["e1"], new_jobs=jobs)
+    assert await store.list_jobs(key) == jobs
+    assert await store.get_job(key, "j1") == jobs[0]
+
+
+async def test_commit_ignores_unknown_processed_ids(store: ConversationStore, key: str) -> None:
+    await store.append_event(key, _event("e1"))
+    await store.commit(await store.load(key), processed=["never-appended"])
+    assert await _pending_ids(store, key) == ["e1"]
+    assert await store.has_event(key, "never-appended") is False
+
+
+async def test_new_jobs_do_not_overwrite_existing_job(store: ConversationStore, key: str) -> None:
+    running = _job(key, "j1", status="running", attempt=1, progress=0.5)
+    await store.put_job(running)
+    await store.commit(await store.load(key), new_jobs=[_job(key, "j1")])
+    assert await store.get_job(key, "j1") == running
+
+
+# --- conversations with work ---
+
+
+async def test_conversations_with_work(store: ConversationStore, make_key: MakeKey) -> None:
+    pending, outbox, idle, done, bare = (make_key(n) for n in ["pending", "outbox", "idle", "done", "bare"])
+    await store.append_event(pending, _event("e1"))
+    await store.commit(ConversationRecord(key=outbox, outbox=(OutboxMessage("o1", {"text": "hi"}),)))
+    await store.commit(ConversationRecord(key=idle, agent_state={"x": 1}))
+    await store.append_event(done, _event("e1"))
+    await store.commit(ConversationRecord(key=done), processed=["e1"])
+    await store.save_reference(bare, {"serviceUrl": "https://x.example/"})
+    work = set(await store.conversations_with_work())
+    assert {pending, outbox} <= work
+    assert not {idle, done, bare} & work
+
+
+async def test_drained_conversation_has_no_work(store: ConversationStore, key: str) -> None:
+    await store.append_event(key, _event("e1"))
+    sending = await store.commit(
+        ConversationRecord(key=key, outbox=(OutboxMessage("o1", {"text": "hi"}),)), processed=["e1"]
+    )
+    assert key in await store.conversations_with_work()
+    await store.commit(sending.evolve(outbox=()))
+    assert key not in await store.conversations_with_work()
+
+
+# --- jobs ---
+
+
+async def test_get_unknown_job_raises(store: ConversationStore, key: str) -> None:
+    with pytest.raises(JobNotFoundError) as caught:
+        await store.get_job(key, "nope")
+    assert isinstance(caught.value, LookupError)
+    assert (caught.value.key, caught.value.job_id) == (key, "nope")
+
+
+async def test_job_is_scoped_to_its_conversation(store: ConversationStore, make_key: MakeKey) -> None:
+    a, b = make_key("a"), make_key("b")
+    await store.put_job(_job(a, "j1"))
+    with pytest.raises(JobNotFoundError):
+        await store.get_job(b, "j1")
+    assert await store.list_jobs(b) == []
+
+
+async def test_job_record_round_trips_all_fields(store: ConversationStore, key: str) -> None:
+    job = JobRecord(
+        id="j-1",
+        conversation_key=key,
+        tool="activate_line",
+        arguments={"msisdn": "+491701234567", "options": {"roaming": True, "tags": ["a", "ß"]}},
+        status="failed",
+        call_id="call_abc",
+        attempt=3,
+        max_attempts=5,
+        progress=0.125,
+        progress_text="Schritt 2/3 …",
+        result={"partial": [1, 2.5, None], "nested": {"ok": False}},
+        error="Timeout: upstream did not answer",
+        cancel_requested=True,
+        next_retry_at=1_700_000_123.25,
+        created_at=1_700_000_000.5,
+        updated_at=1_700_000_100.75,
+        started_at=1_700_000_001.125,
+        finished_at=1_700_000_099.0625,
+        announced=True,
+        card_activity_id="1:card-activity",
+    )
+    await store.put_job(job)
+    assert await store.get_job(key, "j-1") == job
+
+
+async def test_put_job_overwrites(store: ConversationStore, key: str) -> None:
+    queued = _job(key, "j1")
+    await store.put_job(queued)
+    finished = queued.evolve(status="succeeded", result={"done": True}, progress=1.0)
+    await store.put_job(finished)
+    assert await store.get_job(key, "j1") == finished
+    assert await store.list_jobs(key) == [finished]
+
+
+async def test_list_jobs_oldest_first(store: ConversationStore, key: str) -> None:
+    jobs = {n: _job(key, f"j{n}", created_at=1_700_000_000.0 + n) for n in (3, 1, 4, 2)}
+    for job in jobs.values():
+        await store.put_job(job)
+    assert [j.id for j in await store.list_jobs(key)] == ["j1", "j2", "j3", "j4"]
+
+
+async def test_unfinished_jobs_are_queued_or_running_across_conversations(
+    store: ConversationStore, make_key: MakeKey
+) -> None:
+    a, b = make_key("a"), make_key("b")
+    statuses = ["queued", "running", "succeeded", "failed", "cancelled"]
+    for conv in (a, b):
+        for status in statuses:
+            await store.put_job(_job(conv, f"{status}-job", status=status))
+    mine = [j for j in await store.unfinished_jobs() if j.conversation_key in (a, b)]
+    assert sorted((j.conversation_key, j.id) for j in mine) == sorted(
+        (conv, f"{s}-job") for conv in (a, b) for s in ("queued", "running")
+    )
+    assert all(not j.finished for j in mine)
+
+
+async def test_finishing_a_job_removes_it_from_unfinished(store: ConversationStore, key: str) -> None:
+    job = _job(key, "j1", status="running")
+    await store.put_job(job)
+    await store.put_job(job.evolve(status="succeeded"))
+    assert [j for j in await store.unfinished_jobs() if j.conversation_key == key] == []
+
+
+# --- key/value items ---
+
+
+async def test_items_round_trip(store: ConversationStore, key: str) -> None:
+    items = {f"{key}/dialog": {"stack": [{"id": "main", "state": {"step": 2}}], "text": "naïve"}, f"{key}/user": {}}
+    await store.write_items(items)
+    assert await store.read_items(list(items)) == items
+
+
+async def test_write_items_overwrites(store: ConversationStore, key: str) -> None:
+    await store.write_items({key: {"v": 1}})
+    await store.write_items({key: {"v": 2}})
+    assert await store.read_items([key]) == {key: {"v": 2}}
+
+
+async def test_missing_items_are_absent(store: ConversationStore, key: str) -> None:
+    await store.write_items({f"{key}/present": {"v": 1}})
+    assert await store.read_items([f"{key}/present", f"{key}/missing"]) == {f"{key}/present": {"v": 1}}
+
+
+async def test_read_items_accepts_any_iterable(store: ConversationStore, key: str) -> None:
+    await store.write_items({f"{key}/1": {"v": 1}, f"{key}/2": {"v": 2}})
+    assert await store.read_items(f"{key}/{n}" for n in (1, 2)) == {f"{key}/1": {"v": 1}, f"{key}/2": {"v": 2}}
+
+
+async def test_delete_items(store: ConversationStore, key: str) -> None:
+    await store.write_items({f"{key}/a": {"v": 1}, f"{key}/b": {"v": 2}})
+    await store.delete_items([f"{key}/a", f"{key}/never-written"])
+    assert await store.read_items([f"{key}/a", f"{key}/b"]) == {f"{key}/b": {"v": 2}}
+
+
+async def test_empty_item_operations(store: ConversationStore) -> None:
+    assert await store.read_items([]) == {}
+    await store.write_items({})
+    await store.delete_items([])
+
+
+# --- concurrency ---
+
+
+async def test_concurrent_read_modify_write_loses_no_update(store: ConversationStore, key: str) -> None:
+    await asyncio.gather(*(_increment(store, key) for _ in range(20)))
+    record = await store.load(key)
+    assert record.agent_state == {"counter": 20}
+    assert record.turns == 20
+
+
+async def test_concurrent_appends_are_idempotent(store: ConversationStore, key: str) -> None:
+    ids = [f"activity-{n}" for n in range(50)]
+    attempts = ids + ids[::5]  # 10 duplicates
+    random.Random(50).shuffle(attempts)
+    results = await asyncio.gather(*(store.append_event(key, _event(i)) for i in attempts))
+    assert results.count(True) == 50
+    pending = await _pending_ids(store, key)
+    assert sorted(pending) == sorted(ids)
