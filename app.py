@@ -128,6 +128,7 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await services.processor.close()
+    await services.job_runner.shutdown()
     await services.scheduler.shutdown()
     await services.store.close()
 

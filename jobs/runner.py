@@ -78,6 +78,7 @@ class JobRunner:
         self._progress_listener = progress_listener
         self._live: dict[str, JobContext] = {}
         self._tasks: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._runs: set[asyncio.Task[Any]] = set()
         self.scheduler: Scheduling | None = None
 
     def is_live(self, job_id: str) -> bool:
@@ -105,6 +106,12 @@ class JobRunner:
             await self._finish(job.evolve(status="failed", error=str(exc), finished_at=time.time()))
             return
 
+        if job.status == "running" and job.attempt >= tool.retry.max_attempts:
+            # The process died during the last allowed attempt (a crash, not a graceful stop).
+            await self._finish(job.evolve(status="failed", finished_at=time.time(),
+                                          error=f"interrupted by a crash during attempt {job.attempt}"))
+            return
+
         job = job.evolve(status="running", attempt=job.attempt + 1, next_retry_at=None,
                          started_at=job.started_at or time.time())
         await self._store.put_job(job)
@@ -123,6 +130,9 @@ class JobRunner:
         context = JobContext(job_id=job.id, conversation_key=conversation_key, attempt=job.attempt,
                              _progress_sink=on_progress)
         self._live[job.id] = context
+        if (me := asyncio.current_task()) is not None:
+            self._runs.add(me)
+            me.add_done_callback(self._runs.discard)
         log.info("job %s (%s) attempt %d/%d started", job.id, job.tool, job.attempt, tool.retry.max_attempts)
         try:
             args = tool.args_model.model_validate(job.arguments)
@@ -140,8 +150,9 @@ class JobRunner:
             if context.cancelled:
                 await self._finish(current.evolve(status="cancelled", finished_at=time.time()))
             else:
-                # Shutdown: leave it "running" so recovery runs it again after the restart.
-                log.info("job %s interrupted by shutdown; it will resume after restart", job.id)
+                # Graceful shutdown: hand the attempt back so the restart runs it again, uncounted.
+                log.info("job %s interrupted by shutdown; it will run again after the restart", job.id)
+                await asyncio.shield(self._store.put_job(current.evolve(status="queued", attempt=current.attempt - 1)))
                 raise
         except Exception as exc:  # a tool's failure must never escape the runner
             log.warning("job %s attempt %d failed: %s", job.id, current.attempt, exc)
@@ -179,6 +190,13 @@ class JobRunner:
     async def _announce(self, job: JobRecord) -> None:
         if await self._store.append_event(job.conversation_key, finished_event(job)):
             self._wake(job.conversation_key)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Graceful stop: interrupt running attempts and wait until each has handed itself back."""
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._runs:
+            await asyncio.wait(list(self._runs), timeout=timeout)
 
     async def cancel(self, conversation_key: str, job_id: str) -> JobRecord:
         """Request cancellation; returns the job as it stands. Raises JobNotFoundError."""

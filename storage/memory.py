@@ -72,9 +72,8 @@ class MemoryStore(ConversationStore):
             for event_id in processed:
                 if event_id in events:
                     events[event_id] = (events[event_id][0], True)
-            jobs = self._jobs.setdefault(record.key, {})
             for job in new_jobs:
-                jobs.setdefault(job.id, job)
+                self._jobs.setdefault(job.conversation_key, {}).setdefault(job.id, copy.deepcopy(job))
             return copy.deepcopy(committed)
 
     async def conversations_with_work(self) -> list[str]:
@@ -84,18 +83,19 @@ class MemoryStore(ConversationStore):
 
     async def get_job(self, key: str, job_id: str) -> JobRecord:
         try:
-            return self._jobs[key][job_id]
+            return copy.deepcopy(self._jobs[key][job_id])
         except KeyError:
             raise JobNotFoundError(key, job_id) from None
 
     async def put_job(self, job: JobRecord) -> None:
-        self._jobs.setdefault(job.conversation_key, {})[job.id] = job
+        self._jobs.setdefault(job.conversation_key, {})[job.id] = copy.deepcopy(job)
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
-        return sorted(self._jobs.get(key, {}).values(), key=lambda j: j.created_at)
+        return copy.deepcopy(sorted(self._jobs.get(key, {}).values(), key=lambda j: j.created_at))
 
     async def unfinished_jobs(self) -> list[JobRecord]:
-        return [j for jobs in self._jobs.values() for j in jobs.values() if not j.finished]
+        unfinished = [j for jobs in self._jobs.values() for j in jobs.values() if not j.finished]
+        return copy.deepcopy(sorted(unfinished, key=lambda j: j.created_at))
 
     async def read_items(self, keys: Iterable[str]) -> dict[str, JSON]:
         return {k: copy.deepcopy(self._items[k]) for k in keys if k in self._items}

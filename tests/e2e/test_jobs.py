@@ -165,3 +165,18 @@ def test_bad_job_requests_get_clear_answers(bot: BotProcess, conn: RecordingConn
     say(bot, conn, conv, f"cancel {job_id}")
     conn.wait_for(lambda c: any("already finished (succeeded)" in t for t in c.texts(conv)), timeout=10)
     assert len(jobs_in_store(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "3"}])
+def test_sigterm_mid_job_hands_it_back_and_the_restart_finishes_it(bot: BotProcess, conn: RecordingConnector,
+                                                                    conv: str, tmp_path: Path) -> None:
+    say(bot, conn, conv, "activate line 555-0111")
+    conn.wait_for_messages(1, conv)
+    time.sleep(1)
+    assert bot.terminate() == 0, bot.log_tail()
+    [job] = jobs_in_store(tmp_path)
+    assert (job["status"], job["attempt"]) == ("queued", 0)
+    bot.start()
+    conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=15)
+    [job] = jobs_in_store(tmp_path)
+    assert (job["status"], job["attempt"]) == ("succeeded", 1)

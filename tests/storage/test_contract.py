@@ -135,6 +135,15 @@ async def test_has_event(store: ConversationStore, make_key: MakeKey) -> None:
     assert await store.has_event(a, "e1") is True  # processed events still count
 
 
+async def test_get_event_returns_processed_and_pending_events(store: ConversationStore, key: str) -> None:
+    assert await store.get_event(key, "job:x") is None
+    event = InboxEvent(id="job:x", kind="job_finished", payload={"status": "succeeded", "content": "{\"ok\": 1}"})
+    await store.append_event(key, event)
+    assert await store.get_event(key, "job:x") == event
+    await store.commit(await store.load(key), processed=["job:x"])
+    assert await store.get_event(key, "job:x") == event
+
+
 # --- the conversation record ---
 
 
@@ -188,9 +197,7 @@ async def test_stale_etag_raises_and_changes_nothing(store: ConversationStore, k
     stale = await store.commit(ConversationRecord(key=key, agent_state={"v": 1}))
     current = await store.commit(stale.evolve(agent_state={"v": 2}))
     with pytest.raises(ConcurrencyError) as caught:
-        await store.commit(
-            stale.evolve(agent_state={"v": "lost"}), processed=["e1"], new_jobs=[_job(key, "j1")]
-        )
+        await store.commit(stale.evolve(agent_state={"v": "lost"}), processed=["e1"], new_jobs=[_job(key, "j1")])
     assert caught.value.key == key
     assert await store.load(key) == current
     assert await _pending_ids(store, key) == ["e1"]
