@@ -1,0 +1,125 @@
+"""The conversation processor on the memory store with a fake sender: failures never lose state."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from autogen_core.models import CreateResult, LLMMessage
+
+from agent.offline_model import OfflineChatCompletionClient
+from agent.processor import ConversationProcessor, DeliveryError, text_activity
+from agent.runner import AgentTurnRunner
+from storage.abc import JSON, ConversationRecord, InboxEvent
+from storage.memory import MemoryStore
+
+KEY = "emulator:c1"
+REFERENCE = {"conversation": {"id": "c1"}, "serviceUrl": "http://127.0.0.1:9/"}
+
+
+class FakeSender:
+    def __init__(self) -> None:
+        self.sent: list[JSON] = []
+        self.failures: list[DeliveryError] = []
+
+    async def send(self, reference: JSON, activity: JSON) -> str | None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.sent.append(activity)
+        return str(len(self.sent))
+
+    async def typing(self, reference: JSON) -> None:
+        return None
+
+    @property
+    def texts(self) -> list[str]:
+        return [a["text"] for a in self.sent]
+
+
+class UnreachableModel(OfflineChatCompletionClient):
+    async def create(self, messages: Sequence[LLMMessage], **kwargs: Any) -> CreateResult:
+        raise ConnectionError("model endpoint unreachable")
+
+
+def processor(store: MemoryStore, sender: FakeSender, model: OfflineChatCompletionClient | None = None
+              ) -> ConversationProcessor:
+    runner = AgentTurnRunner(model or OfflineChatCompletionClient(), lambda scope: [])
+    return ConversationProcessor(store, runner, sender, welcome=lambda: text_activity("welcome"), max_backoff=0.05)
+
+
+async def message(store: MemoryStore, event_id: str, text: str) -> None:
+    await store.save_reference(KEY, REFERENCE)
+    await store.append_event(KEY, InboxEvent(id=event_id, kind="message", payload={"text": text}))
+
+
+async def test_an_unreachable_model_gets_a_clear_message_and_keeps_the_state() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    await message(store, "m1", "my name is Ada")
+    ok = processor(store, sender)
+    ok.wake(KEY)
+    await ok.idle()
+    before = (await store.load(KEY)).agent_state
+
+    await message(store, "m2", "what is my name?")
+    failing = processor(store, sender, UnreachableModel())
+    failing.wake(KEY)
+    await failing.idle()
+    assert "couldn't get an answer from the model" in sender.texts[-1]
+    assert (await store.load(KEY)).agent_state == before
+    assert await store.pending_events(KEY) == []
+
+
+async def test_a_concurrent_commit_makes_the_turn_redo_not_overwrite() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    await message(store, "m1", "my name is Ada")
+    original_commit = store.commit
+    raced = False
+
+    async def racing_commit(record: ConversationRecord, **kwargs: Any) -> ConversationRecord:
+        nonlocal raced
+        if not raced:  # another writer moves first, once
+            raced = True
+            await original_commit(await store.load(KEY), processed=[])
+        return await original_commit(record, **kwargs)
+
+    store.commit = racing_commit  # type: ignore[method-assign]
+    p = processor(store, sender)
+    p.wake(KEY)
+    await p.idle()
+    assert sender.texts == ["Nice to meet you, Ada. I'll remember that."]
+    assert (await store.load(KEY)).turns == 1
+
+
+async def test_transient_delivery_failure_keeps_the_message_until_it_is_sent() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    sender.failures = [DeliveryError("503", permanent=False, retry_after=0.05)] * 2
+    await message(store, "m1", "my name is Ada")
+    p = processor(store, sender)
+    p.wake(KEY)
+    await asyncio.wait_for(p.idle(), 5)
+    assert sender.texts == ["Nice to meet you, Ada. I'll remember that."]
+    assert (await store.load(KEY)).outbox == ()
+
+
+async def test_permanent_delivery_failure_drops_the_message() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    sender.failures = [DeliveryError("403 bot removed", permanent=True)]
+    await message(store, "m1", "hello")
+    p = processor(store, sender)
+    p.wake(KEY)
+    await p.idle()
+    assert sender.sent == [] and (await store.load(KEY)).outbox == ()
+    assert await store.conversations_with_work() == []
+
+
+@pytest.mark.parametrize("kind", ["welcome", "reset"])
+async def test_welcome_and_reset_events_need_no_model(kind: str) -> None:
+    store, sender = MemoryStore(), FakeSender()
+    await store.save_reference(KEY, REFERENCE)
+    await store.append_event(KEY, InboxEvent(id=kind, kind=kind, payload={}))
+    p = processor(store, sender, UnreachableModel())
+    p.wake(KEY)
+    await p.idle()
+    assert len(sender.sent) == 1 and "couldn't" not in sender.texts[0]
