@@ -1,0 +1,95 @@
+# Durable AI agent for Microsoft Teams: developer commands. `make` alone lists them.
+#
+# The first `make run` / `make test` creates .venv (Python 3.11) and node_modules; later runs
+# reuse them and reinstall only when requirements*.txt or package*.json change (stamp files).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        := .venv
+VENV_PY     := $(VENV)/bin/python
+VENV_STAMP  := $(VENV)/.installed
+NODE_STAMP  := node_modules/.installed
+# Python used to create the venv: python3.11 if on PATH, else python3 (checked to be 3.11).
+PYTHON      ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
+# Quiet pip keeps CI logs short; `make PIP_QUIET= test` shows everything.
+PIP_QUIET   ?= -q
+# Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k offline -x"`.
+PYTEST_ARGS ?=
+# Extra arguments for the packager, e.g. `make package PACKAGE_ARGS="--bot-id GUID"`.
+PACKAGE_ARGS ?=
+
+.PHONY: help setup run test peers lint package clean distclean
+
+help: ## list the targets
+	@echo "Durable AI agent for Microsoft Teams"
+	@echo
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
+	@echo
+	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, PYTHON (interpreter for the venv), PIP_QUIET"
+
+setup: $(VENV_STAMP) $(NODE_STAMP) ## create .venv and node_modules (only what changed)
+
+run: setup ## start the bot on http://localhost:3978/api/messages
+	$(VENV_PY) app.py
+
+# --- peer servers --------------------------------------------------------------------------
+# Peers the tests talk to (recording Bot Connector, the bot process itself) are started by the
+# tests' own fixtures for now. PLACE FOR LATER: start shared peer servers here (Agents
+# Playground, Cosmos DB wire-protocol server, PostgreSQL ...) on loopback, export their URLs
+# for pytest, and stop them when the test run ends (e.g. a wrapper script with a trap).
+peers:
+# -------------------------------------------------------------------------------------------
+
+test: setup peers ## run the test suite (pytest)
+	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV_STAMP) ## ruff check + mypy
+	@rc=0; \
+	echo "ruff check ."; $(VENV)/bin/ruff check . || rc=1; \
+	echo "mypy ."; $(VENV)/bin/mypy . || rc=1; \
+	exit $$rc
+
+package: $(VENV_STAMP) ## build build/appPackage.zip for Teams (needs MicrosoftAppId)
+	$(VENV_PY) scripts/package_manifest.py $(PACKAGE_ARGS)
+
+clean: ## remove build output and caches (keeps .venv, node_modules and data/)
+	rm -rf build test-artifacts .pytest_cache .mypy_cache .ruff_cache .make
+	find . -path ./$(VENV) -prune -o -path ./node_modules -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv and node_modules
+	rm -rf $(VENV) node_modules
+
+# --- Python virtual environment ------------------------------------------------------------
+$(VENV_STAMP): requirements.txt requirements-dev.txt
+	@if [ -x "$(VENV_PY)" ] && "$(VENV_PY)" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then \
+		echo "updating $(VENV) from requirements-dev.txt"; \
+	else \
+		if [ -z "$(PYTHON)" ]; then \
+			echo "error: no python3.11 or python3 on PATH; install Python 3.11 (or run make PYTHON=/path/to/python3.11)" >&2; \
+			exit 1; \
+		fi; \
+		version=$$("$(PYTHON)" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); \
+		if [ "$$version" != "3.11" ]; then \
+			echo "error: $(PYTHON) is Python $${version:-(not runnable)}, this project needs Python 3.11" >&2; \
+			echo "       (botbuilder 4.17 is tested up to 3.11); install it or run make PYTHON=/path/to/python3.11" >&2; \
+			exit 1; \
+		fi; \
+		echo "creating $(VENV) with $(PYTHON) (Python $$version)"; \
+		rm -rf "$(VENV)"; \
+		"$(PYTHON)" -m venv "$(VENV)"; \
+	fi
+	@echo "installing Python packages (a few minutes on a fresh clone) ..."
+	$(VENV_PY) -m pip install $(PIP_QUIET) --disable-pip-version-check -r requirements-dev.txt
+	$(VENV_PY) -m pip check
+	@touch $@
+
+# --- npm packages (Teams manifest schema; later the Agents Playground) ---------------------
+$(NODE_STAMP): package.json $(wildcard package-lock.json)
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "warning: npm not found: skipping node packages (tests that need them are skipped)" >&2; \
+	elif [ -f package-lock.json ]; then \
+		echo "npm ci"; npm ci --no-audit --no-fund --loglevel=error && touch $@; \
+	else \
+		echo "npm install"; npm install --no-audit --no-fund --loglevel=error && touch $@; \
+	fi
