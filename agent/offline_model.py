@@ -60,8 +60,10 @@ HELP_TEXT = (
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
 )
 
-_ACTIVATE = re.compile(r"\bactivate\b(?:\s+(?:a|the|new|my|phone))*\s+line\b\s*(?:for\s+|number\s+)?(?P<number>.*)$", re.I)
-_STATUS = re.compile(r"^(?:status|job status|is it (?:done|finished|ready)\??|what(?:'s| is) the status\??)\s*(?P<id>[\w-]*)\??$", re.I)
+_ACTIVATE = re.compile(
+    r"\bactivate\b(?:\s+(?:a|the|new|my|phone))*\s+line\b\s*(?:for\s+|number\s+)?(?P<number>.*)$", re.I)
+_STATUS = re.compile(
+    r"^(?:status|job status|is it (?:done|finished|ready)\??|what(?:'s| is) the status\??)\s*(?P<id>[\w-]*)\??$", re.I)
 _LIST = re.compile(r"^(?:list\s+(?:my\s+|the\s+)?jobs|jobs|show\s+(?:my\s+)?jobs)\s*[.!?]?$", re.I)
 _CANCEL = re.compile(r"^(?:cancel|stop)\s+(?:job\s+)?(?P<id>[\w-]+)\s*[.!]?$", re.I)
 _HELP = re.compile(r"^(?:/?help|\?|what can you do\??|how do you work\??)$", re.I)
@@ -198,12 +200,12 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         return 1_000_000 - self.count_tokens(messages)
 
     @property
-    def capabilities(self) -> ModelCapabilities:  # type: ignore[override]
-        return _INFO  # type: ignore[return-value]
+    def capabilities(self) -> ModelCapabilities:
+        return _INFO
 
     @property
     def model_info(self) -> ModelInfo:
         return _INFO
 
 
-__all__ = ["HELP_TEXT", "OfflineChatCompletionClient", "SystemMessage", "AssistantMessage"]
+__all__ = ["HELP_TEXT", "AssistantMessage", "OfflineChatCompletionClient", "SystemMessage"]

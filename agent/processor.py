@@ -16,10 +16,18 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-from crashpoints import crash_point
 from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
-from storage.abc import JSON, ConcurrencyError, ConversationRecord, ConversationStore, InboxEvent, JobRecord, OutboxMessage
+from crashpoints import crash_point
+from storage.abc import (
+    JSON,
+    ConcurrencyError,
+    ConversationRecord,
+    ConversationStore,
+    InboxEvent,
+    JobRecord,
+    OutboxMessage,
+)
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import TextMessage, ToolCallSummaryMessage
 from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core.models import ChatCompletionClient
-from autogen_core.tools import Tool
+from autogen_core.tools import BaseTool
 
 from agent.context import BoundedChatCompletionContext
 from agent.tools import TurnScope
@@ -53,7 +53,7 @@ class TurnOutcome:
     new_jobs: list[JobRecord] = field(default_factory=list)
 
 
-ToolsFactory = Callable[[TurnScope], Sequence[Tool]]
+ToolsFactory = Callable[[TurnScope], Sequence[BaseTool[Any, Any]]]
 
 
 class AgentTurnRunner:

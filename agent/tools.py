@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from autogen_core import CancellationToken
-from autogen_core.tools import BaseTool, FunctionTool, Tool
+from autogen_core.tools import BaseTool, FunctionTool
 from pydantic import BaseModel, ValidationError
 
 from jobs.registry import JobRegistry, LongRunningTool
@@ -45,7 +45,7 @@ def validation_message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class ScheduleJobTool(BaseTool[BaseModel, str]):
+class ScheduleJobTool(BaseTool[BaseModel, Any]):
     """Presents a long-running tool to the model; a call records a job and returns its id."""
 
     def __init__(self, spec: LongRunningTool, scope: TurnScope) -> None:
@@ -100,7 +100,11 @@ def describe_job(job: JobRecord) -> str:
     return head + (" (" + "; ".join(details) + ")" if details else "")
 
 
-def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> list[Tool]:
+def not_found(job_id: str) -> str:
+    return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
+
+
+def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> list[BaseTool[Any, Any]]:
     key = scope.conversation_key
 
     async def get_job_status(job_id: str = "") -> str:
@@ -109,7 +113,7 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
             try:
                 job = await store.get_job(key, job_id)
             except JobNotFoundError:
-                return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
+                return not_found(job_id)
         else:
             jobs = await store.list_jobs(key)
             if not jobs:
@@ -130,7 +134,7 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
         try:
             job = await runner.cancel(key, job_id)
         except JobNotFoundError:
-            return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
+            return not_found(job_id)
         if job.status in ("succeeded", "failed") or (job.status == "cancelled" and not job.cancel_requested):
             return json.dumps({"status": job.status,
                                "message": f"Job `{job_id}` already finished ({job.status}); nothing to cancel."})
@@ -143,5 +147,6 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
     ]
 
 
-def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner) -> Sequence[Tool]:
+def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore,
+               runner: JobRunner) -> Sequence[BaseTool[Any, Any]]:
     return [ScheduleJobTool(spec, scope) for spec in registry] + job_tools(scope, store, runner)

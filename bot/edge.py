@@ -48,7 +48,7 @@ def create_adapter(settings: Settings) -> CloudAdapter:
         log.exception("unhandled error in a turn of %s", turn_context.activity.conversation.id, exc_info=error)
         try:
             await turn_context.send_activity("Sorry, something went wrong on my side. Please try again.")
-        except Exception:  # noqa: BLE001 - the channel may be the thing that is failing
+        except Exception:
             log.warning("could not tell the user about the error")
 
     adapter.on_turn_error = on_turn_error
@@ -108,7 +108,7 @@ def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
             return problem(400, "not a valid activity", problems)
         try:
             activity = Activity().deserialize(body)
-        except Exception as exc:  # noqa: BLE001 - msrest raises several types for bad shapes
+        except Exception as exc:
             return problem(400, "not a valid activity", str(exc)[:300])
         auth_header = request.headers.get("Authorization", "")
         try:

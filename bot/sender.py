@@ -81,7 +81,7 @@ class ProactiveSender:
             try:
                 response = await turn_context.send_activity(outgoing)
                 outcome["id"] = response.id if response else None
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:
                 outcome["error"] = exc
 
         try:

@@ -50,7 +50,7 @@ def make_activate_line_tool(seconds: float, activations: dict[str, str] | None =
             "when it finishes. Returns the job id at once."
         ),
         args_model=ActivateLineArgs,
-        run=run,  # type: ignore[arg-type]
+        run=run,
         timeout=max(60.0, seconds * 3),
         retry=RetryPolicy(max_attempts=3, initial_delay=2.0),
         scheduled_message=lambda args, job_id: (

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from crashpoints import crash_point
 from agent.events import JobResult
+from crashpoints import crash_point
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
 from storage.abc import ConversationStore, InboxEvent, JobRecord

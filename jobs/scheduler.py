@@ -8,6 +8,7 @@ SQLAlchemy job store survives restarts and never pickles a connection or a closu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -79,10 +80,8 @@ class JobScheduler:
         )
 
     async def unschedule(self, job_id: str) -> None:
-        try:
+        with contextlib.suppress(JobLookupError):
             await asyncio.to_thread(self._scheduler.remove_job, job_id)
-        except JobLookupError:
-            pass
 
     async def is_scheduled(self, job_id: str) -> bool:
         return await asyncio.to_thread(self._scheduler.get_job, job_id) is not None

@@ -45,15 +45,15 @@ def make_color(path: Path) -> None:
     draw_glyph(ImageDraw.Draw(g), inner, WHITE, ACCENT, stroke=int(1.2 * inner / 32))
     glyph.paste(g, (int(pad), int(pad)), g)
     img.alpha_composite(glyph)
-    img.convert("RGB").resize((192, 192), Image.LANCZOS).save(path)
+    img.convert("RGB").resize((192, 192), Image.Resampling.LANCZOS).save(path)
 
 
 def make_outline(path: Path) -> None:
     """32x32, white on transparent: every pixel is (255, 255, 255, alpha)."""
     big = 32 * SCALE
     mask = Image.new("L", (big, big), 0)
-    draw_glyph(ImageDraw.Draw(mask), big, 255, 0, stroke=int(1.2 * SCALE))
-    alpha = mask.resize((32, 32), Image.LANCZOS)
+    draw_glyph(ImageDraw.Draw(mask), big, (255,), (0,), stroke=int(1.2 * SCALE))
+    alpha = mask.resize((32, 32), Image.Resampling.LANCZOS)
     white = Image.new("L", (32, 32), 255)
     Image.merge("RGBA", (white, white, white, alpha)).save(path)
 

@@ -84,9 +84,12 @@ def build(bot_id: str, bot_domain: str | None, out: Path, manifest_dir: Path = M
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Build the Teams app package (appPackage.zip).")
-    parser.add_argument("--bot-id", default=os.environ.get("MicrosoftAppId"), help="bot's Microsoft App ID (default: env MicrosoftAppId)")
-    parser.add_argument("--bot-domain", default=os.environ.get("BOT_DOMAIN"), help="bot's public host name (default: env BOT_DOMAIN)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"zip to write (default: {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument("--bot-id", default=os.environ.get("MicrosoftAppId"),
+                        help="bot's Microsoft App ID (default: env MicrosoftAppId)")
+    parser.add_argument("--bot-domain", default=os.environ.get("BOT_DOMAIN"),
+                        help="bot's public host name (default: env BOT_DOMAIN)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"zip to write (default: {DEFAULT_OUT.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if not args.bot_id:
         print("error: no bot id: set MicrosoftAppId (the Azure Bot's app id) or pass --bot-id", file=sys.stderr)

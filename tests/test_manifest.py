@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -64,13 +65,16 @@ def test_bot_scopes_and_commands() -> None:
 def test_icons() -> None:
     with Image.open(MANIFEST_DIR / "color.png") as color:
         assert color.size == (192, 192)
-        assert color.mode == "RGB" or color.getextrema()[3][0] == 255  # opaque
+        extrema: Any = color.getextrema()
+        assert color.mode == "RGB" or extrema[3][0] == 255  # opaque
     with Image.open(MANIFEST_DIR / "outline.png") as outline:
         assert outline.size == (32, 32)
         rgba = outline.convert("RGBA")
-        alpha_min, alpha_max = rgba.getextrema()[3]
+        rgba_extrema: Any = rgba.getextrema()
+        alpha_min, alpha_max = rgba_extrema[3]
         assert alpha_min == 0 and alpha_max == 255  # has transparency and a visible glyph
-        visible = [p[:3] for p in rgba.get_flattened_data() if p[3]]
+        pixels: list[Any] = list(rgba.get_flattened_data())
+        visible = [p[:3] for p in pixels if p[3]]
         assert set(visible) == {(255, 255, 255)}  # white only
 
 
@@ -117,5 +121,6 @@ def test_manifest_matches_official_schema(tmp_path: Path) -> None:
     schema = json.loads(schema_path.read_text(encoding="utf-8"))
     # The schema says draft-04 but uses draft-06 "const" (for manifestVersion);
     # Draft7Validator enforces it and reads everything else the same way.
-    errors = [f"{list(e.absolute_path)}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(built_manifest(tmp_path))]
+    validator = jsonschema.Draft7Validator(schema)
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(built_manifest(tmp_path))]
     assert not errors, errors

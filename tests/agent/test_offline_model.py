@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from autogen_core.models import FunctionExecutionResult, FunctionExecutionResultMessage, UserMessage
+from autogen_core.tools import ToolSchema
 
 from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
 from agent.offline_model import OfflineChatCompletionClient
 
-TOOLS = [{"name": n, "description": "", "parameters": {}}
-         for n in ("activate_new_line", "get_job_status", "list_jobs", "cancel_job")]
+TOOLS: list[ToolSchema] = [{"name": n, "description": ""}
+                           for n in ("activate_new_line", "get_job_status", "list_jobs", "cancel_job")]
 
 
-async def respond(text: str, source: str = "user", history: list[UserMessage] | None = None) -> object:
+async def respond(text: str, source: str = "user", history: list[UserMessage] | None = None) -> Any:
     client = OfflineChatCompletionClient()
-    result = await client.create([*(history or []), UserMessage(content=text, source=source)], tools=TOOLS)  # type: ignore[list-item]
+    result = await client.create([*(history or []), UserMessage(content=text, source=source)], tools=TOOLS)
     return result.content
 
 

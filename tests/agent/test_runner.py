@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from agent.offline_model import OfflineChatCompletionClient
 from agent.runner import AgentInput, AgentTurnRunner
@@ -53,7 +54,7 @@ async def test_invalid_arguments_get_a_readable_error_and_no_job() -> None:
 
 async def test_stored_state_stays_bounded_however_long_the_conversation() -> None:
     runner = make_runner(context_messages=10, thread_messages=6)
-    state = None
+    state: dict[str, Any] = {}
     sizes = []
     for turn in range(60):
         outcome = await runner.run(KEY, state, [AgentInput(f"my name is Person{turn}")])

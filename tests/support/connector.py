@@ -95,7 +95,7 @@ class RecordingConnector:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self._serve())
-            except BaseException as exc:  # noqa: BLE001 - reported by start()
+            except BaseException as exc:
                 errors.append(exc)
                 ready.set()
                 return
