@@ -142,7 +142,8 @@ class ConversationProcessor:
         events = await self._store.pending_events(key)
         if events:
             reference = await self._store.get_reference(key)
-            typing = asyncio.create_task(self._keep_typing(reference)) if reference else None
+            needs_thought = any(e.kind in ("message", "job_finished") for e in events)
+            typing = asyncio.create_task(self._keep_typing(reference)) if reference and needs_thought else None
             try:
                 committed = await self._commit_turn(record, events)
             finally:

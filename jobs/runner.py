@@ -79,16 +79,24 @@ class JobRunner:
         self._live: dict[str, JobContext] = {}
         self._tasks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._runs: set[asyncio.Task[Any]] = set()
+        self._claimed: set[str] = set()
         self.scheduler: Scheduling | None = None
 
     def is_live(self, job_id: str) -> bool:
-        return job_id in self._live
+        return job_id in self._claimed
 
     async def run(self, conversation_key: str, job_id: str) -> None:
         """Run the next attempt of a job (the APScheduler entry point lands here)."""
-        if job_id in self._live:
+        if job_id in self._claimed:
             log.info("job %s is already running in this process; ignoring the duplicate start", job_id)
             return
+        self._claimed.add(job_id)  # before any await: a duplicate start sees it
+        try:
+            await self._run(conversation_key, job_id)
+        finally:
+            self._claimed.discard(job_id)
+
+    async def _run(self, conversation_key: str, job_id: str) -> None:
         job = await self._store.get_job(conversation_key, job_id)
         if job.finished:
             await self._announce(job)

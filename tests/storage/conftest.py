@@ -2,18 +2,22 @@
 
 Every implementation is a :class:`Backend` in :data:`BACKENDS`; the ``store`` fixture is
 parametrised over that list, so adding an implementation (e.g. Cosmos) is one more entry.
-A backend that needs a server is skipped unless its server is configured through the
-environment. Tests use :func:`make_key`-generated keys so that they also work against a
-shared server that keeps data between tests.
+A backend that needs a server gets it from a session-scoped fixture named by
+``Backend.peer_fixture`` and is skipped when that server cannot run here. Cosmos runs against
+the local wire-protocol server (tests/peers/cosmos.py), or against a real account or emulator
+when ``COSMOS_TEST_ENDPOINT`` (+ ``COSMOS_TEST_KEY``, blank = Entra ID) is set. Tests use
+:func:`make_key`-generated keys so that they also work against a shared server that keeps data
+between tests.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -21,47 +25,77 @@ import pytest_asyncio
 from storage.abc import ConversationStore
 from storage.memory import MemoryStore
 from storage.sqlite import SqliteStore
+from tests.peers import cosmos as cosmos_peer_server
 
-#: Builds an unopened store; gets a per-test scratch directory for file-based stores.
-StoreFactory = Callable[[Path], ConversationStore]
+#: Builds an unopened store from a per-test scratch directory (for file-based stores) and the
+#: value of the backend's peer fixture (None if it has none).
+StoreFactory = Callable[[Path, Any], ConversationStore]
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
     factory: StoreFactory
-    #: Why the backend cannot run here (e.g. its server is not configured), or None.
+    #: Why the backend cannot run here (e.g. its server is not available), or None.
     skip_reason: str | None = None
+    #: Name of a (session-scoped) fixture whose value the factory needs, e.g. a server.
+    peer_fixture: str | None = None
 
 
-def _memory(tmp_path: Path) -> ConversationStore:
+@dataclass(frozen=True)
+class CosmosPeer:
+    """Where the Cosmos tests store: one database and one container for the session."""
+
+    endpoint: str
+    key: str | None
+    database: str
+    container: str
+
+
+def _memory(tmp_path: Path, peer: Any) -> ConversationStore:
     return MemoryStore()
 
 
-def _sqlite(tmp_path: Path) -> ConversationStore:
+def _sqlite(tmp_path: Path, peer: Any) -> ConversationStore:
     return SqliteStore(tmp_path / "store.sqlite3")
 
 
-# def _cosmos(tmp_path: Path) -> ConversationStore:
-#     from storage.cosmos import CosmosStore
-#
-#     return CosmosStore(
-#         endpoint=os.environ["COSMOS_TEST_ENDPOINT"],
-#         key=os.environ["COSMOS_TEST_KEY"],
-#         database=os.environ.get("COSMOS_TEST_DATABASE", "agent-tests"),
-#         container=f"test-{uuid.uuid4().hex[:12]}",
-#     )
+def _cosmos(tmp_path: Path, peer: CosmosPeer) -> ConversationStore:
+    from storage.cosmos import CosmosStore
+
+    return CosmosStore(endpoint=peer.endpoint, key=peer.key, database=peer.database, container=peer.container)
 
 
-def _requires_env(var: str) -> str | None:
-    return None if os.environ.get(var) else f"{var} is not set"
+def _cosmos_skip_reason() -> str | None:
+    return None if os.environ.get("COSMOS_TEST_ENDPOINT") else cosmos_peer_server.unavailable_reason()
 
 
 BACKENDS: list[Backend] = [
     Backend("memory", _memory),
     Backend("sqlite", _sqlite),
-    # Backend("cosmos", _cosmos, skip_reason=_requires_env("COSMOS_TEST_ENDPOINT")),
+    Backend("cosmos", _cosmos, skip_reason=_cosmos_skip_reason(), peer_fixture="cosmos_peer"),
 ]
+
+
+@pytest.fixture(scope="session")
+def cosmos_peer() -> Iterator[CosmosPeer]:
+    """The Cosmos DB the tests use: ``COSMOS_TEST_ENDPOINT`` if set, else a local wire server.
+
+    A real account keeps one container (``COSMOS_TEST_CONTAINER``, default ``agent-tests``:
+    containers cost money, and the tests' unique keys make sharing safe); the local server gets
+    a fresh one per session.
+    """
+    database = os.environ.get("COSMOS_TEST_DATABASE", "agent-tests")
+    if os.environ.get("COSMOS_TEST_ENDPOINT"):
+        endpoint, key = os.environ["COSMOS_TEST_ENDPOINT"], os.environ.get("COSMOS_TEST_KEY") or None
+        yield CosmosPeer(endpoint, key, database, os.environ.get("COSMOS_TEST_CONTAINER", "agent-tests"))
+        return
+    container = f"test-{uuid.uuid4().hex[:12]}"
+    reason = cosmos_peer_server.unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with cosmos_peer_server.cosmos_server() as endpoint:
+        yield CosmosPeer(endpoint, cosmos_peer_server.EMULATOR_KEY, database, container)
 
 
 def _backend_params() -> list[object]:
@@ -79,7 +113,8 @@ def _backend_params() -> list[object]:
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ConversationStore]:
     """An opened store of each implementation, closed after the test."""
     backend: Backend = request.param
-    instance = backend.factory(tmp_path)
+    peer = request.getfixturevalue(backend.peer_fixture) if backend.peer_fixture else None
+    instance = backend.factory(tmp_path, peer)
     await instance.open()
     try:
         yield instance

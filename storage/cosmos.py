@@ -1,0 +1,599 @@
+"""Azure Cosmos DB store (``azure.cosmos.aio``; the sync client would block the event loop).
+
+Layout: one container, partition key ``/pk``. A conversation's items all share one logical
+partition, ``pk`` = the encoded conversation key (:func:`cosmos_id`); every item keeps the
+original key in ``key`` and carries ``type`` and ``schema_version``.
+
+=====================  ============================================================
+item id                what it holds
+=====================  ============================================================
+``conversation``       agent state, outbox, turns, **processed** (event ids) and
+                       **job_intents** (job records): the only item ``commit`` writes
+``event:<id>``         one inbox event; ``arrival`` orders the inbox, ``processed``
+                       is a lazily-set hint (see below)
+``job:<id>``           one job record (``job``), plus ``status``/``created_at`` to query
+``reference``          the conversation reference for proactive sends
+=====================  ============================================================
+
+Dialog-state items (``read_items`` ...) live in their own partitions: ``pk`` =
+``~item:<encoded key>``, id ``item`` (one point read/write each, no hot partition).
+
+**Why commit is atomic.** Cosmos has no multi-item transaction this code can rely on
+(transactional batch exists, but the wire-protocol test server does not implement it), so
+everything a commit changes is in the conversation item, written with one conditional
+``replace_item(etag=..., match_condition=IfNotModified)`` (``create_item`` when the record is
+new; 412/409/404 mean someone else moved first: :class:`ConcurrencyError`):
+
+* *Processed events.* An event is processed iff its id is in the conversation item's
+  ``processed`` list **or** its event item says ``processed: true``. The commit adds the ids
+  (only those whose event item exists, as the contract wants for unknown ids) to the list.
+  After the write succeeds the event items are patched to ``processed: true``; that patch is a
+  hint, not the truth, so a crash before it loses nothing.
+* *Keeping ``processed`` bounded.* Each commit first reads the stored item and queries the
+  event items named in its list: ids whose event item is already flagged (or gone, e.g.
+  expired) are dropped from the list it writes; the rest are kept and flagged again after the
+  write. So the list holds roughly the ids of the last commit. Dropping is safe because the
+  flag was durable before the id left the list; readers therefore read the conversation item
+  **before** querying event items (``pending_events``), so they can never see "not in the
+  list" together with an older "not flagged".
+* *New jobs.* ``new_jobs`` are written into ``job_intents`` in the same write. Right after
+  it, and lazily on the next commit or on any job read (``get_job``, ``list_jobs``,
+  ``unfinished_jobs``), each intent is materialised with ``create_item`` on ``job:<id>``
+  (409 = already there, which also means an existing job is never overwritten); a commit drops
+  an intent from the list once its job item exists. Job readers merge intents whose item is
+  still missing, so a job is visible from the moment its commit succeeded.
+
+Inbox order: ``arrival`` is a hybrid clock in microseconds: wall time, bumped to stay strictly
+increasing within this process (two appends in one process are always ordered by call order;
+appends from different instances are ordered by their clocks, ties by event id). Integers stay
+below 2**53, so they survive Cosmos's double-precision numbers.
+
+Expiry: event items, finished job items, the reference and the conversation item carry
+``ttl`` = ``conversation_ttl_days`` days, renewed by every write, so an idle conversation
+disappears; unfinished jobs never expire. Cosmos applies item ``ttl`` only when the
+container has TTL enabled (``default_ttl=-1`` as :meth:`CosmosStore.open` creates it).
+
+Consistency: the account must give this client read-your-writes across instances for the
+conversation partition (Strong, or the default Session consistency in a single write region).
+
+Throttling (429) and transient errors are retried by the SDK (``retry_total`` and
+``retry_backoff_max``); every throttled response is logged as a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import platform
+import string
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError
+from azure.cosmos import PartitionKey, exceptions
+from azure.cosmos.aio import ContainerProxy, CosmosClient
+from azure.identity.aio import DefaultAzureCredential
+
+from storage.abc import (
+    JSON,
+    SCHEMA_VERSION,
+    ConcurrencyError,
+    ConversationRecord,
+    ConversationStore,
+    InboxEvent,
+    JobNotFoundError,
+    JobRecord,
+    OutboxMessage,
+    StoreError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+A = TypeVar("A")
+
+CONVERSATION_ID = "conversation"
+REFERENCE_ID = "reference"
+ITEM_ID = "item"
+EVENT_PREFIX = "event:"
+JOB_PREFIX = "job:"
+#: Starts with ``~``, which no escaped or hashed conversation key starts with: disjoint partitions.
+ITEM_PK_PREFIX = "~item:"
+
+#: Cosmos DB limits an item id to 255 characters.
+MAX_ID_LENGTH = 255
+#: Characters kept as they are in ids; everything else (including the forbidden ``/ \\ ? #``,
+#: the escape character ``*`` and the hash separator ``~``) is written as ``*XX`` per UTF-8 byte.
+_SAFE_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_.:;@=,+")
+_UNFINISHED = ("queued", "running")
+#: Status codes that mean "the server is busy or flaky": the SDK retries them; we log them.
+_RETRIED_STATUSES = frozenset({408, 429, 449, 503})
+#: Index only what queries filter on: agent state and payloads are large, and every indexed
+#: term costs request units on each write. Queries may still project or test the excluded parts.
+INDEXING_POLICY: dict[str, Any] = {
+    "indexingMode": "consistent",
+    "includedPaths": [{"path": "/*"}],
+    "excludedPaths": [
+        {"path": f"/{name}/*"}
+        for name in ("agent_state", "outbox", "job_intents", "payload", "job", "reference", "value")
+    ]
+    + [{"path": '/"_etag"/?'}],
+}
+#: At most this many requests in flight for fan-out reads/writes of one call.
+_FANOUT = 16
+
+
+def _escape(raw: str) -> str:
+    return "".join(ch if ch in _SAFE_ID_CHARS else "".join(f"*{b:02x}" for b in ch.encode()) for ch in raw)
+
+
+def cosmos_id(prefix: str, raw: str) -> str:
+    """A valid, deterministic Cosmos id for ``raw``, injective in practice.
+
+    Short values are escaped reversibly (readable: Teams ids keep their ``19:...@thread``
+    shape); values too long keep a readable escaped head and end in ``~`` + sha256 of the
+    original. ``~`` never occurs in an escaped value, so the two forms cannot collide.
+    """
+    escaped = prefix + _escape(raw)
+    if len(escaped) <= MAX_ID_LENGTH:
+        return escaped
+    digest = hashlib.sha256(raw.encode()).hexdigest()
+    head = escaped[: MAX_ID_LENGTH - len(digest) - 1]
+    return f"{head}~{digest}"
+
+
+class _ArrivalClock:
+    """Strictly increasing microsecond timestamps within the process (a hybrid logical clock)."""
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self) -> int:
+        with self._lock:
+            self._last = max(time.time_ns() // 1000, self._last + 1)
+            return self._last
+
+
+_arrival_clock = _ArrivalClock()
+
+
+def _is_status(error: exceptions.CosmosHttpResponseError, *codes: int) -> bool:
+    return error.status_code in codes
+
+
+def _log_retried_response(response: Any) -> None:
+    """``raw_response_hook``: sees every HTTP attempt, so each throttled one is reported."""
+    status = getattr(response.http_response, "status_code", None)
+    if status in _RETRIED_STATUSES:
+        request = response.http_request
+        retry_after = response.http_response.headers.get("x-ms-retry-after-ms")
+        log.warning(
+            "Cosmos DB answered %s to %s %s (retry after %s ms); the SDK retries it",
+            status,
+            request.method,
+            request.url,
+            retry_after,
+        )
+
+
+class CosmosStore(ConversationStore):
+    """:class:`ConversationStore` on one Cosmos DB container (see the module docstring)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        key: str | None,
+        database: str,
+        container: str,
+        conversation_ttl_days: int | None = 30,
+        *,
+        connection_verify: bool | None = None,
+        item_ttl_days: int | None = None,
+        retry_total: int = 9,
+        retry_backoff_max: int = 30,
+    ) -> None:
+        """``key`` None = Entra ID (DefaultAzureCredential). ``connection_verify=False`` skips TLS
+        checks (the SDK already does for ``localhost``/``127.0.0.1``, e.g. the emulator).
+        ``item_ttl_days`` expires dialog-state items (None: never)."""
+        self._endpoint = endpoint
+        self._key = key
+        self._database_name = database
+        self._container_name = container
+        self._ttl = conversation_ttl_days * 86400 if conversation_ttl_days else None
+        self._item_ttl = item_ttl_days * 86400 if item_ttl_days else None
+        self._connection_verify = connection_verify
+        self._retry_total = retry_total
+        self._retry_backoff_max = retry_backoff_max
+        self._client: CosmosClient | None = None
+        self._credential: Any = None
+        self._container: ContainerProxy | None = None
+
+    # --- lifecycle ---
+    async def open(self) -> None:
+        """Connect; create the database and container if missing (needs a key or control-plane rights)."""
+        credential: Any = self._key
+        if credential is None:  # built off the loop: it looks at the environment and files
+            self._credential = credential = await asyncio.to_thread(DefaultAzureCredential)
+        options: dict[str, Any] = {
+            "retry_total": self._retry_total,
+            "retry_backoff_max": self._retry_backoff_max,
+            "raw_response_hook": _log_retried_response,
+        }
+        if self._connection_verify is not None:
+            options["connection_verify"] = self._connection_verify
+        # The client's constructor builds its user agent from platform.platform(), which runs
+        # `uname -p` in a subprocess on first use: do that (cached afterwards) off the loop.
+        await asyncio.to_thread(platform.platform)
+        self._client = CosmosClient(self._endpoint, credential=credential, **options)
+        try:
+            database = self._client.get_database_client(self._database_name)
+            container = database.get_container_client(self._container_name)
+            try:
+                properties = await container.read()
+            except exceptions.CosmosResourceNotFoundError:
+                database = await self._client.create_database_if_not_exists(self._database_name)
+                container = await database.create_container_if_not_exists(
+                    self._container_name,
+                    partition_key=PartitionKey(path="/pk"),
+                    default_ttl=-1,
+                    indexing_policy=INDEXING_POLICY,
+                )
+                properties = await container.read()
+        except BaseException:
+            await self.close()
+            raise
+        paths = (properties.get("partitionKey") or {}).get("paths")
+        if paths != ["/pk"]:
+            await self.close()
+            raise StoreError(f"container {self._container_name!r} has partition key {paths}, expected ['/pk']")
+        if properties.get("defaultTtl") is None:
+            log.warning("container %r has TTL disabled: idle conversations will never expire", self._container_name)
+        self._container = container
+
+    async def close(self) -> None:
+        client, credential = self._client, self._credential
+        self._client = self._credential = self._container = None
+        if client is not None:
+            await client.close()
+        if credential is not None:
+            await credential.close()
+
+    @property
+    def container(self) -> ContainerProxy:
+        if self._container is None:
+            raise StoreError("CosmosStore used before open()")
+        return self._container
+
+    # --- helpers ---
+    @staticmethod
+    def partition(key: str) -> str:
+        """The partition key value of a conversation."""
+        return cosmos_id("", key)
+
+    def _base(self, key: str, item_id: str, kind: str, ttl: int | None) -> JSON:
+        doc: JSON = {
+            "id": item_id,
+            "pk": self.partition(key),
+            "type": kind,
+            "key": key,
+            "schema_version": SCHEMA_VERSION,
+        }
+        if ttl is not None:
+            doc["ttl"] = ttl
+        return doc
+
+    async def _read(self, pk: str, item_id: str) -> JSON | None:
+        try:
+            return dict(await self.container.read_item(item_id, partition_key=pk))
+        except exceptions.CosmosResourceNotFoundError:
+            return None
+
+    async def _read_conversation(self, pk: str) -> JSON | None:
+        return await self._read(pk, CONVERSATION_ID)
+
+    async def _query(self, query: str, pk: str | None = None, **params: Any) -> list[Any]:
+        """Run a parameterised query; with ``pk`` in that partition (the query must filter on ``@pk``)."""
+        if pk is not None:
+            params["pk"] = pk
+        parameters: list[dict[str, Any]] = [{"name": f"@{n}", "value": v} for n, v in params.items()]
+        if pk is not None:
+            pager = self.container.query_items(query, parameters=parameters, partition_key=pk)
+        else:  # cross-partition
+            pager = self.container.query_items(query, parameters=parameters)
+        return [item async for item in pager]
+
+    @staticmethod
+    async def _map(fn: Callable[[A], Awaitable[T]], args: Iterable[A]) -> list[T]:
+        """``[await fn(a) for a in args]``, concurrently but at most :data:`_FANOUT` at a time."""
+        gate = asyncio.Semaphore(_FANOUT)
+
+        async def one(arg: A) -> T:
+            async with gate:
+                return await fn(arg)
+
+        return list(await asyncio.gather(*(one(a) for a in args)))
+
+    # --- references ---
+    async def save_reference(self, key: str, reference: JSON) -> None:
+        doc = self._base(key, REFERENCE_ID, "reference", self._ttl)
+        doc["reference"] = reference
+        await self.container.upsert_item(doc)
+
+    async def get_reference(self, key: str) -> JSON | None:
+        doc = await self._read(self.partition(key), REFERENCE_ID)
+        return doc["reference"] if doc else None
+
+    # --- inbox ---
+    def _event_doc(self, key: str, event: InboxEvent) -> JSON:
+        doc = self._base(key, cosmos_id(EVENT_PREFIX, event.id), "event", self._ttl)
+        doc.update(
+            event_id=event.id,
+            kind=event.kind,
+            payload=event.payload,
+            created_at=event.created_at,
+            arrival=_arrival_clock.next(),
+            processed=False,
+        )
+        return doc
+
+    @staticmethod
+    def _event_from_doc(doc: JSON) -> InboxEvent:
+        return InboxEvent(id=doc["event_id"], kind=doc["kind"], payload=doc["payload"], created_at=doc["created_at"])
+
+    async def append_event(self, key: str, event: InboxEvent) -> bool:
+        doc = self._event_doc(key, event)  # stamps arrival now, in call order
+        try:
+            await self.container.create_item(doc)
+        except exceptions.CosmosResourceExistsError:
+            return False
+        return True
+
+    async def has_event(self, key: str, event_id: str) -> bool:
+        return await self.get_event(key, event_id) is not None
+
+    async def get_event(self, key: str, event_id: str) -> InboxEvent | None:
+        doc = await self._read(self.partition(key), cosmos_id(EVENT_PREFIX, event_id))
+        return self._event_from_doc(doc) if doc else None
+
+    async def pending_events(self, key: str) -> list[InboxEvent]:
+        pk = self.partition(key)
+        # The conversation item first: see "Keeping processed bounded" in the module docstring.
+        conversation = await self._read(pk, CONVERSATION_ID)
+        done = set(conversation.get("processed", ())) if conversation else set()
+        docs = await self._query("SELECT * FROM c WHERE c.pk = @pk AND c.type = 'event' AND c.processed = false", pk=pk)
+        docs = [d for d in docs if d["event_id"] not in done]
+        docs.sort(key=lambda d: (d["arrival"], d["event_id"]))
+        return [self._event_from_doc(d) for d in docs]
+
+    async def _event_flags(self, pk: str, event_ids: Iterable[str]) -> dict[str, bool]:
+        """event id -> its ``processed`` flag, for the ids whose event item exists."""
+        wanted = sorted(set(event_ids))
+        if not wanted:
+            return {}
+        rows = await self._query(
+            "SELECT c.event_id, c.processed FROM c "
+            "WHERE c.pk = @pk AND c.type = 'event' AND ARRAY_CONTAINS(@ids, c.event_id)",
+            pk=pk,
+            ids=wanted,
+        )
+        return {r["event_id"]: bool(r.get("processed")) for r in rows}
+
+    async def _flag_processed(self, pk: str, event_ids: Iterable[str]) -> None:
+        """Best effort: the conversation item's list stays authoritative until this lands."""
+
+        async def flag(event_id: str) -> None:
+            try:
+                await self.container.patch_item(
+                    cosmos_id(EVENT_PREFIX, event_id),
+                    partition_key=pk,
+                    patch_operations=[{"op": "set", "path": "/processed", "value": True}],
+                )
+            except exceptions.CosmosResourceNotFoundError:
+                pass  # expired or deleted: nothing left to flag
+            except AzureError as error:
+                log.warning("could not flag event %r processed (the next commit retries): %s", event_id, error)
+
+        await self._map(flag, event_ids)
+
+    # --- the conversation record ---
+    @staticmethod
+    def _record_from_doc(key: str, doc: JSON) -> ConversationRecord:
+        return ConversationRecord(
+            key=key,
+            etag=doc["_etag"],
+            agent_state=doc.get("agent_state"),
+            outbox=tuple(OutboxMessage(m["id"], m["activity"]) for m in doc.get("outbox", ())),
+            turns=doc.get("turns", 0),
+            schema_version=doc.get("schema_version", SCHEMA_VERSION),
+        )
+
+    async def load(self, key: str) -> ConversationRecord:
+        doc = await self._read(self.partition(key), CONVERSATION_ID)
+        return self._record_from_doc(key, doc) if doc else ConversationRecord(key=key)
+
+    async def commit(
+        self,
+        record: ConversationRecord,
+        *,
+        processed: Sequence[str] = (),
+        new_jobs: Sequence[JobRecord] = (),
+    ) -> ConversationRecord:
+        key, pk = record.key, self.partition(record.key)
+        stored = await self._read(pk, CONVERSATION_ID)
+        if (stored["_etag"] if stored else None) != record.etag:
+            raise ConcurrencyError(key)
+        old_processed: list[str] = list(stored.get("processed", ())) if stored else []
+        old_intents: list[JSON] = list(stored.get("job_intents", ())) if stored else []
+
+        # Prune the processed list (flag durable -> id may leave) and add this commit's ids.
+        flags = await self._event_flags(pk, [*old_processed, *processed])
+        still_unflagged = [i for i in old_processed if flags.get(i) is False]
+        added = [i for i in dict.fromkeys(processed) if flags.get(i) is False and i not in still_unflagged]
+        processed_list = still_unflagged + added
+
+        # Intents already committed may be materialised now; keep those that could not be.
+        materialised = await self._map(self._materialise, old_intents)
+        intents = [j for j, done in zip(old_intents, materialised, strict=True) if not done]
+        known = {j["id"] for j in intents}
+        for job in new_jobs:
+            if job.id not in known:
+                known.add(job.id)
+                intents.append(job.to_json())
+
+        doc = self._base(key, CONVERSATION_ID, "conversation", self._ttl)
+        doc.update(
+            agent_state=record.agent_state,
+            outbox=[{"id": m.id, "activity": m.activity} for m in record.outbox],
+            has_outbox=bool(record.outbox),
+            turns=record.turns,
+            processed=processed_list,
+            job_intents=intents,
+            updated_at=time.time(),
+        )
+        try:
+            if record.etag is None:
+                written = await self.container.create_item(doc)
+            else:
+                written = await self.container.replace_item(
+                    CONVERSATION_ID, doc, etag=record.etag, match_condition=MatchConditions.IfNotModified
+                )
+        except (
+            exceptions.CosmosAccessConditionFailedError,  # 412: etag moved
+            exceptions.CosmosResourceExistsError,  # 409: created by someone else
+            exceptions.CosmosResourceNotFoundError,  # 404: deleted (expired) meanwhile
+        ):
+            raise ConcurrencyError(key) from None
+        except exceptions.CosmosHttpResponseError as error:
+            if _is_status(error, 413):
+                raise StoreError(f"conversation {key!r} exceeds the Cosmos DB item size limit (2 MB)") from error
+            raise
+
+        # After the commit: the hints, best effort (the next commit or job read repeats them).
+        try:
+            await self._flag_processed(pk, processed_list)
+            await self._map(self._materialise, intents)
+        except AzureError as error:  # the commit stands; only the hints are late
+            log.warning("after committing %r: %s (the next commit or job read repeats it)", key, error)
+        return record.evolve(etag=written["_etag"])
+
+    async def conversations_with_work(self) -> list[str]:
+        # Events before conversation items: a race can only add a key with no work left (harmless).
+        rows = await self._query("SELECT c.pk, c.key, c.event_id FROM c WHERE c.type = 'event' AND c.processed = false")
+        candidates: dict[str, tuple[str, set[str]]] = {}
+        for row in rows:
+            candidates.setdefault(row["pk"], (row["key"], set()))[1].add(row["event_id"])
+        conversations = await self._map(self._read_conversation, candidates)
+        keys: set[str] = set()
+        for (key, ids), conversation in zip(candidates.values(), conversations, strict=True):
+            if ids - set(conversation.get("processed", ()) if conversation else ()):
+                keys.add(key)
+        outbox = await self._query("SELECT VALUE c.key FROM c WHERE c.type = 'conversation' AND c.has_outbox = true")
+        keys.update(outbox)
+        return sorted(keys)
+
+    # --- jobs ---
+    def _job_doc(self, job: JobRecord) -> JSON:
+        doc = self._base(
+            job.conversation_key, cosmos_id(JOB_PREFIX, job.id), "job", self._ttl if job.finished else None
+        )
+        doc.update(job_id=job.id, status=job.status, created_at=job.created_at, job=job.to_json())
+        return doc
+
+    async def _materialise(self, job_json: JSON) -> bool:
+        """Create the job item of an intent unless it exists; True once it does."""
+        try:
+            await self.container.create_item(self._job_doc(JobRecord.from_json(job_json)))
+        except exceptions.CosmosResourceExistsError:
+            return True
+        except AzureError as error:
+            log.warning("could not materialise job %r (retried later): %s", job_json.get("id"), error)
+            return False
+        return True
+
+    async def _intents(self, pk: str) -> list[JSON]:
+        conversation = await self._read(pk, CONVERSATION_ID)
+        return list(conversation.get("job_intents", ())) if conversation else []
+
+    async def get_job(self, key: str, job_id: str) -> JobRecord:
+        pk = self.partition(key)
+        item_id = cosmos_id(JOB_PREFIX, job_id)
+        doc = await self._read(pk, item_id)
+        if doc is None:
+            intent = next((j for j in await self._intents(pk) if j["id"] == job_id), None)
+            if intent is None:
+                raise JobNotFoundError(key, job_id)
+            if not await self._materialise(intent):
+                return JobRecord.from_json(intent)
+            doc = await self._read(pk, item_id)
+            if doc is None:  # materialised, then deleted or expired in between
+                raise JobNotFoundError(key, job_id)
+        return JobRecord.from_json(doc["job"])
+
+    async def put_job(self, job: JobRecord) -> None:
+        await self.container.upsert_item(self._job_doc(job))
+
+    async def list_jobs(self, key: str) -> list[JobRecord]:
+        pk = self.partition(key)
+        intents = await self._intents(pk)
+        materialised = await self._map(self._materialise, intents)
+        docs = await self._query("SELECT VALUE c.job FROM c WHERE c.pk = @pk AND c.type = 'job'", pk=pk)
+        seen = {d["id"] for d in docs}
+        docs += [j for j, done in zip(intents, materialised, strict=True) if not done and j["id"] not in seen]
+        return sorted((JobRecord.from_json(d) for d in docs), key=lambda j: (j.created_at, j.id))
+
+    async def unfinished_jobs(self) -> list[JobRecord]:
+        rows = await self._query(
+            "SELECT c.job_intents FROM c WHERE c.type = 'conversation' AND ARRAY_LENGTH(c.job_intents) > 0"
+        )
+        intents = [j for row in rows for j in row["job_intents"]]
+        materialised = await self._map(self._materialise, intents)
+        docs = await self._query(
+            "SELECT VALUE c.job FROM c WHERE c.type = 'job' AND ARRAY_CONTAINS(@statuses, c.status)",
+            statuses=list(_UNFINISHED),
+        )
+        seen = {(d["conversation_key"], d["id"]) for d in docs}
+        docs += [
+            j
+            for j, done in zip(intents, materialised, strict=True)
+            if not done and j.get("status") in _UNFINISHED and (j["conversation_key"], j["id"]) not in seen
+        ]
+        return sorted((JobRecord.from_json(d) for d in docs), key=lambda j: (j.created_at, j.conversation_key, j.id))
+
+    # --- small key/value items ---
+    @staticmethod
+    def _item_pk(key: str) -> str:
+        return cosmos_id(ITEM_PK_PREFIX, key)
+
+    async def read_items(self, keys: Iterable[str]) -> dict[str, JSON]:
+        wanted = list(dict.fromkeys(keys))
+        docs = await self._map(lambda k: self._read(self._item_pk(k), ITEM_ID), wanted)
+        return {k: d["value"] for k, d in zip(wanted, docs, strict=True) if d is not None}
+
+    async def write_items(self, items: Mapping[str, JSON]) -> None:
+        def doc(key: str, value: JSON) -> JSON:
+            body: JSON = {
+                "id": ITEM_ID,
+                "pk": self._item_pk(key),
+                "type": "item",
+                "key": key,
+                "schema_version": SCHEMA_VERSION,
+                "value": value,
+            }
+            if self._item_ttl is not None:
+                body["ttl"] = self._item_ttl
+            return body
+
+        await self._map(lambda kv: self.container.upsert_item(doc(*kv)), items.items())
+
+    async def delete_items(self, keys: Iterable[str]) -> None:
+        async def delete(key: str) -> None:
+            with contextlib.suppress(exceptions.CosmosResourceNotFoundError):
+                await self.container.delete_item(ITEM_ID, partition_key=self._item_pk(key))
+
+        await self._map(delete, dict.fromkeys(keys))

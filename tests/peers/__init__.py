@@ -1,0 +1,1 @@
+"""Peer servers the tests start on loopback (Cosmos DB wire server, ...)."""

@@ -1,0 +1,60 @@
+#!/usr/bin/env node
+// Starts the Cosmos DB wire-protocol server (npm @vercel/cosmosdb-server) on 127.0.0.1 for tests.
+//
+// Usage: node tests/peers/cosmos_server.js [PORT]    (or env COSMOS_SERVER_PORT; 0 = any free port)
+// The package is looked up in $COSMOS_SERVER_NODE_MODULES, else in the repo root's node_modules.
+// Prints one line "cosmosdb-server ready https://127.0.0.1:PORT" once it accepts connections,
+// then serves until killed (SIGTERM/SIGINT exit cleanly).
+//
+// Why a launcher instead of the package's own CLI: its point-read handler
+// (lib/handler/read-document) dereferences the stored document before checking that it exists,
+// so reading a missing item answers 500 instead of 404. The route table copies the handler when
+// lib/routes is first loaded, so the fix has to be installed before the server module is required.
+"use strict";
+
+const path = require("path");
+
+const modulesDir = process.env.COSMOS_SERVER_NODE_MODULES || path.join(__dirname, "..", "..", "node_modules");
+const pkgDir = path.join(modulesDir, "@vercel", "cosmosdb-server");
+const lib = (name) => require(path.join(pkgDir, "lib", name));
+
+const readDocument = lib("handler/read-document");
+const partitionFromHeader = lib("utils/get-partition-from-header");
+const originalReadDocument = readDocument.default;
+
+readDocument.default = (account, req, res, params) => {
+  const { dbId, collId, docId } = params;
+  const collection = account.database(dbId).collection(collId);
+  if (collection.read()) {
+    let partition;
+    try {
+      partition = partitionFromHeader.parsePartitionKey(partitionFromHeader.default(req), docId);
+    } catch (err) {
+      partition = undefined; // malformed header: let the original handler answer it
+    }
+    if (partition !== undefined && !collection.document(docId, partition).read()) {
+      res.statusCode = 404;
+      return { code: "NotFound", message: "Entity with the specified id does not exist in the system." };
+    }
+  }
+  return originalReadDocument(account, req, res, params);
+};
+
+const { createHttpsServer } = lib("index");
+
+const port = parseInt(process.argv[2] || process.env.COSMOS_SERVER_PORT || "0", 10);
+const server = createHttpsServer().listen(port, "127.0.0.1", () => {
+  const address = server.address();
+  console.log(`cosmosdb-server ready https://127.0.0.1:${address.port}`);
+});
+server.on("error", (err) => {
+  console.error(`cosmosdb-server failed: ${err.message}`);
+  process.exit(1);
+});
+
+const stop = () => {
+  server.close(() => process.exit(0));
+  setTimeout(() => process.exit(0), 1000).unref(); // do not wait for lingering sockets
+};
+process.on("SIGTERM", stop);
+process.on("SIGINT", stop);
