@@ -49,6 +49,17 @@ SERVICES = web.AppKey("services", Services)
 
 
 def build_store(settings: Settings) -> ConversationStore:
+    if settings.cosmos_endpoint:
+        from storage.cosmos import CosmosStore
+
+        return CosmosStore(
+            settings.cosmos_endpoint,
+            settings.cosmos_key or None,  # no key: Entra ID through DefaultAzureCredential
+            settings.cosmos_database,
+            settings.cosmos_container,
+            conversation_ttl_days=settings.conversation_ttl_days,
+            item_ttl_days=settings.conversation_ttl_days,
+        )
     return SqliteStore(settings.sqlite_path)
 
 

@@ -76,6 +76,7 @@ class Settings:
     azure_openai_api_key: str = ""
     activate_line_seconds: float = 20.0
     context_messages: int = 40
+    conversation_ttl_days: int = 30
     log_level: str = "INFO"
 
     @property
@@ -126,5 +127,6 @@ class Settings:
             azure_openai_api_key=e.get("AZURE_OPENAI_API_KEY", ""),
             activate_line_seconds=_float(e, "ACTIVATE_LINE_SECONDS", 20.0),
             context_messages=_int(e, "AGENT_CONTEXT_MESSAGES", 40),
+            conversation_ttl_days=_int(e, "CONVERSATION_TTL_DAYS", 30),
             log_level=(e.get("LOG_LEVEL", "") or "INFO").upper(),
         )

@@ -14,9 +14,9 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 
@@ -36,7 +36,7 @@ async def run_scheduled_job(conversation_key: str, job_id: str) -> None:
     await _runner.run(conversation_key, job_id)
 
 
-class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):
+class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
     """Submits coroutine jobs to the loop even when called from the job-store polling thread."""
 
     def _do_submit_job(self, job: Any, run_times: Any) -> None:
@@ -51,7 +51,7 @@ class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):
             loop.call_soon_threadsafe(super()._do_submit_job, job, run_times)
 
 
-class _OffLoopAsyncIOScheduler(AsyncIOScheduler):
+class _OffLoopAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
     """AsyncIOScheduler whose job-store work runs on a worker thread.
 
     APScheduler 3's SQLAlchemy job store is synchronous and AsyncIOScheduler polls it on the

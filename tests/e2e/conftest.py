@@ -1,17 +1,28 @@
-"""End-to-end fixtures: the real app process, talking to a recording Bot Connector."""
+"""End-to-end fixtures: the real app process, talking to a recording Bot Connector.
+
+Every e2e test that uses ``backend_env`` runs twice: on the embedded SQLite store and on
+Cosmos DB (the wire-protocol server from tests/peers, one fresh container per test).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Generator, Iterator
+import uuid
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from storage.abc import ConversationStore
+from storage.sqlite import SqliteStore
+from tests.peers import cosmos as cosmos_peer
 from tests.support.activities import new_conversation_id
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -30,17 +41,41 @@ def conn(connector: RecordingConnector) -> Iterator[RecordingConnector]:
     connector.set_delay(0)
 
 
+@pytest.fixture(scope="session")
+def cosmos_endpoint() -> Iterator[str]:
+    if reason := cosmos_peer.unavailable_reason():
+        pytest.skip(reason)
+    with cosmos_peer.cosmos_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(params=["sqlite", "cosmos"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_env(backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
+    if backend == "sqlite":
+        return {}
+    endpoint = request.getfixturevalue("cosmos_endpoint")
+    return {"COSMOS_ENDPOINT": endpoint, "COSMOS_KEY": cosmos_peer.EMULATOR_KEY,
+            "COSMOS_DATABASE": "e2e", "COSMOS_CONTAINER": f"c-{uuid.uuid4().hex[:12]}"}
+
+
 @pytest.fixture
 def bot_env() -> dict[str, str]:
     return {"ACTIVATE_LINE_SECONDS": "2"}
 
 
 @pytest.fixture
-def bot(tmp_path: Path, bot_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[BotProcess]:
-    process = BotProcess(tmp_path, env=bot_env)
+def bot(tmp_path: Path, backend_env: dict[str, str], bot_env: dict[str, str],
+        request: pytest.FixtureRequest) -> Iterator[BotProcess]:
+    process = BotProcess(tmp_path, env={**backend_env, **bot_env})
     process.start()
     yield process
-    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
         print(process.log_tail(200))
     process.kill()
 
@@ -58,10 +93,62 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def stored_rows(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
-    """Read the bot's SQLite store directly (what survives on disk is what counts)."""
-    db = sqlite3.connect(data_dir / "conversations.sqlite3")
-    try:
-        return db.execute(sql).fetchall()
-    finally:
-        db.close()
+class StoreProbe:
+    """Reads what the bot stored, through the same store class the bot used (what is on disk
+    or in the container is what counts, not what the process claims)."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.env = env
+
+    def _store(self) -> ConversationStore:
+        if "COSMOS_ENDPOINT" in self.env:
+            from storage.cosmos import CosmosStore
+
+            return CosmosStore(self.env["COSMOS_ENDPOINT"], self.env["COSMOS_KEY"], self.env["COSMOS_DATABASE"],
+                               self.env["COSMOS_CONTAINER"])
+        return SqliteStore(self.data_dir / "conversations.sqlite3")
+
+    def run(self, action: Callable[[ConversationStore], Awaitable[T]]) -> T:
+        async def main() -> T:
+            store = self._store()
+            await store.open()
+            try:
+                return await action(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
+    def agent_messages(self, key: str) -> list[dict[str, Any]]:
+        async def read(store: ConversationStore) -> Any:
+            return (await store.load(key)).agent_state
+
+        state = self.run(read)
+        return list(state["agent_states"]["assistant"]["agent_state"]["llm_context"]["messages"])
+
+    def jobs(self, key: str) -> list[dict[str, Any]]:
+        async def read(store: ConversationStore) -> list[dict[str, Any]]:
+            return [j.to_json() for j in await store.list_jobs(key)]
+
+        return self.run(read)
+
+    def stored_item_count(self) -> int:
+        """Everything an ingest could have written (events, references, conversations)."""
+        if "COSMOS_ENDPOINT" in self.env:
+            async def count(store: ConversationStore) -> int:
+                container: Any = store._container  # type: ignore[attr-defined]
+                return sum([n async for n in container.query_items("SELECT VALUE COUNT(1) FROM c")])
+
+            return self.run(count)
+        db = sqlite3.connect(self.data_dir / "conversations.sqlite3")
+        try:
+            return sum(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                       for t in ("events", "conversation_references", "conversations"))
+        finally:
+            db.close()
+
+
+@pytest.fixture
+def stored(tmp_path: Path, backend_env: dict[str, str]) -> StoreProbe:
+    return StoreProbe(tmp_path, backend_env)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import stored_rows
+from tests.e2e.conftest import StoreProbe
 from tests.support.activities import conversation_update, message, teams_channel_mention
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
@@ -137,13 +136,12 @@ def test_unknown_slash_command_gets_a_helpful_answer(bot: BotProcess, conn: Reco
         (b'{"text": "' + b"x" * 300_000 + b'"}', "application/json", 413, "limit"),
     ],
 )
-def test_bad_input_gets_a_clear_4xx_and_stores_nothing(bot: BotProcess, tmp_path: Path, body: bytes,
+def test_bad_input_gets_a_clear_4xx_and_stores_nothing(bot: BotProcess, stored: StoreProbe, body: bytes,
                                                       content_type: str, status: int, phrase: str) -> None:
     got, text = bot.post_activity({}, raw_body=body, content_type=content_type)
     assert got == status, text
     assert phrase in text
-    assert stored_rows(tmp_path, "SELECT count(*) FROM events") == [(0,)]
-    assert stored_rows(tmp_path, "SELECT count(*) FROM conversation_references") == [(0,)]
+    assert stored.stored_item_count() == 0
 
 
 def test_health(bot: BotProcess) -> None:

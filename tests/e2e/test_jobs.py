@@ -6,11 +6,10 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import stored_rows
+from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
@@ -26,22 +25,12 @@ def job_id_in(text: str) -> str:
     return match.group(1)
 
 
-def agent_messages(data_dir: Path, conv: str) -> list[dict[str, Any]]:
-    [(doc,)] = stored_rows(data_dir, f"SELECT doc FROM conversations WHERE key = 'emulator:{conv}'")
-    state = json.loads(str(doc))["agent_state"]
-    return list(state["agent_states"]["assistant"]["agent_state"]["llm_context"]["messages"])
-
-
-def jobs_in_store(data_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(str(doc)) for (doc,) in stored_rows(data_dir, "SELECT doc FROM jobs ORDER BY created_at")]
-
-
 def completions(conn: RecordingConnector, conv: str) -> list[str]:
     return [t for t in conn.texts(conv) if "is active" in t]
 
 
 def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, conn: RecordingConnector, conv: str,
-                                                             tmp_path: Path) -> None:
+                                                             stored: StoreProbe) -> None:
     started = time.monotonic()
     say(bot, conn, conv, "activate line 555-0100")
     [ack] = conn.wait_for_messages(1, conv, timeout=5)
@@ -53,7 +42,7 @@ def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, co
     assert time.monotonic() - started >= 2.0  # ACTIVATE_LINE_SECONDS
     assert done["text"] == f"✅ Line 555-0100 is active (job `{job_id}`)."
 
-    messages = agent_messages(tmp_path, conv)
+    messages = stored.agent_messages(f"emulator:{conv}")
     [call] = [c for m in messages if m["type"] == "AssistantMessage" and isinstance(m["content"], list)
               for c in m["content"]]
     assert call["name"] == "activate_new_line" and json.loads(call["arguments"]) == {"phone_number": "555-0100"}
@@ -61,7 +50,7 @@ def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, co
     result = json.loads(outcome["content"].split("\n", 1)[1])
     assert result["call_id"] == call["id"] and result["status"] == "succeeded"
     assert json.loads(result["content"])["status"] == "active"
-    [job] = jobs_in_store(tmp_path)
+    [job] = stored.jobs(f"emulator:{conv}")
     assert (job["status"], job["attempt"], job["call_id"], job["progress"]) == ("succeeded", 1, call["id"], 1.0)
 
 
@@ -72,8 +61,9 @@ def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, co
     "turn_committed:2",  # the completion turn is committed, the message not yet sent
 ])
 def test_sigkill_around_a_job_announces_it_exactly_once(tmp_path: Path, conn: RecordingConnector, conv: str,
-                                                        crash_at: str) -> None:
-    bot = BotProcess(tmp_path, env={"ACTIVATE_LINE_SECONDS": "2", "CRASH_AT": crash_at}).start()
+                                                        crash_at: str, backend_env: dict[str, str],
+                                                        stored: StoreProbe) -> None:
+    bot = BotProcess(tmp_path, env={**backend_env, "ACTIVATE_LINE_SECONDS": "2", "CRASH_AT": crash_at}).start()
     try:
         say(bot, conn, conv, "activate line 555-0199")
         deadline = time.monotonic() + 15
@@ -88,15 +78,15 @@ def test_sigkill_around_a_job_announces_it_exactly_once(tmp_path: Path, conn: Re
         assert len(completions(conn, conv)) == 1, conn.texts(conv)
         acks = [t for t in conn.texts(conv) if "started activating" in t]
         assert len(acks) == 1, conn.texts(conv)
-        [job] = jobs_in_store(tmp_path)
+        [job] = stored.jobs(f"emulator:{conv}")
         assert job["status"] == "succeeded"
     finally:
         bot.kill()
 
 
 def test_sigkill_between_send_and_mark_repeats_at_most_one_message(tmp_path: Path, conn: RecordingConnector,
-                                                                   conv: str) -> None:
-    bot = BotProcess(tmp_path, env={"ACTIVATE_LINE_SECONDS": "1", "CRASH_AT": "message_sent:2"}).start()
+                                                                   conv: str, backend_env: dict[str, str]) -> None:
+    bot = BotProcess(tmp_path, env={**backend_env, "ACTIVATE_LINE_SECONDS": "1", "CRASH_AT": "message_sent:2"}).start()
     try:
         say(bot, conn, conv, "activate line 555-0142")
         deadline = time.monotonic() + 15
@@ -113,7 +103,7 @@ def test_sigkill_between_send_and_mark_repeats_at_most_one_message(tmp_path: Pat
 
 
 @pytest.mark.parametrize("count", [2, 10])
-def test_parallel_jobs_are_each_reported(bot: BotProcess, conn: RecordingConnector, conv: str, tmp_path: Path,
+def test_parallel_jobs_are_each_reported(bot: BotProcess, conn: RecordingConnector, conv: str, stored: StoreProbe,
                                          count: int) -> None:
     numbers = [f"555-{100 + n:04d}" for n in range(count)]
     for number in numbers:
@@ -125,14 +115,14 @@ def test_parallel_jobs_are_each_reported(bot: BotProcess, conn: RecordingConnect
     time.sleep(0.5)
     done = completions(conn, conv)
     assert sorted(re.search(r"Line (\S+) is active", t).group(1) for t in done) == numbers  # type: ignore[union-attr]
-    results = [m for m in agent_messages(tmp_path, conv) if m.get("source") == "background_job"]
+    results = [m for m in stored.agent_messages(f"emulator:{conv}") if m.get("source") == "background_job"]
     assert len({json.loads(m["content"].split("\n", 1)[1])["job_id"] for m in results}) == min(count, len(results))
-    assert all(j["status"] == "succeeded" for j in jobs_in_store(tmp_path))
+    assert all(j["status"] == "succeeded" for j in stored.jobs(f"emulator:{conv}"))
 
 
 @pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "8"}])
 def test_cancel_a_running_job_and_ask_about_jobs(bot: BotProcess, conn: RecordingConnector, conv: str,
-                                                 tmp_path: Path) -> None:
+                                                 stored: StoreProbe) -> None:
     say(bot, conn, conv, "activate line 555-0100")
     job_id = job_id_in(conn.wait_for_messages(1, conv)[0]["text"])
     time.sleep(1)
@@ -147,12 +137,12 @@ def test_cancel_a_running_job_and_ask_about_jobs(bot: BotProcess, conn: Recordin
     conn.wait_for(lambda c: any(t.startswith("Jobs in this conversation") and "**cancelled**" in t
                                 for t in c.texts(conv)), timeout=10)
     assert completions(conn, conv) == []
-    [job] = jobs_in_store(tmp_path)
+    [job] = stored.jobs(f"emulator:{conv}")
     assert job["status"] == "cancelled"
 
 
 def test_bad_job_requests_get_clear_answers(bot: BotProcess, conn: RecordingConnector, conv: str,
-                                            tmp_path: Path) -> None:
+                                            stored: StoreProbe) -> None:
     say(bot, conn, conv, "activate line banana")
     assert "'banana' is not a phone number" in conn.wait_for_messages(1, conv)[0]["text"]
     say(bot, conn, conv, "status 0123456789ab")
@@ -161,22 +151,22 @@ def test_bad_job_requests_get_clear_answers(bot: BotProcess, conn: RecordingConn
     assert "no job `nosuchjob`" in conn.wait_for_messages(3, conv)[2]["text"]
     say(bot, conn, conv, "activate line 555-0100")
     conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=15)
-    job_id = jobs_in_store(tmp_path)[0]["id"]
+    job_id = stored.jobs(f"emulator:{conv}")[0]["id"]
     say(bot, conn, conv, f"cancel {job_id}")
     conn.wait_for(lambda c: any("already finished (succeeded)" in t for t in c.texts(conv)), timeout=10)
-    assert len(jobs_in_store(tmp_path)) == 1
+    assert len(stored.jobs(f"emulator:{conv}")) == 1
 
 
 @pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "3"}])
 def test_sigterm_mid_job_hands_it_back_and_the_restart_finishes_it(bot: BotProcess, conn: RecordingConnector,
-                                                                    conv: str, tmp_path: Path) -> None:
+                                                                    conv: str, stored: StoreProbe) -> None:
     say(bot, conn, conv, "activate line 555-0111")
     conn.wait_for_messages(1, conv)
     time.sleep(1)
     assert bot.terminate() == 0, bot.log_tail()
-    [job] = jobs_in_store(tmp_path)
+    [job] = stored.jobs(f"emulator:{conv}")
     assert (job["status"], job["attempt"]) == ("queued", 0)
     bot.start()
     conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=15)
-    [job] = jobs_in_store(tmp_path)
+    [job] = stored.jobs(f"emulator:{conv}")
     assert (job["status"], job["attempt"]) == ("succeeded", 1)
