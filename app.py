@@ -17,12 +17,14 @@ from botbuilder.core import ConversationState
 
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
-from agent.processor import ConversationProcessor, text_activity
+from agent.processor import ConversationProcessor
 from agent.runner import AgentTurnRunner
 from agent.tools import turn_tools
+from bot.cards import job_card_activity, welcome_activity
 from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot
+from bot.job_cards import JobCardUpdater
 from bot.sender import ProactiveSender
 from config import ConfigError, Settings
 from dialogs.commands import CommandDialogs
@@ -43,6 +45,7 @@ class Services:
     processor: ConversationProcessor
     job_runner: JobRunner
     scheduler: JobScheduler
+    card_updater: JobCardUpdater
 
 
 SERVICES = web.AppKey("services", Services)
@@ -73,13 +76,6 @@ def help_text(settings: Settings, offline: bool) -> str:
     )
 
 
-WELCOME = (
-    "👋 Hi! I'm a durable AI agent: I remember this conversation even if I restart, and long tasks "
-    "(try `activate line 555-0100`) run in the background; I'll message you here when they finish. "
-    "Say `help` to see what I can do."
-)
-
-
 def create_app(settings: Settings) -> web.Application:
     store = build_store(settings)
     model_client = create_model_client(settings)
@@ -93,7 +89,8 @@ def create_app(settings: Settings) -> web.Application:
     def wake(key: str) -> None:
         processor_ref[0].wake(key)
 
-    job_runner = JobRunner(store, registry, wake)
+    card_updater = JobCardUpdater(store, sender)
+    job_runner = JobRunner(store, registry, wake, progress_listener=card_updater.job_changed)
     scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
     runner = AgentTurnRunner(
         model_client,
@@ -101,19 +98,21 @@ def create_app(settings: Settings) -> web.Application:
         context_messages=settings.context_messages,
     )
     processor = ConversationProcessor(
-        store, runner, sender, welcome=lambda: text_activity(WELCOME), schedule_job=scheduler.schedule
+        store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,
+        job_card=job_card_activity, on_card_sent=card_updater.card_posted,
     )
     processor_ref.append(processor)
 
     conversation_state = ConversationState(ConversationStoreStorage(store))
     bot_ref: list[TeamsBot] = []
     commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
-                              on_reset=lambda tc: bot_ref[0].request_reset(tc))
-    bot = TeamsBot(store, wake, commands)
+                              on_reset=lambda tc: bot_ref[0].request_reset(tc),
+                              list_jobs=store.list_jobs, cancel_job=job_runner.cancel)
+    bot = TeamsBot(store, wake, commands, job_runner.cancel)
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler)
+    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, card_updater)
     app.router.add_post("/api/messages", messages_handler(adapter, bot))
     app.router.add_get("/healthz", healthz)
     app.cleanup_ctx.append(lifecycle)
@@ -140,6 +139,7 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     yield
     await services.processor.close()
     await services.job_runner.shutdown()
+    await services.card_updater.close()
     await services.scheduler.shutdown()
     await services.store.close()
 

@@ -56,6 +56,8 @@ def text_activity(text: str) -> JSON:
 
 
 ScheduleJob = Callable[[JobRecord], Awaitable[None]]
+CardSent = Callable[[str, str, str | None], Awaitable[None]]
+CARD_PREFIX = "card:"
 
 
 class ConversationProcessor:
@@ -67,13 +69,19 @@ class ConversationProcessor:
         *,
         welcome: Callable[[], JSON],
         schedule_job: ScheduleJob | None = None,
+        job_card: Callable[[JobRecord], JSON] | None = None,
+        on_card_sent: CardSent | None = None,
         max_backoff: float = 30.0,
     ) -> None:
+        """``job_card`` renders the live card posted (through the outbox) for each new job;
+        ``on_card_sent(conversation_key, job_id, activity_id)`` records where it landed."""
         self._store = store
         self._runner = runner
         self._sender = sender
         self._welcome = welcome
         self._schedule_job = schedule_job
+        self._job_card = job_card
+        self._on_card_sent = on_card_sent
         self._max_backoff = max_backoff
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -185,6 +193,8 @@ class ConversationProcessor:
             else:
                 log.warning("ignoring inbox event %s of unknown kind %r", event.id, event.kind)
             outbox.extend(OutboxMessage(id=f"{event.id}#{n}", activity=a) for n, a in enumerate(replies))
+        if self._job_card is not None:
+            outbox.extend(OutboxMessage(id=f"{CARD_PREFIX}{job.id}", activity=self._job_card(job)) for job in new_jobs)
         updated = record.evolve(agent_state=state, outbox=tuple(outbox), turns=record.turns + len(events))
         try:
             committed = await self._store.commit(updated, processed=[e.id for e in events], new_jobs=new_jobs)
@@ -231,8 +241,13 @@ class ConversationProcessor:
             return None
         for message in record.outbox:
             try:
-                await self._sender.send(reference, message.activity)
+                activity_id = await self._sender.send(reference, message.activity)
                 crash_point("message_sent")
+                if message.id.startswith(CARD_PREFIX) and self._on_card_sent is not None:
+                    try:
+                        await self._on_card_sent(record.key, message.id.removeprefix(CARD_PREFIX), activity_id)
+                    except Exception:  # the card is out; losing live updates must not resend it
+                        log.exception("could not record the card of job %s", message.id)
             except DeliveryError as exc:
                 if not exc.permanent:
                     wait = exc.retry_after or 5.0

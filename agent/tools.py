@@ -132,13 +132,11 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
     async def cancel_job(job_id: str) -> str:
         """Cancel a background job of this conversation by its id."""
         try:
-            job = await runner.cancel(key, job_id)
+            outcome = await runner.cancel(key, job_id)
         except JobNotFoundError:
             return not_found(job_id)
-        if job.status in ("succeeded", "failed") or (job.status == "cancelled" and not job.cancel_requested):
-            return json.dumps({"status": job.status,
-                               "message": f"Job `{job_id}` already finished ({job.status}); nothing to cancel."})
-        return json.dumps({"status": "cancelling", "message": f"Cancelling job `{job_id}`…"})
+        status = outcome.job.status if outcome.already_finished else "cancelling"
+        return json.dumps({"status": status, "message": outcome.message()})
 
     return [
         FunctionTool(get_job_status, description=get_job_status.__doc__ or "", name="get_job_status"),

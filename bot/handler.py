@@ -13,19 +13,16 @@ from collections.abc import Callable
 
 from botbuilder.core import TurnContext
 from botbuilder.core.teams import TeamsActivityHandler
-from botbuilder.schema import Activity, ChannelAccount
+from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
-from dialogs.commands import CommandDialogs
-from storage.abc import ConversationStore, InboxEvent
+from bot.cards import CARD_CONTENT_TYPE, job_card, parse_cancel
+from bot.keys import conversation_key
+from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
+from storage.abc import ConversationStore, InboxEvent, JobNotFoundError
 
 log = logging.getLogger(__name__)
 
 GROUP_CONVERSATION_TYPES = {"channel", "groupChat"}
-
-
-def conversation_key(activity: Activity) -> str:
-    """Unique across channels: the same conversation id could exist on two channels."""
-    return f"{activity.channel_id}:{activity.conversation.id}"
 
 
 def message_text(activity: Activity) -> str:
@@ -47,10 +44,12 @@ class TeamsBot(TeamsActivityHandler):
         store: ConversationStore,
         wake: Callable[[str], None],
         commands: CommandDialogs,
+        cancel_job: CancelJob,
     ) -> None:
         self._store = store
         self._wake = wake
         self._commands = commands
+        self._cancel_job = cancel_job
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
@@ -65,6 +64,10 @@ class TeamsBot(TeamsActivityHandler):
         if await self._store.has_event(key, event_id):
             log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
             return
+        if (job_id := parse_cancel(activity.value)) is not None:  # Action.Submit fallback of Cancel
+            await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id))
+            await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"cancel": job_id}))
+            return
         text = message_text(activity)
         if await self._commands.handle(turn_context, text):
             # Record handled commands too, so a redelivered one is not answered twice.
@@ -75,6 +78,22 @@ class TeamsBot(TeamsActivityHandler):
         payload = {"text": text, "from": {"id": getattr(sender, "id", None), "name": getattr(sender, "name", None)}}
         if await self._store.append_event(key, InboxEvent(id=event_id, kind="message", payload=payload)):
             self._wake(key)
+
+    async def on_adaptive_card_invoke(self, turn_context: TurnContext,
+                                      invoke_value: AdaptiveCardInvokeValue) -> AdaptiveCardInvokeResponse:
+        """Action.Execute from a card, answered inline with the refreshed card."""
+        action = invoke_value.action
+        job_id = parse_cancel(getattr(action, "data", None)) if getattr(action, "verb", None) else None
+        if job_id is None:
+            return AdaptiveCardInvokeResponse(status_code=400, type="application/vnd.microsoft.error",
+                                              value={"code": "BadRequest", "message": "unknown card action"})
+        key = conversation_key(turn_context.activity)
+        try:
+            job = (await self._cancel_job(key, job_id)).job
+        except JobNotFoundError:
+            return AdaptiveCardInvokeResponse(status_code=200, type="application/vnd.microsoft.activity.message",
+                                              value=f"There is no job `{job_id}` in this conversation.")
+        return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE, value=job_card(job))
 
     async def on_members_added_activity(self, members_added: list[ChannelAccount], turn_context: TurnContext) -> None:
         activity = turn_context.activity

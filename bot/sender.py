@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+from collections import deque
 from typing import Any
 
 import aiohttp
@@ -43,18 +45,42 @@ class ProactiveSender:
     """
 
     def __init__(self, adapter: CloudAdapter, app_id: str, *, attempts: int = 4, base_delay: float = 0.5,
-                 max_delay: float = 30.0) -> None:
+                 max_delay: float = 30.0, per_conversation_per_second: int = 7) -> None:
         self._adapter = adapter
         self._app_id = app_id
         self._attempts = attempts
         self._base_delay = base_delay
         self._max_delay = max_delay
+        self._rate = per_conversation_per_second
+        self._recent: dict[str, deque[float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def send(self, reference: JSON, activity: JSON) -> str | None:
+        return await self._with_retries(reference, activity, None)
+
+    async def update(self, reference: JSON, activity_id: str, activity: JSON) -> None:
+        """Replace a message the bot sent earlier (e.g. a live job card)."""
+        await self._with_retries(reference, activity, activity_id)
+
+    async def _pace(self, reference: JSON) -> None:
+        """Teams allows about 7 messages per second per conversation: wait for a slot."""
+        key = str((reference.get("conversation") or {}).get("id"))
+        recent = self._recent.setdefault(key, deque())
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            while len(recent) >= self._rate and (wait := recent[0] + 1.0 - time.monotonic()) > 0:
+                await asyncio.sleep(wait)
+                while recent and recent[0] <= time.monotonic() - 1.0:
+                    recent.popleft()
+            while len(recent) >= self._rate:
+                recent.popleft()
+            recent.append(time.monotonic())
+
+    async def _with_retries(self, reference: JSON, activity: JSON, update_id: str | None) -> str | None:
         last: DeliveryError | None = None
         for attempt in range(1, self._attempts + 1):
             try:
-                return await self._send_once(reference, activity)
+                await self._pace(reference)
+                return await self._send_once(reference, activity, update_id)
             except DeliveryError as exc:
                 if exc.permanent:
                     raise
@@ -69,9 +95,9 @@ class ProactiveSender:
         raise last
 
     async def typing(self, reference: JSON) -> None:
-        await self._send_once(reference, {"type": ActivityTypes.typing})
+        await self._send_once(reference, {"type": ActivityTypes.typing}, None)
 
-    async def _send_once(self, reference: JSON, activity: JSON) -> str | None:
+    async def _send_once(self, reference: JSON, activity: JSON, update_id: str | None) -> str | None:
         conversation_reference = ConversationReference().deserialize(reference)
         outgoing = Activity().deserialize(activity)
         outcome: dict[str, Any] = {}
@@ -79,7 +105,12 @@ class ProactiveSender:
         async def deliver(turn_context: TurnContext) -> None:
             # Errors are caught here so they reach us, not the adapter's on_turn_error.
             try:
-                response = await turn_context.send_activity(outgoing)
+                if update_id is not None:
+                    outgoing.id = update_id
+                    outgoing.conversation = turn_context.activity.conversation
+                    response = await turn_context.update_activity(outgoing)
+                else:
+                    response = await turn_context.send_activity(outgoing)
                 outcome["id"] = response.id if response else None
             except Exception as exc:
                 outcome["error"] = exc

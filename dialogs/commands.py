@@ -7,9 +7,10 @@ They run inline, inside the HTTP request, on botbuilder-dialogs; dialog state li
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 
-from botbuilder.core import ConversationState, MessageFactory, TurnContext
+from botbuilder.core import CardFactory, ConversationState, MessageFactory, TurnContext
 from botbuilder.dialogs import (
     ComponentDialog,
     DialogSet,
@@ -19,15 +20,35 @@ from botbuilder.dialogs import (
     WaterfallStepContext,
 )
 from botbuilder.dialogs.prompts import ConfirmPrompt, PromptOptions
+from botbuilder.schema import Activity
+
+from bot.cards import jobs_list_card
+from bot.keys import conversation_key
+from jobs.runner import CancelResult
+from storage.abc import JobNotFoundError, JobRecord
 
 log = logging.getLogger(__name__)
 
 COMMANDS = {
     "help": "show what I can do",
+    "jobs": "list this conversation's background jobs",
+    "cancel": "cancel a background job: cancel <job id>",
     "reset": "forget this conversation (asks first)",
 }
 
 OnReset = Callable[[TurnContext], Awaitable[None]]
+CancelJob = Callable[[str, str], Awaitable[CancelResult]]
+ListJobs = Callable[[str], Awaitable[list[JobRecord]]]
+_CANCEL = re.compile(r"^cancel\s+(?:job\s+)?`?(?P<id>[0-9a-f]{12})`?$")
+
+
+async def cancel_reply(cancel_job: CancelJob, key: str, job_id: str) -> Activity:
+    """Cancel a job and say what happened, in words a person expects."""
+    try:
+        outcome = await cancel_job(key, job_id)
+    except JobNotFoundError:
+        return MessageFactory.text(f"There is no job `{job_id}` in this conversation. Say `jobs` to see them.")
+    return MessageFactory.text(outcome.message())
 
 
 def normalise_command(text: str) -> str:
@@ -64,9 +85,12 @@ class ResetDialog(ComponentDialog):
 class CommandDialogs:
     """Routes a message to a command or an active dialog; returns whether it was handled."""
 
-    def __init__(self, conversation_state: ConversationState, help_text: Callable[[], str], on_reset: OnReset) -> None:
+    def __init__(self, conversation_state: ConversationState, help_text: Callable[[], str], on_reset: OnReset,
+                 list_jobs: ListJobs, cancel_job: CancelJob) -> None:
         self._state = conversation_state
         self._help_text = help_text
+        self._list_jobs = list_jobs
+        self._cancel_job = cancel_job
         self._dialogs = DialogSet(conversation_state.create_property("DialogState"))
         self._dialogs.add(ResetDialog(on_reset))
 
@@ -82,6 +106,16 @@ class CommandDialogs:
                 return True
             if command == "reset":
                 await dialog_context.begin_dialog("reset")
+                return True
+            if command in ("jobs", "list jobs"):
+                jobs = await self._list_jobs(conversation_key(turn_context.activity))
+                await turn_context.send_activity(Activity(
+                    type="message", summary=f"{len(jobs)} background job(s)",
+                    attachments=[CardFactory.adaptive_card(jobs_list_card(jobs))]))
+                return True
+            if match := _CANCEL.match(command):
+                key = conversation_key(turn_context.activity)
+                await turn_context.send_activity(await cancel_reply(self._cancel_job, key, match.group("id")))
                 return True
             if text.strip().startswith("/"):
                 known = ", ".join(f"`{name}`" for name in COMMANDS)

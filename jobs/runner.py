@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError
@@ -53,6 +54,21 @@ def finished_event(job: JobRecord) -> InboxEvent:
         arguments=job.arguments,
     )
     return InboxEvent(id=f"job:{job.id}", kind="job_finished", payload=result.__dict__)
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    job: JobRecord
+    already_finished: bool  # it had succeeded, failed or been cancelled before this request
+
+    def message(self) -> str:
+        """What to tell the person who asked."""
+        job = self.job
+        if not self.already_finished:
+            return f"Cancelling job `{job.id}`…"
+        if job.status == "cancelled":
+            return f"Job `{job.id}` was already cancelled."
+        return f"Job `{job.id}` already finished ({job.status}); nothing to cancel."
 
 
 def job_from_finished_event(job: JobRecord, event: InboxEvent) -> JobRecord:
@@ -127,9 +143,7 @@ class JobRunner:
 
         async def on_progress(fraction: float | None, text: str | None) -> bool:
             nonlocal current
-            stored = await self._store.get_job(conversation_key, job_id)
-            current = current.evolve(progress=fraction, progress_text=text, cancel_requested=stored.cancel_requested)
-            await self._store.put_job(current)
+            current = await self._save(current.evolve(progress=fraction, progress_text=text))
             crash_point("job_progress")
             if self._progress_listener:
                 await self._progress_listener(current)
@@ -179,18 +193,25 @@ class JobRunner:
                                           finished_at=time.time()))
             return
         retry_at = time.time() + delay
-        job = job.evolve(status="queued", error=error, next_retry_at=retry_at)
-        await self._store.put_job(job)
+        job = await self._save(job.evolve(status="queued", error=error, next_retry_at=retry_at))
         log.info("job %s will retry (attempt %d of %d) in %.1f s", job.id, job.attempt + 1, max_attempts, delay)
         if self._progress_listener:
             await self._progress_listener(job)
         if self.scheduler is not None:
             await self.scheduler.schedule(job, run_at=retry_at)
 
+    async def _save(self, job: JobRecord) -> JobRecord:
+        """Write the runner's view of a job, keeping what others set meanwhile (cancel, card id)."""
+        stored = await self._store.get_job(job.conversation_key, job.id)
+        job = job.evolve(cancel_requested=job.cancel_requested or stored.cancel_requested,
+                         card_activity_id=job.card_activity_id or stored.card_activity_id)
+        await self._store.put_job(job)
+        return job
+
     async def _finish(self, job: JobRecord) -> None:
         await self._announce(job)
         crash_point("job_event_appended")
-        await self._store.put_job(job)
+        job = await self._save(job)
         log.info("job %s (%s) %s", job.id, job.tool, job.status)
         if self._progress_listener:
             await self._progress_listener(job)
@@ -206,11 +227,11 @@ class JobRunner:
         if self._runs:
             await asyncio.wait(list(self._runs), timeout=timeout)
 
-    async def cancel(self, conversation_key: str, job_id: str) -> JobRecord:
+    async def cancel(self, conversation_key: str, job_id: str) -> CancelResult:
         """Request cancellation; returns the job as it stands. Raises JobNotFoundError."""
         job = await self._store.get_job(conversation_key, job_id)
         if job.finished:
-            return job
+            return CancelResult(job, already_finished=True)
         job = job.evolve(cancel_requested=True)
         await self._store.put_job(job)
         if (live := self._live.get(job_id)) is not None:
@@ -223,4 +244,4 @@ class JobRunner:
                 await self.scheduler.unschedule(job_id)
             job = job.evolve(status="cancelled", finished_at=time.time())
             await self._finish(job)
-        return job
+        return CancelResult(job, already_finished=False)

@@ -29,7 +29,9 @@ def test_welcome_when_a_user_joins_not_for_the_bot_alone(bot: BotProcess, conn: 
                                                       service_url=conn.url))
     assert status == 200
     [welcome] = conn.wait_for_messages(1, conv)
-    assert "Hi!" in welcome["text"]
+    [card] = welcome["attachments"]
+    assert card["contentType"] == "application/vnd.microsoft.card.adaptive"
+    assert "Hi!" in card["content"]["body"][0]["text"]
     time.sleep(0.5)
     assert len(conn.messages(conv)) == 1
 
@@ -37,33 +39,33 @@ def test_welcome_when_a_user_joins_not_for_the_bot_alone(bot: BotProcess, conn: 
 def test_reply_goes_to_the_conversation_with_a_typing_indicator(bot: BotProcess, conn: RecordingConnector,
                                                                  conv: str) -> None:
     say(bot, conn, conv, "hello there")
-    [reply] = conn.wait_for_messages(1, conv)
-    assert "offline model" in reply["text"]
-    assert reply["conversation"]["id"] == conv
+    [reply] = conn.wait_for_texts(1, conv)
+    assert "offline model" in reply
+    assert conn.messages(conv)[0]["conversation"]["id"] == conv
     assert conn.activities(type="typing", conversation_id=conv), "no typing indicator was sent"
 
 
 def test_state_is_carried_across_turns_and_restarts(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     say(bot, conn, conv, "my name is Grace")
-    conn.wait_for_messages(1, conv)
+    conn.wait_for_texts(1, conv)
     say(bot, conn, conv, "what is my name?")
-    assert conn.wait_for_messages(2, conv)[1]["text"] == "Your name is Grace."
+    assert conn.wait_for_texts(2, conv)[1] == "Your name is Grace."
     bot.terminate()
     bot.start()
     say(bot, conn, conv, "what is my name?")
-    assert conn.wait_for_messages(3, conv)[2]["text"] == "Your name is Grace."
+    assert conn.wait_for_texts(3, conv)[2] == "Your name is Grace."
 
 
 def test_a_redelivered_activity_is_answered_once(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     activity = say(bot, conn, conv, "my name is Ada")
     status, _ = bot.post_activity(activity)
     assert status == 201
-    conn.wait_for_messages(1, conv)
+    conn.wait_for_texts(1, conv)
     say(bot, conn, conv, "what is my name?")  # a later message proves the duplicate was not queued behind
-    texts = [m["text"] for m in conn.wait_for_messages(2, conv)]
+    texts = conn.wait_for_texts(2, conv)
     time.sleep(0.5)
     assert texts == ["Nice to meet you, Ada. I'll remember that.", "Your name is Ada."]
-    assert len(conn.messages(conv)) == 2
+    assert len(conn.texts(conv)) == 2
 
 
 def test_sigkill_between_ingest_and_reply_loses_nothing(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
@@ -72,10 +74,10 @@ def test_sigkill_between_ingest_and_reply_loses_nothing(bot: BotProcess, conn: R
     bot.kill()  # mid-turn: the model is still "thinking", nothing committed
     assert conn.messages(conv) == []
     bot.start()
-    [reply] = conn.wait_for_messages(1, conv, timeout=15)
-    assert reply["text"] == "I thought about it for 3 seconds."
+    [reply] = conn.wait_for_texts(1, conv, timeout=15)
+    assert reply == "I thought about it for 3 seconds."
     time.sleep(1)
-    assert len(conn.messages(conv)) == 1
+    assert len(conn.texts(conv)) == 1
 
 
 def test_sigkill_with_a_reply_waiting_in_the_outbox(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
@@ -85,43 +87,43 @@ def test_sigkill_with_a_reply_waiting_in_the_outbox(bot: BotProcess, conn: Recor
     bot.kill()
     conn.fail_next(0, 200)
     bot.start()
-    [reply] = conn.wait_for_messages(1, conv, timeout=15)
-    assert reply["text"] == "Nice to meet you, Linus. I'll remember that."
+    [reply] = conn.wait_for_texts(1, conv, timeout=15)
+    assert reply == "Nice to meet you, Linus. I'll remember that."
     time.sleep(1)
-    assert len(conn.messages(conv)) == 1
+    assert len(conn.texts(conv)) == 1
 
 
 def test_mention_is_stripped_in_a_teams_channel(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     activity = teams_channel_mention("my name is Bob", conversation_id=conv, service_url=conn.url)
     status, body = bot.post_activity(activity)
     assert status == 201, body
-    [reply] = conn.wait_for_messages(1, conv)
-    assert reply["text"] == "Nice to meet you, Bob. I'll remember that."
+    [reply] = conn.wait_for_texts(1, conv)
+    assert reply == "Nice to meet you, Bob. I'll remember that."
 
 
 def test_help_and_reset_with_confirmation(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     say(bot, conn, conv, "my name is Ada")
-    conn.wait_for_messages(1, conv)
+    conn.wait_for_texts(1, conv)
     say(bot, conn, conv, "help")
-    assert "offline model" in conn.wait_for_messages(2, conv)[1]["text"]
+    assert "offline model" in conn.wait_for_texts(2, conv)[1]
     say(bot, conn, conv, "reset")
-    assert "Reset?" in conn.wait_for_messages(3, conv)[2]["text"]
+    assert "Reset?" in conn.wait_for_texts(3, conv)[2]
     say(bot, conn, conv, "no")
-    assert conn.wait_for_messages(4, conv)[3]["text"] == "OK, I kept everything."
+    assert conn.wait_for_texts(4, conv)[3] == "OK, I kept everything."
     say(bot, conn, conv, "/reset")
-    conn.wait_for_messages(5, conv)
+    conn.wait_for_texts(5, conv)
     bot.kill()  # the pending confirmation is durable dialog state
     bot.start()
     say(bot, conn, conv, "yes")
-    assert "forgotten" in conn.wait_for_messages(6, conv)[5]["text"]
+    assert "forgotten" in conn.wait_for_texts(6, conv)[5]
     say(bot, conn, conv, "what is my name?")
-    assert conn.wait_for_messages(7, conv)[6]["text"] == "You haven't told me your name yet."
+    assert conn.wait_for_texts(7, conv)[6] == "You haven't told me your name yet."
 
 
 def test_unknown_slash_command_gets_a_helpful_answer(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     say(bot, conn, conv, "/frobnicate")
-    [reply] = conn.wait_for_messages(1, conv)
-    assert "don't know the command" in reply["text"] and "`help`" in reply["text"]
+    [reply] = conn.wait_for_texts(1, conv)
+    assert "don't know the command" in reply and "`help`" in reply
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.botproc import BotProcess
-from tests.support.playground import Playground, playground_available
+from tests.support.playground import Playground, message_text, playground_available
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,8 @@ def test_install_in_personal_chat_welcomes_once(pg: Playground) -> None:
     personal = pg.chats.personal
     pg.install(personal)
     [welcome] = pg.wait_for_messages(1, personal)
-    assert "Hi!" in welcome["text"]
+    assert "Hi!" in message_text(welcome)
+    assert welcome["attachments"][0]["contentType"] == "application/vnd.microsoft.card.adaptive"
     assert welcome["from"]["id"] == pg.bot_id
     # The Playground sends installationUpdate *and* conversationUpdate(membersAdded): one welcome.
     assert {a["type"] for a in pg.activities_to_bot(conversation_id=personal)} == {
@@ -92,8 +93,9 @@ def test_activate_line_answers_now_and_reports_completion_proactively(pg: Playgr
     assert match, ack["text"]
     job_id = match.group(1)
     pg.wait_for_text(personal, f"✅ Line 555-0100 is active (job `{job_id}`).", timeout=20)
-    texts = quiet_then_texts(pg, personal)
-    assert texts[1:] == [ack["text"], f"✅ Line 555-0100 is active (job `{job_id}`)."]
+    time.sleep(0.5)
+    texts = pg.texts(personal, cards=False)  # the live job card is checked in test_job_cards
+    assert texts == [ack["text"], f"✅ Line 555-0100 is active (job `{job_id}`)."]
     # It came on its own: the user sent nothing after the request.
     assert [a["text"] for a in pg.activities_to_bot("message", personal)] == ["activate line 555-0100"]
 

@@ -113,7 +113,7 @@ async def test_a_timeout_fails_the_job_and_is_announced(harness: Harness) -> Non
 async def test_cancel_a_running_job_through_its_context(harness: Harness) -> None:
     await harness.submit("polite")
     await harness.until("job-polite", lambda j: j.status == "running" and (j.progress or 0) > 0)
-    requested = await harness.runner.cancel(KEY, "job-polite")
+    requested = (await harness.runner.cancel(KEY, "job-polite")).job
     assert requested.cancel_requested
     job = await harness.until("job-polite", lambda j: j.finished)
     assert job.status == "cancelled" and (job.progress or 0) < 1
@@ -135,10 +135,11 @@ async def test_cancel_a_queued_job_removes_its_schedule(harness: Harness) -> Non
     await harness.store.put_job(job)
     await harness.scheduler.schedule(job, run_at=time.time() + 60)
     assert await harness.scheduler.is_scheduled(job.id)
-    cancelled = await harness.runner.cancel(KEY, job.id)
+    cancelled = (await harness.runner.cancel(KEY, job.id)).job
     assert cancelled.status == "cancelled"
     assert not await harness.scheduler.is_scheduled(job.id)
-    assert (await harness.runner.cancel(KEY, job.id)).status == "cancelled"  # a second cancel is harmless
+    again = await harness.runner.cancel(KEY, job.id)  # a second cancel is harmless
+    assert again.already_finished and again.message() == "Job `job-later` was already cancelled."
 
 
 async def test_unknown_tool_fails_cleanly(harness: Harness) -> None:

@@ -311,8 +311,21 @@ class RecordingConnector:
         return result
 
     def messages(self, conversation_id: str | None = None) -> list[Activity]:
-        """Delivered ``message`` activities (sends, replies and updates)."""
-        return self.activities("message", conversation_id)
+        """Delivered new ``message`` activities (sends and replies, not updates)."""
+        return [e.activity for e in self.delivered(conversation_id)
+                if e.method == "POST" and e.activity is not None and e.activity.get("type") == "message"]
+
+    def updates(self, conversation_id: str | None = None) -> list[Recorded]:
+        """Delivered updates of earlier messages (PUT), with the id of the message they replace."""
+        return [e for e in self.delivered(conversation_id) if e.method == "PUT"]
+
+    def wait_for_texts(self, count: int, conversation_id: str | None = None, timeout: float = 10.0) -> list[str]:
+        """Wait for at least ``count`` new messages with text (cards without text don't count)."""
+        try:
+            self.wait_for(lambda c: len(c.texts(conversation_id)) >= count, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"expected >= {count} text message(s) for {conversation_id!r}: {exc}") from None
+        return self.texts(conversation_id)
 
     def texts(self, conversation_id: str | None = None) -> list[str]:
         """``text`` of delivered messages, skipping messages without text (cards)."""

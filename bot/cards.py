@@ -1,0 +1,167 @@
+"""Adaptive Cards: the live job card, the jobs list and the welcome card (plain JSON).
+
+Cards use schema 1.5 (Teams desktop, web and mobile). The job card's Cancel button is an
+``Action.Execute`` (answered inline with the refreshed card) whose ``fallback`` is an
+``Action.Submit`` carrying the same data, for clients without Universal Actions.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from storage.abc import JSON, JobRecord
+
+CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
+CANCEL_VERB = "cancelJob"
+
+STATUS_LABELS = {
+    "queued": ("⏳", "Queued", "default"),
+    "running": ("🔄", "Running", "accent"),
+    "succeeded": ("✅", "Succeeded", "good"),
+    "failed": ("❌", "Failed", "attention"),
+    "cancelled": ("⛔", "Cancelled", "warning"),
+}
+
+
+def card_activity(card: JSON, *, summary: str) -> JSON:
+    """A message activity carrying one card; ``summary`` is what notifications and old clients show."""
+    return {"type": "message", "summary": summary,
+            "attachments": [{"contentType": CARD_CONTENT_TYPE, "content": card}]}
+
+
+def _card(body: list[JSON], actions: list[JSON] | None = None) -> JSON:
+    card: JSON = {"type": "AdaptiveCard", "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
+                  "version": "1.5", "body": body}
+    if actions:
+        card["actions"] = actions
+    return card
+
+
+def tool_title(tool: str) -> str:
+    return tool.replace("_", " ").capitalize()
+
+
+def _clock(timestamp: float | None) -> str:
+    if not timestamp:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%H:%M:%S UTC")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def progress_bar(fraction: float | None, width: int = 10) -> str:
+    if fraction is None:
+        return "-"
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "█" * filled + "░" * (width - filled) + f" {fraction:.0%}"
+
+
+def job_card(job: JobRecord, now: float | None = None) -> JSON:
+    """The live card for one job: what, state, progress, times, and Cancel while it can be."""
+    now = now or time.time()
+    icon, label, color = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
+    if job.cancel_requested and not job.finished:
+        icon, label, color = "⛔", "Cancelling…", "warning"
+    facts = [{"title": "Job", "value": job.id}]
+    facts += [{"title": name.replace("_", " ").capitalize(), "value": str(value)}
+              for name, value in job.arguments.items()]
+    facts.append({"title": "Status", "value": f"{icon} {label}"})
+    if job.status == "running" or (job.progress is not None and not job.finished):
+        facts.append({"title": "Progress", "value": progress_bar(job.progress)})
+    if job.progress_text and not job.finished:
+        facts.append({"title": "Step", "value": job.progress_text})
+    facts.append({"title": "Started", "value": _clock(job.started_at or job.created_at)})
+    if job.finished:
+        facts.append({"title": "Finished", "value": _clock(job.finished_at)})
+    else:
+        facts.append({"title": "Elapsed", "value": _duration(now - (job.started_at or job.created_at))})
+    if job.max_attempts > 1 and job.attempt > 1:
+        facts.append({"title": "Attempt", "value": f"{job.attempt} of {job.max_attempts}"})
+    if job.status == "queued" and job.next_retry_at:
+        facts.append({"title": "Retry in", "value": _duration(job.next_retry_at - now)})
+    body: list[JSON] = [
+        {"type": "TextBlock", "text": tool_title(job.tool), "weight": "Bolder", "size": "Medium", "wrap": True},
+        {"type": "TextBlock", "text": f"{icon} {label}", "color": color, "weight": "Bolder", "spacing": "None"},
+        {"type": "FactSet", "facts": facts},
+    ]
+    if job.status == "failed" and job.error:
+        body.append({"type": "TextBlock", "text": job.error, "wrap": True, "color": "attention", "size": "Small"})
+    if job.status == "succeeded" and isinstance(job.result, dict) and job.result.get("message"):
+        body.append({"type": "TextBlock", "text": str(job.result["message"]), "wrap": True})
+    actions = None if job.finished or job.cancel_requested else [cancel_action(job)]
+    return _card(body, actions)
+
+
+def cancel_action(job: JobRecord) -> JSON:
+    data = {"action": CANCEL_VERB, "jobId": job.id}
+    return {
+        "type": "Action.Execute", "title": "Cancel", "verb": CANCEL_VERB, "data": data, "style": "destructive",
+        "fallback": {"type": "Action.Submit", "title": "Cancel", "data": data},
+    }
+
+
+def job_card_activity(job: JobRecord) -> JSON:
+    return card_activity(job_card(job), summary=f"{tool_title(job.tool)}: {job.status}")
+
+
+def jobs_list_card(jobs: list[JobRecord], now: float | None = None) -> JSON:
+    if not jobs:
+        return _card([{"type": "TextBlock", "text": "No background jobs in this conversation yet.", "wrap": True}])
+    rows: list[JSON] = [{"type": "TextBlock", "text": f"Background jobs ({len(jobs)})", "weight": "Bolder",
+                         "size": "Medium"}]
+    for job in jobs[-20:]:
+        icon, label, _ = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
+        detail = ", ".join(str(v) for v in job.arguments.values())
+        progress = f" · {progress_bar(job.progress)}" if job.status == "running" else ""
+        rows.append({"type": "ColumnSet", "separator": True, "columns": [
+            {"type": "Column", "width": "auto", "items": [{"type": "TextBlock", "text": icon}]},
+            {"type": "Column", "width": "stretch", "items": [
+                {"type": "TextBlock", "text": f"**{tool_title(job.tool)}** {detail}", "wrap": True},
+                {"type": "TextBlock", "text": f"`{job.id}` · {label}{progress}", "isSubtle": True,
+                 "spacing": "None", "size": "Small", "wrap": True},
+            ]},
+        ]})
+    if len(jobs) > 20:
+        rows.append({"type": "TextBlock", "text": f"…and {len(jobs) - 20} older jobs", "isSubtle": True})
+    return _card(rows)
+
+
+def welcome_card(offline: bool) -> JSON:
+    lines = [
+        "I remember this conversation, even if I restart.",
+        "Long tasks run in the background and I post the result here when they finish.",
+    ]
+    if offline:
+        lines.append("I'm running on the built-in **offline model**; say `help` for the phrases I understand.")
+    body: list[JSON] = [
+        {"type": "TextBlock", "text": "👋 Hi! I'm your durable agent", "weight": "Bolder", "size": "Large",
+         "wrap": True},
+        *({"type": "TextBlock", "text": line, "wrap": True} for line in lines),
+    ]
+    actions: list[JSON] = [
+        {"type": "Action.Submit", "title": "Try: activate line 555-0100",
+         "data": {"msteams": {"type": "imBack", "value": "activate line 555-0100"}}},
+        {"type": "Action.Submit", "title": "Help", "data": {"msteams": {"type": "imBack", "value": "help"}}},
+    ]
+    return _card(body, actions)
+
+
+def welcome_activity(offline: bool) -> JSON:
+    # Card only: Teams and the Playground would show a text beside it as a separate message.
+    return card_activity(welcome_card(offline), summary="👋 Hi! I'm your durable agent")
+
+
+def parse_cancel(value: Any) -> str | None:
+    """The job id from a Cancel click (Action.Execute data or Action.Submit value), else None."""
+    if isinstance(value, dict) and value.get("action") == CANCEL_VERB and isinstance(value.get("jobId"), str):
+        return str(value["jobId"])
+    return None

@@ -1,0 +1,83 @@
+"""Keeps each job's card up to date in place, within Teams' rate limits.
+
+Updates are best-effort and throttled to one per ``min_interval`` per job (Teams asks for no
+more than one edit every 2 s per message): a burst of progress collapses into one trailing
+update that shows the latest state, and the final state is always shown. The card's
+activity id is stored on the job record, so updates carry on after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from bot.cards import job_card_activity
+from bot.sender import ProactiveSender
+from storage.abc import ConversationStore, JobNotFoundError, JobRecord
+
+log = logging.getLogger(__name__)
+
+
+class JobCardUpdater:
+    def __init__(self, store: ConversationStore, sender: ProactiveSender, min_interval: float = 2.0) -> None:
+        self._store = store
+        self._sender = sender
+        self._min_interval = min_interval
+        self._last_update: dict[str, float] = {}
+        self._trailing: dict[str, asyncio.Task[None]] = {}
+
+    async def card_posted(self, conversation_key: str, job_id: str, activity_id: str | None) -> None:
+        """The outbox delivered a job's card: remember where, then show the job's current state."""
+        if not activity_id:
+            log.warning("the channel returned no id for the card of job %s; it cannot be updated", job_id)
+            return
+        try:
+            job = await self._store.get_job(conversation_key, job_id)
+        except JobNotFoundError:
+            return
+        job = job.evolve(card_activity_id=activity_id)
+        await self._store.put_job(job)
+        self._last_update[job_id] = time.monotonic()
+        if job.status != "queued" or job.progress is not None:
+            await self.job_changed(job)
+
+    async def job_changed(self, job: JobRecord) -> None:
+        """JobRunner's progress listener: called on progress, retries and the final state."""
+        if job.card_activity_id is None:
+            return  # the card is not out yet; card_posted will show the latest state
+        if job.finished:
+            if (pending := self._trailing.pop(job.id, None)) is not None:
+                pending.cancel()
+            await self._update(job)
+            self._last_update.pop(job.id, None)
+            return
+        wait = self._last_update.get(job.id, 0.0) + self._min_interval - time.monotonic()
+        if wait <= 0:
+            await self._update(job)
+        elif job.id not in self._trailing:
+            self._trailing[job.id] = asyncio.create_task(self._update_later(job, wait))
+
+    async def _update_later(self, job: JobRecord, wait: float) -> None:
+        try:
+            await asyncio.sleep(wait)
+            latest = await self._store.get_job(job.conversation_key, job.id)
+        finally:
+            self._trailing.pop(job.id, None)
+        if not latest.finished:  # the final state is shown by job_changed itself
+            await self._update(latest)
+
+    async def _update(self, job: JobRecord) -> None:
+        self._last_update[job.id] = time.monotonic()
+        reference = await self._store.get_reference(job.conversation_key)
+        if reference is None or job.card_activity_id is None:
+            return
+        try:
+            await self._sender.update(reference, job.card_activity_id, job_card_activity(job))
+        except Exception as exc:
+            log.warning("could not update the card of job %s: %s", job.id, exc)
+
+    async def close(self) -> None:
+        for task in list(self._trailing.values()):
+            task.cancel()
+        await asyncio.gather(*self._trailing.values(), return_exceptions=True)
