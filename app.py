@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from botbuilder.core import ConversationState
 
+from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
 from agent.processor import ConversationProcessor
@@ -45,6 +46,8 @@ class Services:
     processor: ConversationProcessor
     job_runner: JobRunner
     scheduler: JobScheduler
+    registry: JobRegistry
+    mcp_hub: McpHub
     card_updater: JobCardUpdater
 
 
@@ -81,6 +84,7 @@ def create_app(settings: Settings) -> web.Application:
     model_client = create_model_client(settings)
     offline = isinstance(model_client, OfflineChatCompletionClient)
     registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
+    mcp_hub = McpHub(load_mcp_config(settings.mcp_config))
     adapter = create_adapter(settings)
     sender = ProactiveSender(adapter, settings.app_id)
 
@@ -94,7 +98,7 @@ def create_app(settings: Settings) -> web.Application:
     scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
     runner = AgentTurnRunner(
         model_client,
-        lambda scope: turn_tools(scope, registry, store, job_runner),
+        lambda scope: [*turn_tools(scope, registry, store, job_runner), *mcp_hub.agent_tools()],
         context_messages=settings.context_messages,
     )
     processor = ConversationProcessor(
@@ -112,7 +116,7 @@ def create_app(settings: Settings) -> web.Application:
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, card_updater)
+    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, card_updater)
     app.router.add_post("/api/messages", messages_handler(adapter, bot))
     app.router.add_get("/healthz", healthz)
     app.cleanup_ctx.append(lifecycle)
@@ -128,6 +132,9 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
     settings = services.settings
     await services.store.open()
+    await services.mcp_hub.start()
+    for tool in services.mcp_hub.long_running_tools():
+        services.registry.register(tool)  # before recovery: their unfinished jobs resume
     await services.scheduler.start()
     recovered_jobs = await services.scheduler.recover()
     recovered_conversations = await services.processor.recover()
@@ -140,6 +147,7 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     await services.processor.close()
     await services.job_runner.shutdown()
     await services.card_updater.close()
+    await services.mcp_hub.stop()
     await services.scheduler.shutdown()
     await services.store.close()
 
@@ -157,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_core", "autogen_agentchat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     port = args.port or settings.port
-    web.run_app(create_app(settings), host=settings.host, port=port, print=None)
+    try:
+        app = create_app(settings)
+    except McpConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    web.run_app(app, host=settings.host, port=port, print=None)
     return 0
 
 

@@ -77,6 +77,7 @@ class Settings:
     activate_line_seconds: float = 20.0
     context_messages: int = 40
     conversation_ttl_days: int = 30
+    mcp_config: Path = Path("mcp.json")
     log_level: str = "INFO"
 
     @property
@@ -128,5 +129,6 @@ class Settings:
             activate_line_seconds=_float(e, "ACTIVATE_LINE_SECONDS", 20.0),
             context_messages=_int(e, "AGENT_CONTEXT_MESSAGES", 40),
             conversation_ttl_days=_int(e, "CONVERSATION_TTL_DAYS", 30),
+            mcp_config=Path(e.get("MCP_CONFIG", "") or "mcp.json"),
             log_level=(e.get("LOG_LEVEL", "") or "INFO").upper(),
         )

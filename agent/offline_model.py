@@ -11,6 +11,8 @@ pipeline (tools, jobs, durable state, proactive messages) runs with no network. 
 ``cancel <job id>``                       ``cancel_job(job_id)``
 ``my name is <name>`` / ``what is my name``  remembers from the conversation's context
 ``think for <n> seconds``                 answers after n seconds (a slow model, for trying crashes)
+``time in <zone>``                        ``get_current_time(timezone)`` (the MCP time server)
+``run <tool> [json arguments]``           any tool, e.g. an MCP server's
 ========================================  ============================================
 
 Anything else gets a plain answer that this is the offline model and how to set a real one.
@@ -57,6 +59,8 @@ HELP_TEXT = (
     "- `cancel <job id>`: cancel a job\n"
     "- `my name is Ada` / `what is my name?`: I remember this conversation, even across restarts\n"
     "- `think for 5 seconds`: a slow answer (to try stopping me mid-turn)\n"
+    "- `time in Europe/Paris`: asks the MCP time server, if one is configured in `mcp.json`\n"
+    "- `run <tool> {json arguments}`: calls any tool I have, e.g. one from an MCP server\n"
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
 )
 
@@ -69,6 +73,8 @@ _CANCEL = re.compile(r"^(?:cancel|stop)\s+(?:job\s+)?(?P<id>[\w-]+)\s*[.!]?$", r
 _HELP = re.compile(r"^(?:/?help|\?|what can you do\??|how do you work\??)$", re.I)
 _MY_NAME = re.compile(r"\bmy name is\s+(?P<name>[\w' -]{1,40}?)\s*[.!]?$", re.I)
 _THINK = re.compile(r"^think for (?P<seconds>\d+(?:\.\d+)?) seconds?[.!]?$", re.I)
+_TIME_IN = re.compile(r"^(?:what(?:'s| is) the )?time in (?P<zone>[\w/+-]+)\??$", re.I)
+_RUN = re.compile(r"^run (?P<tool>[\w.-]+)\s*(?P<args>\{.*\})?\s*$", re.I | re.S)
 _ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.I)
 
 _INFO: ModelInfo = {
@@ -86,6 +92,13 @@ def _text_of(message: LLMMessage) -> str:
     return content if isinstance(content, str) else ""
 
 
+def _mcp_text(data: Any) -> str | None:
+    """The text of an MCP tool result (a list of content blocks), if that is what it is."""
+    if isinstance(data, list) and data and all(isinstance(b, dict) and "type" in b for b in data):
+        return "\n".join(str(b["text"]) for b in data if b.get("type") == "text" and b.get("text"))
+    return None
+
+
 def describe_tool_result(name: str, content: str, is_error: bool) -> str:
     """What the offline model says about one tool result (also used for job results)."""
     if is_error:
@@ -94,11 +107,20 @@ def describe_tool_result(name: str, content: str, is_error: bool) -> str:
         data: Any = json.loads(content)
     except ValueError:
         return content
+    if (text := _mcp_text(data)) is not None:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return text or f"`{name}` returned nothing."
     if not isinstance(data, dict):
         return content
     if "message" in data:
         return str(data["message"])
-    return content
+    if {"timezone", "datetime"} <= data.keys():
+        moment = str(data["datetime"])
+        return f"It is {moment[11:16]} on {data.get('day_of_week', '')} {moment[:10]} in {data['timezone']}.".replace(
+            "on  ", "on ")
+    return f"`{name}` returned: {json.dumps(data)}"
 
 
 class OfflineChatCompletionClient(ChatCompletionClient):
@@ -142,7 +164,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         return self._answer_user(_text_of(last).strip(), messages[:-1], tools)
 
     def _answer_user(self, text: str, history: list[LLMMessage], tools: set[str]) -> str | list[FunctionCall]:
-        def call(name: str, **arguments: str) -> str | list[FunctionCall]:
+        def call(name: str, **arguments: Any) -> str | list[FunctionCall]:
             if name not in tools:
                 return f"The `{name}` tool is not available right now."
             return [FunctionCall(id=f"call_{uuid.uuid4().hex[:12]}", name=name, arguments=json.dumps(arguments))]
@@ -154,6 +176,14 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             if not number:
                 return "Which number should I activate? Say for example `activate line 555-0100`."
             return call("activate_new_line", phone_number=number)
+        if m := _TIME_IN.match(text):
+            return call("get_current_time", timezone=m.group("zone"))
+        if m := _RUN.match(text):
+            try:
+                arguments = json.loads(m.group("args") or "{}")
+            except ValueError:
+                return "Those arguments are not valid JSON: write them like `run echo {\"message\": \"hi\"}`."
+            return call(m.group("tool"), **arguments)
         if m := _CANCEL.match(text):
             return call("cancel_job", job_id=m.group("id"))
         if _LIST.match(text):

@@ -69,7 +69,7 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
             id=new_job_id(),
             conversation_key=self._scope.conversation_key,
             tool=self._spec.name,
-            arguments=args.model_dump(),
+            arguments=args.model_dump(exclude_unset=True),
             max_attempts=self._spec.retry.max_attempts,
         )
         self._scope.new_jobs.append(job)
