@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 Wake = Callable[[str], None]
 
+#: How many times a job may be cut short by the process dying before it is failed.
+MAX_INTERRUPTIONS = 20
+
 
 class Scheduling(Protocol):
     async def schedule(self, job: JobRecord, run_at: float | None = None) -> None: ...
@@ -130,13 +133,20 @@ class JobRunner:
             await self._finish(job.evolve(status="failed", error=str(exc), finished_at=time.time()))
             return
 
-        if job.status == "running" and job.attempt >= tool.retry.max_attempts:
-            # The process died during the last allowed attempt (a crash, not a graceful stop).
-            await self._finish(job.evolve(status="failed", finished_at=time.time(),
-                                          error=f"interrupted by a crash during attempt {job.attempt}"))
-            return
+        attempt = job.attempt + 1
+        interruptions = job.interruptions
+        if job.status == "running":
+            # Found running: the process died during that attempt (a graceful stop hands it back
+            # as queued). Run the same attempt again; a crash is not the tool's failure. Only a
+            # job that keeps dying with the process (a poison job) is given up.
+            attempt, interruptions = job.attempt, job.interruptions + 1
+            if interruptions > MAX_INTERRUPTIONS:
+                await self._finish(job.evolve(status="failed", finished_at=time.time(), interruptions=interruptions,
+                                              error=f"the bot stopped during this job {interruptions} times; "
+                                                    "giving up so it cannot keep crashing the bot"))
+                return
 
-        job = job.evolve(status="running", attempt=job.attempt + 1, next_retry_at=None,
+        job = job.evolve(status="running", attempt=attempt, interruptions=interruptions, next_retry_at=None,
                          started_at=job.started_at or time.time())
         await self._store.put_job(job)
         current = job

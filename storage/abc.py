@@ -78,6 +78,7 @@ class JobRecord:
     call_id: str | None = None
     attempt: int = 0
     max_attempts: int = 1
+    interruptions: int = 0  # attempts cut short by the process dying (not counted as failures)
     progress: float | None = None
     progress_text: str | None = None
     result: Any = None
@@ -210,3 +211,31 @@ class ConversationStore(ABC):
 
     @abstractmethod
     async def delete_items(self, keys: Iterable[str]) -> None: ...
+
+    # --- retention ---
+    async def purge_expired(self, older_than: float) -> int:
+        """Delete what has not changed since ``older_than`` (a unix time); return how many entries went.
+
+        For stores without server-side expiry (SQLite, memory); the app calls it periodically
+        with ``now - CONVERSATION_TTL_DAYS``. Cosmos DB expires the same things by item ``ttl``,
+        so there this default (delete nothing, return 0) applies. "Changed" means written by
+        this store: appended, committed, saved or put, not a timestamp inside the data. Deleted:
+
+        * **processed inbox events** last written before then. Redelivery dedupe stays sound:
+          the TTL is days, far beyond any channel's redelivery window (minutes), so an event
+          is long past redelivery when its id is forgotten. Pending events are never deleted,
+          nor the ``job:<id>`` event of a job that is still queued or running (the job runner
+          reads it to recover from a crash between announcing the job and recording its end).
+        * **finished job records** (succeeded, failed, cancelled) last written before then;
+          queued and running jobs are never deleted.
+        * **idle conversations**: no commit, reference save, event or job write since then,
+          no pending events, no unsent outbox messages, no unfinished jobs. Their record and
+          conversation reference go (their events and jobs are expired by the rules above), so
+          a later message starts the conversation afresh.
+        * **key/value items** (dialog state) last written before then. They are not tied to a
+          conversation: the store sees opaque keys (the bot writes botbuilder's
+          ``dialog/<channel>/conversations/<id>``, not the conversation key), so each expires by
+          its own last write, as Cosmos's ``item_ttl_days`` does; a dialog not touched for
+          that long has been abandoned.
+        """
+        return 0
