@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 _spec = importlib.util.spec_from_file_location("soak", Path(__file__).resolve().parents[2] / "scripts" / "soak.py")
 assert _spec is not None and _spec.loader is not None
 soak = importlib.util.module_from_spec(_spec)
+sys.modules["soak"] = soak  # dataclasses look their module up there
 _spec.loader.exec_module(soak)
 
 
