@@ -123,6 +123,14 @@ class ConversationProcessor:
 
     # --- the drain loop ---
     async def _drain(self, key: str) -> None:
+        try:
+            await self._drain_loop(key)
+        finally:
+            # Forget finished drains: the map holds only conversations being processed.
+            if self._tasks.get(key) is asyncio.current_task():
+                del self._tasks[key]
+
+    async def _drain_loop(self, key: str) -> None:
         delay = 0.5
         while not self._closing:
             self._again.discard(key)
@@ -181,11 +189,10 @@ class ConversationProcessor:
             elif (item := self._agent_input(event)) is not None:
                 try:
                     outcome = await self._runner.run(record.key, state, [item])
-                except AgentError as exc:
-                    log.warning("agent turn failed in %s for event %s: %s", record.key, event.id, exc)
-                    replies.append(text_activity(
-                        "Sorry, I couldn't get an answer from the model just now. Nothing was lost: "
-                        "please try again in a moment."))
+                except AgentError as exc:  # the state stays as it was; the user is told why, briefly
+                    log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
+                            exc.cause, exc, exc_info=exc if exc.cause == "unknown" else None)
+                    replies.append(text_activity(exc.user_message))
                 else:
                     state = outcome.state
                     new_jobs.extend(outcome.new_jobs)

@@ -7,6 +7,7 @@ no live object outlives a commit: everything that matters is in the returned sta
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from autogen_core.models import ChatCompletionClient
 from autogen_core.tools import BaseTool
 
 from agent.context import BoundedChatCompletionContext
+from agent.models import UNKNOWN as UNKNOWN_PROVIDER
+from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tools import TurnScope
 from storage.abc import JSON, JobRecord
 
@@ -26,18 +29,193 @@ log = logging.getLogger(__name__)
 AGENT_NAME = "assistant"
 MANAGER_KEY = "RoundRobinGroupChatManager"
 
-DEFAULT_SYSTEM_MESSAGE = (
-    "You are a helpful assistant in Microsoft Teams. Some tools (such as activate_new_line) take minutes: "
-    "calling one starts a background job and returns its job id at once. Tell the user the job has started "
-    "and that you will message them when it finishes; do not wait or poll. When a message from the "
-    "'background_job' source arrives, it carries the outcome of an earlier tool call (matched by call_id): "
-    "tell the user the result in one or two sentences. Use get_job_status, list_jobs and cancel_job when the "
-    "user asks about jobs. Be concise."
-)
+DEFAULT_SYSTEM_MESSAGE = """\
+You are a helpful assistant in Microsoft Teams. Answer briefly and plainly; Teams renders Markdown.
+
+Some tools take minutes or hours (for example activate_new_line). Calling one does not do the work: it \
+starts a background job and returns at once with its job id and a message for the user. Then:
+- tell the user the job has started, quoting the job id, and that you will message them here when it \
+finishes; never say or imply that it is already done, and do not wait, poll or call the tool again for the \
+same request (that would start a second job);
+- the conversation goes on meanwhile: keep answering other questions.
+
+When a message from "background_job" arrives, it is not from the user: it reports how an earlier job ended \
+(its job_id, the call_id of your tool call, status succeeded, failed or cancelled, and the tool's result). \
+Tell the user that outcome in one or two sentences, naming what it was about (e.g. the phone number). If \
+the job failed, say so honestly and offer to try again; do not retry on your own.
+
+Use get_job_status, list_jobs and cancel_job when the user asks about jobs; never guess a job's state. If \
+a tool answers with an error (for example invalid arguments), fix the arguments if you can, otherwise \
+explain the problem to the user and ask for what is missing. Do not invent tools, job ids or results.\
+"""
 
 
 class AgentError(Exception):
-    """The model or the agent failed; the turn is not committed as a success."""
+    """The model or the agent failed; the turn is not committed as a success.
+
+    ``str(error)`` is the operator's log line (the cause and the service's own words),
+    ``user_message`` what the user is told, ``cause`` a short key (``timeout``, ``auth``,
+    ``rate_limited``, ``quota``, ``server_error``, ``unreachable``, ``content_filter``, ``not_found``,
+    ``context_length``, ``bad_request``, ``unknown``) and ``log_level`` how loudly to log it.
+    """
+
+    def __init__(self, message: str, *, cause: str = "unknown", user_message: str | None = None,
+                 log_level: int = logging.ERROR) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.user_message = user_message or GENERIC_FAILURE
+        self.log_level = log_level
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, provider: ModelProvider | None = None) -> AgentError:
+        """Classify what a model call (or the agent) raised into a user message and a log line."""
+        return classify_failure(exc, provider or UNKNOWN_PROVIDER)
+
+
+_SORRY = "Sorry, I couldn't get an answer from the model just now"
+_AGAIN = "Nothing was lost: please try again in a moment."
+GENERIC_FAILURE = f"{_SORRY}. {_AGAIN}"
+
+
+_BLOCKED_ANSWER = f"{_SORRY}: my answer was blocked by the content filter. Please rephrase your request."
+_TOO_SLOW = f"{_SORRY}: the model took too long to respond. {_AGAIN}"
+_UNREACHABLE = f"{_SORRY}: I couldn't reach the model service. {_AGAIN}"
+
+
+def classify_failure(exc: BaseException, provider: ModelProvider) -> AgentError:
+    """Map an exception from the model service (or anything else in a turn) to an :class:`AgentError`.
+
+    Never raises: a failure to classify is itself reported as an ``unknown`` failure.
+    """
+    try:
+        for error in _chain(exc):
+            if (found := _classify_one(error, provider)) is not None:
+                return found
+    except Exception:  # pragma: no cover - defensive: the turn must still end with a message
+        log.exception("could not classify a failed turn")
+    return AgentError(f"{type(exc).__name__}: {exc}", cause="unknown", log_level=logging.ERROR)
+
+
+def _classify_one(error: BaseException, provider: ModelProvider) -> AgentError | None:
+    service = provider.name
+    if isinstance(error, ContentFilteredError):
+        return AgentError(f"content_filter: {service}: {error}", cause="content_filter", log_level=logging.WARNING,
+                          user_message=_BLOCKED_ANSWER)
+    openai = sys.modules.get("openai")  # not imported: no openai exception to look for (and no import on the loop)
+    if openai is not None:
+        if isinstance(error, openai.ContentFilterFinishReasonError):
+            return AgentError(f"content_filter: {service}: {error}", cause="content_filter",
+                              log_level=logging.WARNING, user_message=_BLOCKED_ANSWER)
+        if isinstance(error, openai.APITimeoutError):
+            return AgentError(f"timeout: {service} did not answer within OPENAI_TIMEOUT_SECONDS{_retried(error)}: "
+                              f"{_where(error)}", cause="timeout", log_level=logging.WARNING, user_message=_TOO_SLOW)
+        if isinstance(error, openai.APIConnectionError):
+            return AgentError(f"unreachable: cannot connect to {service}{_retried(error)}, check {provider.endpoint}: "
+                              f"{_where(error)}: {_root(error)}", cause="unreachable", log_level=logging.ERROR,
+                              user_message=_UNREACHABLE)
+        if isinstance(error, openai.APIStatusError):
+            return _status_failure(error, provider)
+    if _is_azure_auth_error(error):
+        return AgentError(f"auth: no Entra ID token for {service}, check {provider.credentials}: {error}",
+                          cause="auth", log_level=logging.ERROR,
+                          user_message=f"{_SORRY}: I couldn't sign in to the model service — an operator must "
+                                       f"check {provider.credentials}.")
+    if isinstance(error, TimeoutError):
+        return AgentError(f"timeout: {service}: {type(error).__name__}: {error}", cause="timeout",
+                          log_level=logging.WARNING, user_message=_TOO_SLOW)
+    if isinstance(error, ConnectionError):
+        return AgentError(f"unreachable: {service}: {type(error).__name__}: {error}", cause="unreachable",
+                          log_level=logging.ERROR, user_message=_UNREACHABLE)
+    return None
+
+
+def _status_failure(error: Any, provider: ModelProvider) -> AgentError:
+    """An HTTP error answer (openai.APIStatusError) after the SDK's retries."""
+    status = int(error.status_code)
+    code = str(error.code or "")
+    said = f"{provider.name} answered HTTP {status}{_retried(error)}{_request_id(error)}: {_message(error)}"
+    if status in (401, 403):
+        refused = "refused my credentials" if status == 401 else "denied me access"
+        return AgentError(f"auth: {said}; check {provider.credentials}", cause="auth", log_level=logging.ERROR,
+                          user_message=f"{_SORRY}: the model service {refused} — an operator must check "
+                                       f"{provider.credentials}.")
+    if status == 429:
+        if code == "insufficient_quota":
+            return AgentError(f"quota: {said}", cause="quota", log_level=logging.ERROR,
+                              user_message=f"{_SORRY}: the model service's quota is used up — an operator must "
+                                           "check the account's plan and billing.")
+        retry_after = error.response.headers.get("retry-after")
+        hint = f" (Retry-After: {retry_after})" if retry_after else ""
+        return AgentError(f"rate_limited: {said}{hint}", cause="rate_limited", log_level=logging.WARNING,
+                          user_message=f"{_SORRY}: the model service is busy (rate limited). Nothing was lost: "
+                                       "please try again in a minute.")
+    if status >= 500:
+        return AgentError(f"server_error: {said}", cause="server_error", log_level=logging.WARNING,
+                          user_message=f"{_SORRY}: the model service had an internal error (HTTP {status}). "
+                                       f"{_AGAIN}")
+    if code == "content_filter" or "content management policy" in _message(error):
+        return AgentError(f"content_filter: {said}", cause="content_filter", log_level=logging.WARNING,
+                          user_message=f"{_SORRY}: the content filter blocked this request. "
+                                       "Please rephrase your message.")
+    if code == "context_length_exceeded" or "maximum context length" in _message(error):
+        return AgentError(f"context_length: {said}; lower AGENT_CONTEXT_MESSAGES", cause="context_length",
+                          log_level=logging.ERROR,
+                          user_message=f"{_SORRY}: this conversation has grown too long for the model. Say "
+                                       "`reset` to start afresh, or ask an operator to lower AGENT_CONTEXT_MESSAGES.")
+    if status == 404:
+        return AgentError(f"not_found: {said}; check {provider.model} and {provider.endpoint}", cause="not_found",
+                          log_level=logging.ERROR,
+                          user_message=f"{_SORRY}: the model service doesn't know the configured model — an "
+                                       f"operator must check {provider.model}.")
+    return AgentError(f"bad_request: {said}", cause="bad_request", log_level=logging.ERROR,
+                      user_message=f"{_SORRY}: the model service rejected the request (HTTP {status}). An operator "
+                                   "can find the details in the bot's log.")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def _is_azure_auth_error(error: BaseException) -> bool:
+    """azure-identity could not get a token (no managed identity, not signed in ...)."""
+    return any(f"{c.__module__}.{c.__name__}" == "azure.core.exceptions.ClientAuthenticationError"
+               for c in type(error).__mro__)
+
+
+def _message(error: Any) -> str:
+    body = error.body
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])[:500]
+    return str(getattr(error, "message", error))[:500]
+
+
+def _request_id(error: Any) -> str:
+    headers = error.response.headers
+    request_id = headers.get("x-request-id") or headers.get("apim-request-id")
+    return f" (request id {request_id})" if request_id else ""
+
+
+def _retried(error: Any) -> str:
+    """How many retries the SDK made before giving up (it numbers its attempts in a header)."""
+    request = getattr(error, "request", None)
+    retries = request.headers.get("x-stainless-retry-count") if request is not None else None
+    return f" after {retries} retries" if retries and retries != "0" else ""
+
+
+def _where(error: Any) -> str:
+    request = getattr(error, "request", None)
+    return f"{request.method} {request.url}" if request is not None else "?"
+
+
+def _root(error: BaseException) -> str:
+    chain = _chain(error)
+    deepest = chain[-1]
+    return f"{type(deepest).__name__}: {deepest}" if deepest is not error else str(error)
 
 
 @dataclass(frozen=True)
@@ -72,10 +250,10 @@ class AgentTurnRunner:
         self._context_messages = context_messages
         self._thread_messages = thread_messages
 
-    def _team(self, scope: TurnScope) -> RoundRobinGroupChat:
+    def _team(self, scope: TurnScope, model_client: ChatCompletionClient) -> RoundRobinGroupChat:
         agent = AssistantAgent(
             AGENT_NAME,
-            model_client=self._model_client,
+            model_client=model_client,
             tools=list(self._tools_factory(scope)),
             system_message=self._system_message,
             model_context=BoundedChatCompletionContext(buffer_size=self._context_messages),
@@ -86,7 +264,8 @@ class AgentTurnRunner:
     async def run(self, conversation_key: str, state: JSON | None, inputs: Sequence[AgentInput]) -> TurnOutcome:
         """Run the inputs one after the other (each gets its own reply) and return the new state."""
         scope = TurnScope(conversation_key)
-        team = self._team(scope)
+        model = ModelCallRecorder(self._model_client)  # keeps the model's own exception for AgentError
+        team = self._team(scope, model)
         if state:
             await team.load_state(state)
         replies: list[str] = []
@@ -100,13 +279,33 @@ class AgentTurnRunner:
                 )
             new_state = prune_state(dict(await team.save_state()), self._thread_messages)
         except Exception as exc:
-            raise AgentError(f"{type(exc).__name__}: {exc}") from exc
+            cause = model.error or exc
+            raise AgentError.from_exception(cause, provider_of(self._model_client)) from cause
         return TurnOutcome(state=new_state, replies=replies, new_jobs=scope.new_jobs)
 
 
+#: Longest text kept per stored message: a pasted novel must not fill the 2 MB Cosmos item.
+MAX_STORED_CHARS = 4000
+
+
+def _clip(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_STORED_CHARS:
+        return value[:MAX_STORED_CHARS] + " …[truncated in the stored history]"
+    if isinstance(value, list):
+        return [_clip(item) for item in value]
+    if isinstance(value, dict):
+        return {k: _clip(v) if k in ("content", "arguments", "text") else v for k, v in value.items()}
+    return value
+
+
 def prune_state(state: dict[str, Any], thread_messages: int) -> dict[str, Any]:
-    """Bound the group-chat manager's message_thread, which AutoGen never trims."""
-    manager = state.get("agent_states", {}).get(MANAGER_KEY)
+    """Bound what is stored: the manager's message_thread (AutoGen never trims it) by count,
+    and every stored message's text by length (the model context is bounded by count only)."""
+    agents = state.get("agent_states", {})
+    manager = agents.get(MANAGER_KEY)
     if isinstance(manager, dict) and isinstance(manager.get("message_thread"), list):
-        manager["message_thread"] = manager["message_thread"][-thread_messages:]
+        manager["message_thread"] = [_clip(m) for m in manager["message_thread"][-thread_messages:]]
+    context = agents.get(AGENT_NAME, {}).get("agent_state", {}).get("llm_context", {})
+    if isinstance(context, dict) and isinstance(context.get("messages"), list):
+        context["messages"] = [_clip(m) for m in context["messages"]]
     return state

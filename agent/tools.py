@@ -31,6 +31,9 @@ class TurnScope:
     new_jobs: list[JobRecord] = field(default_factory=list)
 
 
+LIST_JOBS_LIMIT = 10
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -122,12 +125,15 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
         return json.dumps({"job": job.to_json(), "message": describe_job(job)}, default=str)
 
     async def list_jobs() -> str:
-        """List every background job of this conversation with its status."""
+        """List the background jobs of this conversation (the most recent ones) with their status."""
         jobs = await store.list_jobs(key)
         if not jobs:
             return json.dumps({"jobs": [], "message": "There are no background jobs in this conversation yet."})
-        lines = "\n".join(f"- {describe_job(j)}" for j in jobs)
-        return json.dumps({"jobs": [j.id for j in jobs], "message": f"Jobs in this conversation:\n{lines}"})
+        # The result is stored in the agent's state: keep it small however many jobs there are.
+        shown = jobs[-LIST_JOBS_LIMIT:]
+        lines = "\n".join(f"- {describe_job(j)}" for j in shown)
+        more = f"\n({len(jobs) - len(shown)} older jobs not shown)" if len(jobs) > len(shown) else ""
+        return json.dumps({"jobs": [j.id for j in shown], "message": f"Jobs in this conversation:\n{lines}{more}"})
 
     async def cancel_job(job_id: str) -> str:
         """Cancel a background job of this conversation by its id."""

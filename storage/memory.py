@@ -1,9 +1,13 @@
-"""In-process store for tests and experiments: same contract as the durable ones, no durability."""
+"""In-process store for tests and experiments: same contract as the durable ones, no durability.
+
+Like SQLite it has no TTL: it records when it last wrote each entry, for :meth:`MemoryStore.purge_expired`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from storage.abc import (
@@ -27,9 +31,17 @@ class MemoryStore(ConversationStore):
         self._events: dict[str, dict[str, tuple[InboxEvent, bool]]] = {}
         self._jobs: dict[str, dict[str, JobRecord]] = {}
         self._items: dict[str, JSON] = {}
+        # When each entry was last written (what purge_expired compares): the record and the
+        # reference by conversation key, events and jobs by (key, id), items by item key.
+        self._record_written: dict[str, float] = {}
+        self._reference_written: dict[str, float] = {}
+        self._event_written: dict[tuple[str, str], float] = {}
+        self._job_written: dict[tuple[str, str], float] = {}
+        self._item_written: dict[str, float] = {}
 
     async def save_reference(self, key: str, reference: JSON) -> None:
         self._references[key] = copy.deepcopy(reference)
+        self._reference_written[key] = time.time()
 
     async def get_reference(self, key: str) -> JSON | None:
         ref = self._references.get(key)
@@ -40,6 +52,7 @@ class MemoryStore(ConversationStore):
         if event.id in events:
             return False
         events[event.id] = (copy.deepcopy(event), False)
+        self._event_written[key, event.id] = time.time()
         return True
 
     async def has_event(self, key: str, event_id: str) -> bool:
@@ -66,14 +79,20 @@ class MemoryStore(ConversationStore):
             stored = self._records.get(record.key)
             if (stored.etag if stored else None) != record.etag:
                 raise ConcurrencyError(record.key)
+            now = time.time()
             committed = copy.deepcopy(record.evolve(etag=new_id()))
             self._records[record.key] = committed
+            self._record_written[record.key] = now
             events = self._events.setdefault(record.key, {})
             for event_id in processed:
                 if event_id in events:
                     events[event_id] = (events[event_id][0], True)
+                    self._event_written[record.key, event_id] = now
             for job in new_jobs:
-                self._jobs.setdefault(job.conversation_key, {}).setdefault(job.id, copy.deepcopy(job))
+                jobs = self._jobs.setdefault(job.conversation_key, {})
+                if job.id not in jobs:
+                    jobs[job.id] = copy.deepcopy(job)
+                    self._job_written[job.conversation_key, job.id] = now
             return copy.deepcopy(committed)
 
     async def conversations_with_work(self) -> list[str]:
@@ -89,6 +108,7 @@ class MemoryStore(ConversationStore):
 
     async def put_job(self, job: JobRecord) -> None:
         self._jobs.setdefault(job.conversation_key, {})[job.id] = copy.deepcopy(job)
+        self._job_written[job.conversation_key, job.id] = time.time()
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
         return copy.deepcopy(sorted(self._jobs.get(key, {}).values(), key=lambda j: j.created_at))
@@ -102,7 +122,53 @@ class MemoryStore(ConversationStore):
 
     async def write_items(self, items: Mapping[str, JSON]) -> None:
         self._items.update(copy.deepcopy(dict(items)))
+        now = time.time()
+        self._item_written.update(dict.fromkeys(items, now))
 
     async def delete_items(self, keys: Iterable[str]) -> None:
         for k in keys:
             self._items.pop(k, None)
+            self._item_written.pop(k, None)
+
+    async def purge_expired(self, older_than: float) -> int:
+        """See :meth:`ConversationStore.purge_expired`."""
+
+        def old(written: float) -> bool:
+            return written < older_than
+
+        async with self._lock:
+            idle = []
+            for key in self._records.keys() | self._references.keys():
+                record = self._records.get(key)
+                if (  # a missing record or reference counts as old
+                    not old(self._record_written.get(key, 0.0))
+                    or not old(self._reference_written.get(key, 0.0))
+                    or (record is not None and record.outbox)
+                    or any(not done or not old(self._event_written[key, i])
+                           for i, (_, done) in self._events.get(key, {}).items())
+                    or any(not j.finished or not old(self._job_written[key, i])
+                           for i, j in self._jobs.get(key, {}).items())
+                ):
+                    continue
+                idle.append(key)
+            deleted = 0
+            for key, events in self._events.items():
+                unfinished = {f"job:{i}" for i, j in self._jobs.get(key, {}).items() if not j.finished}
+                for event_id in [i for i, (_, done) in events.items()
+                                 if done and old(self._event_written[key, i]) and i not in unfinished]:
+                    del events[event_id], self._event_written[key, event_id]
+                    deleted += 1
+            for key, jobs in self._jobs.items():
+                for job_id in [i for i, j in jobs.items() if j.finished and old(self._job_written[key, i])]:
+                    del jobs[job_id], self._job_written[key, job_id]
+                    deleted += 1
+            for item_key in [k for k in self._items if old(self._item_written[k])]:
+                del self._items[item_key], self._item_written[item_key]
+                deleted += 1
+            for key in idle:  # their events and jobs went above: all processed or finished, and old
+                deleted += (self._records.pop(key, None) is not None) + (self._references.pop(key, None) is not None)
+                self._record_written.pop(key, None)
+                self._reference_written.pop(key, None)
+                self._events.pop(key, None)
+                self._jobs.pop(key, None)
+            return deleted

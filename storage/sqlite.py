@@ -4,6 +4,11 @@ aiosqlite runs every statement on its own thread, so nothing here blocks the eve
 All statements go through one connection guarded by an asyncio lock, which keeps a
 multi-statement transaction from interleaving with another coroutine's; ``BEGIN IMMEDIATE``
 and a busy timeout make it safe for several processes on one file as well.
+
+Retention: SQLite has no TTL, so every row carries ``updated_at`` (the time this store last
+wrote it) and :meth:`SqliteStore.purge_expired` deletes what expired (the app calls it hourly).
+Files from before that column existed get it on :meth:`SqliteStore.open`, set to the time of
+the upgrade, so old rows start their retention period then.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ CREATE TABLE IF NOT EXISTS conversations (
 );
 CREATE TABLE IF NOT EXISTS conversation_references (
     key TEXT PRIMARY KEY,
-    reference TEXT NOT NULL
+    reference TEXT NOT NULL,
+    updated_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -52,6 +58,7 @@ CREATE TABLE IF NOT EXISTS events (
     payload TEXT NOT NULL,
     created_at REAL NOT NULL,
     processed INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL DEFAULT 0,
     UNIQUE (key, id)
 );
 CREATE INDEX IF NOT EXISTS events_pending ON events (processed, key);
@@ -61,14 +68,74 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     created_at REAL NOT NULL,
     doc TEXT NOT NULL,
+    updated_at REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (key, id)
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
 CREATE TABLE IF NOT EXISTS items (
     key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
+    value TEXT NOT NULL,
+    updated_at REAL NOT NULL DEFAULT 0
 );
 """
+
+#: Tables that got ``updated_at`` after their first release (added by :func:`_add_updated_at`).
+_RETENTION_TABLES = ("conversation_references", "events", "jobs", "items")
+
+#: Created after :func:`_add_updated_at`: on an older file the column does not exist before it.
+_RETENTION_INDEXES = """
+CREATE INDEX IF NOT EXISTS events_expiry ON events (processed, updated_at);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (status, updated_at);
+CREATE INDEX IF NOT EXISTS conversations_idle ON conversations (updated_at);
+CREATE INDEX IF NOT EXISTS conversation_references_idle ON conversation_references (updated_at);
+CREATE INDEX IF NOT EXISTS items_expiry ON items (updated_at);
+"""
+
+_FINISHED = "('succeeded', 'failed', 'cancelled')"
+_UNFINISHED = "('queued', 'running')"
+
+#: Idle conversations (see ConversationStore.purge_expired): nothing written since ``:t``, no
+#: pending event, no unsent message, no unfinished job. Candidates come from the two small
+#: "not written since" index ranges; each is then checked through its own key's rows only.
+_IDLE_KEYS = f"""
+SELECT key FROM (
+    SELECT key FROM conversations WHERE updated_at < :t AND has_outbox = 0
+    UNION
+    SELECT key FROM conversation_references WHERE updated_at < :t
+) AS candidate
+WHERE NOT EXISTS (SELECT 1 FROM conversations c WHERE c.key = candidate.key
+                  AND (c.updated_at >= :t OR c.has_outbox = 1))
+  AND NOT EXISTS (SELECT 1 FROM conversation_references r WHERE r.key = candidate.key AND r.updated_at >= :t)
+  AND NOT EXISTS (SELECT 1 FROM events e WHERE e.key = candidate.key AND (e.processed = 0 OR e.updated_at >= :t))
+  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.key = candidate.key
+                  AND (j.status IN {_UNFINISHED} OR j.updated_at >= :t))
+"""
+
+
+async def _add_updated_at(db: aiosqlite.Connection) -> None:
+    """Add ``updated_at`` to tables of a file written before retention existed (one transaction,
+    re-checked inside it, so two processes opening one old file cannot both add it)."""
+
+    async def missing() -> list[str]:
+        tables = []
+        for table in _RETENTION_TABLES:
+            async with db.execute(f"PRAGMA table_info({table})") as cur:
+                if "updated_at" not in {row[1] for row in await cur.fetchall()}:
+                    tables.append(table)
+        return tables
+
+    if not await missing():
+        return
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        upgraded_at = time.time()
+        for table in await missing():
+            await db.execute(f"ALTER TABLE {table} ADD COLUMN updated_at REAL NOT NULL DEFAULT 0")
+            await db.execute(f"UPDATE {table} SET updated_at = ?", (upgraded_at,))
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
 
 
 def _record_to_doc(record: ConversationRecord) -> str:
@@ -113,6 +180,8 @@ class SqliteStore(ConversationStore):
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=30000")
         await db.executescript(_SCHEMA)
+        await _add_updated_at(db)
+        await db.executescript(_RETENTION_INDEXES)
         self._db = db
 
     async def close(self) -> None:
@@ -141,9 +210,9 @@ class SqliteStore(ConversationStore):
     # --- references ---
     async def save_reference(self, key: str, reference: JSON) -> None:
         await self._write(
-            "INSERT INTO conversation_references (key, reference) VALUES (?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET reference = excluded.reference",
-            (key, json.dumps(reference)),
+            "INSERT INTO conversation_references (key, reference, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET reference = excluded.reference, updated_at = excluded.updated_at",
+            (key, json.dumps(reference), time.time()),
         )
 
     async def get_reference(self, key: str) -> JSON | None:
@@ -153,8 +222,8 @@ class SqliteStore(ConversationStore):
     # --- inbox ---
     async def append_event(self, key: str, event: InboxEvent) -> bool:
         inserted = await self._write(
-            "INSERT OR IGNORE INTO events (key, id, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)",
-            (key, event.id, event.kind, json.dumps(event.payload), event.created_at),
+            "INSERT OR IGNORE INTO events (key, id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, event.id, event.kind, json.dumps(event.payload), event.created_at, time.time()),
         )
         return inserted == 1
 
@@ -191,6 +260,7 @@ class SqliteStore(ConversationStore):
             db = self.db
             await db.execute("BEGIN IMMEDIATE")
             try:
+                now = time.time()
                 async with db.execute("SELECT etag FROM conversations WHERE key = ?", (record.key,)) as cur:
                     row = await cur.fetchone()
                 if (row[0] if row else None) != record.etag:
@@ -200,17 +270,19 @@ class SqliteStore(ConversationStore):
                     "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
                     "etag = excluded.etag, doc = excluded.doc, has_outbox = excluded.has_outbox, "
                     "updated_at = excluded.updated_at",
-                    (record.key, etag, doc, int(bool(record.outbox)), time.time()),
+                    (record.key, etag, doc, int(bool(record.outbox)), now),
                 )
                 if processed:
                     await db.executemany(
-                        "UPDATE events SET processed = 1 WHERE key = ? AND id = ?",
-                        [(record.key, event_id) for event_id in processed],
+                        "UPDATE events SET processed = 1, updated_at = ? WHERE key = ? AND id = ?",
+                        [(now, record.key, event_id) for event_id in processed],
                     )
                 if new_jobs:
                     await db.executemany(
-                        "INSERT OR IGNORE INTO jobs (key, id, status, created_at, doc) VALUES (?, ?, ?, ?, ?)",
-                        [(j.conversation_key, j.id, j.status, j.created_at, json.dumps(j.to_json())) for j in new_jobs],
+                        "INSERT OR IGNORE INTO jobs (key, id, status, created_at, doc, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        [(j.conversation_key, j.id, j.status, j.created_at, json.dumps(j.to_json()), now)
+                         for j in new_jobs],
                     )
                 await db.execute("COMMIT")
             except BaseException:
@@ -234,9 +306,10 @@ class SqliteStore(ConversationStore):
 
     async def put_job(self, job: JobRecord) -> None:
         await self._write(
-            "INSERT INTO jobs (key, id, status, created_at, doc) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (key, id) DO UPDATE SET status = excluded.status, doc = excluded.doc",
-            (job.conversation_key, job.id, job.status, job.created_at, json.dumps(job.to_json())),
+            "INSERT INTO jobs (key, id, status, created_at, doc, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (key, id) DO UPDATE SET status = excluded.status, doc = excluded.doc, "
+            "updated_at = excluded.updated_at",
+            (job.conversation_key, job.id, job.status, job.created_at, json.dumps(job.to_json()), time.time()),
         )
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
@@ -260,12 +333,43 @@ class SqliteStore(ConversationStore):
 
     async def write_items(self, items: Mapping[str, JSON]) -> None:
         async with self._lock:
+            now = time.time()
             await self.db.executemany(
-                "INSERT INTO items (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [(k, json.dumps(v)) for k, v in items.items()],
+                "INSERT INTO items (key, value, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                [(k, json.dumps(v), now) for k, v in items.items()],
             )
 
     async def delete_items(self, keys: Iterable[str]) -> None:
         async with self._lock:
             await self.db.executemany("DELETE FROM items WHERE key = ?", [(k,) for k in keys])
+
+    # --- retention ---
+    async def purge_expired(self, older_than: float) -> int:
+        """See :meth:`ConversationStore.purge_expired`; one ``BEGIN IMMEDIATE`` transaction."""
+        t = {"t": older_than}
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute(_IDLE_KEYS, t) as cur:
+                    idle = [(row[0],) for row in await cur.fetchall()]
+                deleted = 0
+                for sql in (
+                    # A job's finish event stays while the job is unfinished (JobRunner recovery).
+                    "DELETE FROM events WHERE processed = 1 AND updated_at < :t AND NOT EXISTS ("
+                    "SELECT 1 FROM jobs WHERE substr(events.id, 1, 4) = 'job:' AND jobs.key = events.key "
+                    f"AND jobs.id = substr(events.id, 5) AND jobs.status IN {_UNFINISHED})",
+                    f"DELETE FROM jobs WHERE status IN {_FINISHED} AND updated_at < :t",
+                    "DELETE FROM items WHERE updated_at < :t",
+                ):
+                    async with db.execute(sql, t) as cur:
+                        deleted += cur.rowcount
+                for table in ("conversations", "conversation_references") if idle else ():
+                    async with db.executemany(f"DELETE FROM {table} WHERE key = ?", idle) as cur:
+                        deleted += cur.rowcount
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return deleted

@@ -66,3 +66,10 @@ async def test_stored_state_stays_bounded_however_long_the_conversation() -> Non
     assert max(sizes[30:]) <= max(sizes[:30]) + 64  # levels off: no growth after the bound is reached
     final = await runner.run(KEY, state, [AgentInput("what is my name?")])
     assert final.replies == ["Your name is Person59."]
+
+
+async def test_huge_messages_are_clipped_in_the_stored_state() -> None:
+    outcome = await make_runner().run(KEY, None, [AgentInput("é" * 20_000)])
+    stored = json.dumps(outcome.state, ensure_ascii=False)
+    assert len(stored) < 20_000  # 20,000 characters in, twice (context and thread), 4,000 each kept
+    assert "truncated in the stored history" in stored

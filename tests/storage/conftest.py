@@ -98,7 +98,8 @@ def cosmos_peer() -> Iterator[CosmosPeer]:
         yield CosmosPeer(endpoint, cosmos_peer_server.EMULATOR_KEY, database, container)
 
 
-def _backend_params() -> list[object]:
+def backend_params(*names: str) -> list[Any]:
+    """``pytest.param`` per backend (the named ones, or all), skipped where it cannot run."""
     return [
         pytest.param(
             b,
@@ -106,7 +107,12 @@ def _backend_params() -> list[object]:
             marks=[pytest.mark.skip(reason=b.skip_reason)] if b.skip_reason else [],
         )
         for b in BACKENDS
+        if not names or b.name in names
     ]
+
+
+def _backend_params() -> list[object]:
+    return backend_params()
 
 
 @pytest_asyncio.fixture(params=_backend_params())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -413,3 +414,182 @@ async def test_concurrent_appends_are_idempotent(store: ConversationStore, key: 
     assert results.count(True) == 50
     pending = await _pending_ids(store, key)
     assert sorted(pending) == sorted(ids)
+
+
+# --- retention: purge_expired (stores without server-side TTL) ---
+
+
+@pytest.fixture
+def purging_store(store: ConversationStore) -> ConversationStore:
+    if type(store).purge_expired is ConversationStore.purge_expired:
+        pytest.skip(f"{type(store).__name__} expires items by server-side TTL; purge_expired is a no-op there")
+    return store
+
+
+async def _cutoff() -> float:
+    """A time after everything written so far and before anything written next."""
+    await asyncio.sleep(0.02)
+    cutoff = time.time()
+    await asyncio.sleep(0.02)
+    return cutoff
+
+
+async def _idle_conversation(store: ConversationStore, key: str, job_status: str = "succeeded") -> None:
+    """A conversation that had one turn and one background job, all done."""
+    await store.save_reference(key, {"serviceUrl": "https://x.example/"})
+    await store.append_event(key, _event("m1"))
+    job = _job(key, "j1", status="queued")
+    await store.commit(await store.load(key), processed=["m1"], new_jobs=[job])
+    await store.put_job(job.evolve(status=job_status))
+    await store.append_event(key, _event("job:j1", kind="job_finished", status=job_status))
+    await store.commit(await store.load(key), processed=["job:j1"])
+
+
+async def _forgotten(store: ConversationStore, key: str) -> bool:
+    return (
+        await store.load(key) == ConversationRecord(key=key)
+        and await store.get_reference(key) is None
+        and not await store.has_event(key, "m1")
+        and await store.list_jobs(key) == []
+    )
+
+
+async def test_purge_before_anything_was_written_deletes_nothing(
+    purging_store: ConversationStore, key: str
+) -> None:
+    store = purging_store
+    before = await _cutoff()
+    await _idle_conversation(store, key)
+    await store.write_items({f"{key}/dialog": {"v": 1}})
+    record = await store.load(key)
+    assert await store.purge_expired(before) == 0
+    assert await store.load(key) == record
+    assert await store.has_event(key, "m1") and await store.has_event(key, "job:j1")
+    assert [j.id for j in await store.list_jobs(key)] == ["j1"]
+    assert await store.read_items([f"{key}/dialog"]) == {f"{key}/dialog": {"v": 1}}
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "cancelled"])
+async def test_purge_forgets_an_idle_conversation(purging_store: ConversationStore, key: str, status: str) -> None:
+    store = purging_store
+    await _idle_conversation(store, key, status)
+    assert await store.purge_expired(await _cutoff()) >= 5  # record, reference, 2 events, job
+    assert await _forgotten(store, key)
+    assert not await store.has_event(key, "job:j1")
+    assert key not in await store.conversations_with_work()
+    # A message after that starts the conversation afresh (the old id is no longer a duplicate).
+    assert await store.append_event(key, _event("m1")) is True
+    assert await _pending_ids(store, key) == ["m1"]
+
+
+async def test_purge_deletes_old_processed_events_only(purging_store: ConversationStore, key: str) -> None:
+    store = purging_store
+    for event_id in ("old-done", "old-pending", "new-done"):
+        await store.append_event(key, _event(event_id))
+    await store.commit(await store.load(key), processed=["old-done"])
+    cutoff = await _cutoff()
+    await store.commit(await store.load(key), processed=["new-done"])
+    await store.purge_expired(cutoff)
+    assert not await store.has_event(key, "old-done")
+    assert await store.has_event(key, "new-done")  # processed after the cutoff: still deduped
+    assert await _pending_ids(store, key) == ["old-pending"]
+
+
+async def test_purge_deletes_old_finished_jobs_only(purging_store: ConversationStore, key: str) -> None:
+    store = purging_store
+    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        await store.put_job(_job(key, f"old-{status}", status=status, created_at=1.0))
+    await store.put_job(_job(key, "touched", status="running", created_at=2.0))
+    cutoff = await _cutoff()
+    await store.put_job(_job(key, "touched", status="succeeded", created_at=2.0))  # finished after the cutoff
+    await store.put_job(_job(key, "new-failed", status="failed", created_at=3.0))
+    await store.purge_expired(cutoff)
+    assert sorted(j.id for j in await store.list_jobs(key)) == ["new-failed", "old-queued", "old-running", "touched"]
+
+
+async def test_purge_keeps_the_finish_event_of_an_unfinished_job(purging_store: ConversationStore, key: str) -> None:
+    """The runner appends ``job:<id>`` before it records the end: a crash in between leaves the job
+    running with its event processed. Recovery reads that event instead of running the job again."""
+    store = purging_store
+    await store.put_job(_job(key, "j1", status="running"))
+    await store.append_event(key, _event("job:j1", kind="job_finished", status="succeeded"))
+    await store.commit(await store.load(key), processed=["job:j1"])
+    await store.purge_expired(await _cutoff())
+    assert await store.get_event(key, "job:j1") is not None
+    assert [j.status for j in await store.list_jobs(key)] == ["running"]
+
+
+async def test_purge_keeps_conversations_with_recent_activity(
+    purging_store: ConversationStore, make_key: MakeKey
+) -> None:
+    store = purging_store
+    committed, referenced, messaged, job_written = keys = [make_key(n) for n in ("commit", "ref", "event", "job")]
+    for key in keys:
+        await _idle_conversation(store, key)
+    cutoff = await _cutoff()
+    await store.commit(await store.load(committed))
+    await store.save_reference(referenced, {"serviceUrl": "https://y.example/"})
+    await store.append_event(messaged, _event("m2"))
+    await store.commit(await store.load(messaged), processed=["m2"])
+    await store.put_job(_job(job_written, "j2", status="succeeded"))
+    await store.purge_expired(cutoff)
+    for key in keys:
+        record = await store.load(key)
+        assert record.etag is not None, key
+        assert await store.get_reference(key) is not None, key
+        assert not await store.has_event(key, "m1"), key  # old processed events still go
+    assert await store.get_reference(referenced) == {"serviceUrl": "https://y.example/"}
+    assert await store.has_event(messaged, "m2")
+    assert [j.id for j in await store.list_jobs(job_written)] == ["j2"]
+
+
+async def test_purging_never_removes_pending_events_unfinished_jobs_or_unsent_messages(
+    purging_store: ConversationStore, make_key: MakeKey
+) -> None:
+    store = purging_store
+    pending, queued, running, unsent = keys = [make_key(n) for n in ("pending", "queued", "running", "unsent")]
+    for key in keys:
+        await store.save_reference(key, {"serviceUrl": "https://x.example/"})
+    await store.append_event(pending, _event("waiting"))
+    for key, status in ((queued, "queued"), (running, "running")):
+        await store.append_event(key, _event("m1"))
+        await store.commit(await store.load(key), processed=["m1"], new_jobs=[_job(key, "j1", status=status)])
+    outbox = (OutboxMessage("o1", {"text": "not sent yet"}),)
+    await store.commit(ConversationRecord(key=unsent, agent_state={"kept": True}, outbox=outbox))
+    records = {key: await store.load(key) for key in keys}
+
+    await store.purge_expired(time.time() + 365 * 86400)  # everything is a year old by then
+
+    assert await _pending_ids(store, pending) == ["waiting"]
+    for key, status in ((queued, "queued"), (running, "running")):
+        assert [(j.id, j.status) for j in await store.list_jobs(key)] == [("j1", status)]
+        assert (await store.get_job(key, "j1")).status == status
+    assert {(j.conversation_key, j.id) for j in await store.unfinished_jobs()} >= {(queued, "j1"), (running, "j1")}
+    assert (await store.load(unsent)).outbox == outbox
+    assert {pending, unsent} <= set(await store.conversations_with_work())
+    for key in keys:  # nor the record and reference the pending work needs
+        assert await store.load(key) == records[key]
+        assert await store.get_reference(key) == {"serviceUrl": "https://x.example/"}
+
+
+async def test_purge_deletes_items_not_written_since(purging_store: ConversationStore, key: str) -> None:
+    store = purging_store
+    await store.write_items({f"{key}/old": {"v": 1}, f"{key}/rewritten": {"v": 1}})
+    cutoff = await _cutoff()
+    await store.write_items({f"{key}/rewritten": {"v": 2}, f"{key}/new": {"v": 3}})
+    await store.purge_expired(cutoff)
+    assert await store.read_items([f"{key}/old", f"{key}/rewritten", f"{key}/new"]) == {
+        f"{key}/rewritten": {"v": 2},
+        f"{key}/new": {"v": 3},
+    }
+
+
+async def test_purge_returns_how_many_entries_it_deleted(purging_store: ConversationStore, key: str) -> None:
+    store = purging_store
+    await store.append_event(key, _event("e1"))
+    await store.append_event(key, _event("e2"))
+    await store.commit(await store.load(key), processed=["e1", "e2"], new_jobs=[_job(key, "j1", status="queued")])
+    await store.write_items({f"{key}/dialog": {"v": 1}})
+    cutoff = await _cutoff()
+    assert await store.purge_expired(cutoff) == 3  # two events, one item; the job is unfinished
+    assert await store.purge_expired(cutoff) == 0
