@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -53,6 +54,18 @@ class MessageSender(Protocol):
 
 def text_activity(text: str) -> JSON:
     return {"type": "message", "text": text, "textFormat": "markdown"}
+
+
+def plain_job_outcome(result: JobResult) -> str:
+    """A finished job told without the model (when the model is unavailable)."""
+    detail = result.content
+    try:
+        parsed = json.loads(result.content)
+        if isinstance(parsed, dict) and parsed.get("message"):
+            detail = str(parsed["message"])
+    except ValueError:
+        pass
+    return f"Background job `{result.job_id}` ({result.tool}) {result.status}: {detail}"
 
 
 ScheduleJob = Callable[[JobRecord], Awaitable[None]]
@@ -193,6 +206,8 @@ class ConversationProcessor:
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
                             exc.cause, exc, exc_info=exc if exc.cause == "unknown" else None)
                     replies.append(text_activity(exc.user_message))
+                    if event.kind == "job_finished":  # the model could not relay it: say it plainly
+                        replies.append(text_activity(plain_job_outcome(JobResult(**event.payload))))
                 else:
                     state = outcome.state
                     new_jobs.extend(outcome.new_jobs)

@@ -53,7 +53,7 @@ explain the problem to the user and ask for what is missing. Do not invent tools
 class AgentError(Exception):
     """The model or the agent failed; the turn is not committed as a success.
 
-    ``str(error)`` is the operator's log line (the cause and the service's own words),
+    ``str(error)`` is the operator's log line (what failed, in the service's own words),
     ``user_message`` what the user is told, ``cause`` a short key (``timeout``, ``auth``,
     ``rate_limited``, ``quota``, ``server_error``, ``unreachable``, ``content_filter``, ``not_found``,
     ``context_length``, ``bad_request``, ``unknown``) and ``log_level`` how loudly to log it.
@@ -99,32 +99,32 @@ def classify_failure(exc: BaseException, provider: ModelProvider) -> AgentError:
 def _classify_one(error: BaseException, provider: ModelProvider) -> AgentError | None:
     service = provider.name
     if isinstance(error, ContentFilteredError):
-        return AgentError(f"content_filter: {service}: {error}", cause="content_filter", log_level=logging.WARNING,
+        return AgentError(f"{service}: {error}", cause="content_filter", log_level=logging.WARNING,
                           user_message=_BLOCKED_ANSWER)
     openai = sys.modules.get("openai")  # not imported: no openai exception to look for (and no import on the loop)
     if openai is not None:
         if isinstance(error, openai.ContentFilterFinishReasonError):
-            return AgentError(f"content_filter: {service}: {error}", cause="content_filter",
+            return AgentError(f"{service}: {error}", cause="content_filter",
                               log_level=logging.WARNING, user_message=_BLOCKED_ANSWER)
         if isinstance(error, openai.APITimeoutError):
-            return AgentError(f"timeout: {service} did not answer within OPENAI_TIMEOUT_SECONDS{_retried(error)}: "
+            return AgentError(f"{service} did not answer within OPENAI_TIMEOUT_SECONDS{_retried(error)}: "
                               f"{_where(error)}", cause="timeout", log_level=logging.WARNING, user_message=_TOO_SLOW)
         if isinstance(error, openai.APIConnectionError):
-            return AgentError(f"unreachable: cannot connect to {service}{_retried(error)}, check {provider.endpoint}: "
+            return AgentError(f"cannot connect to {service}{_retried(error)}, check {provider.endpoint}: "
                               f"{_where(error)}: {_root(error)}", cause="unreachable", log_level=logging.ERROR,
                               user_message=_UNREACHABLE)
         if isinstance(error, openai.APIStatusError):
             return _status_failure(error, provider)
     if _is_azure_auth_error(error):
-        return AgentError(f"auth: no Entra ID token for {service}, check {provider.credentials}: {error}",
+        return AgentError(f"no Entra ID token for {service}, check {provider.credentials}: {error}",
                           cause="auth", log_level=logging.ERROR,
                           user_message=f"{_SORRY}: I couldn't sign in to the model service — an operator must "
                                        f"check {provider.credentials}.")
     if isinstance(error, TimeoutError):
-        return AgentError(f"timeout: {service}: {type(error).__name__}: {error}", cause="timeout",
+        return AgentError(f"{service}: {type(error).__name__}: {error}", cause="timeout",
                           log_level=logging.WARNING, user_message=_TOO_SLOW)
     if isinstance(error, ConnectionError):
-        return AgentError(f"unreachable: {service}: {type(error).__name__}: {error}", cause="unreachable",
+        return AgentError(f"{service}: {type(error).__name__}: {error}", cause="unreachable",
                           log_level=logging.ERROR, user_message=_UNREACHABLE)
     return None
 
@@ -136,38 +136,38 @@ def _status_failure(error: Any, provider: ModelProvider) -> AgentError:
     said = f"{provider.name} answered HTTP {status}{_retried(error)}{_request_id(error)}: {_message(error)}"
     if status in (401, 403):
         refused = "refused my credentials" if status == 401 else "denied me access"
-        return AgentError(f"auth: {said}; check {provider.credentials}", cause="auth", log_level=logging.ERROR,
+        return AgentError(f"{said}; check {provider.credentials}", cause="auth", log_level=logging.ERROR,
                           user_message=f"{_SORRY}: the model service {refused} — an operator must check "
                                        f"{provider.credentials}.")
     if status == 429:
         if code == "insufficient_quota":
-            return AgentError(f"quota: {said}", cause="quota", log_level=logging.ERROR,
+            return AgentError(said, cause="quota", log_level=logging.ERROR,
                               user_message=f"{_SORRY}: the model service's quota is used up — an operator must "
                                            "check the account's plan and billing.")
         retry_after = error.response.headers.get("retry-after")
         hint = f" (Retry-After: {retry_after})" if retry_after else ""
-        return AgentError(f"rate_limited: {said}{hint}", cause="rate_limited", log_level=logging.WARNING,
+        return AgentError(f"{said}{hint}", cause="rate_limited", log_level=logging.WARNING,
                           user_message=f"{_SORRY}: the model service is busy (rate limited). Nothing was lost: "
                                        "please try again in a minute.")
     if status >= 500:
-        return AgentError(f"server_error: {said}", cause="server_error", log_level=logging.WARNING,
+        return AgentError(said, cause="server_error", log_level=logging.WARNING,
                           user_message=f"{_SORRY}: the model service had an internal error (HTTP {status}). "
                                        f"{_AGAIN}")
     if code == "content_filter" or "content management policy" in _message(error):
-        return AgentError(f"content_filter: {said}", cause="content_filter", log_level=logging.WARNING,
+        return AgentError(said, cause="content_filter", log_level=logging.WARNING,
                           user_message=f"{_SORRY}: the content filter blocked this request. "
                                        "Please rephrase your message.")
     if code == "context_length_exceeded" or "maximum context length" in _message(error):
-        return AgentError(f"context_length: {said}; lower AGENT_CONTEXT_MESSAGES", cause="context_length",
+        return AgentError(f"{said}; lower AGENT_CONTEXT_MESSAGES", cause="context_length",
                           log_level=logging.ERROR,
                           user_message=f"{_SORRY}: this conversation has grown too long for the model. Say "
                                        "`reset` to start afresh, or ask an operator to lower AGENT_CONTEXT_MESSAGES.")
     if status == 404:
-        return AgentError(f"not_found: {said}; check {provider.model} and {provider.endpoint}", cause="not_found",
+        return AgentError(f"{said}; check {provider.model} and {provider.endpoint}", cause="not_found",
                           log_level=logging.ERROR,
                           user_message=f"{_SORRY}: the model service doesn't know the configured model — an "
                                        f"operator must check {provider.model}.")
-    return AgentError(f"bad_request: {said}", cause="bad_request", log_level=logging.ERROR,
+    return AgentError(said, cause="bad_request", log_level=logging.ERROR,
                       user_message=f"{_SORRY}: the model service rejected the request (HTTP {status}). An operator "
                                    "can find the details in the bot's log.")
 
@@ -266,10 +266,10 @@ class AgentTurnRunner:
         scope = TurnScope(conversation_key)
         model = ModelCallRecorder(self._model_client)  # keeps the model's own exception for AgentError
         team = self._team(scope, model)
-        if state:
-            await team.load_state(state)
         replies: list[str] = []
         try:
+            if state:  # inside the try: a state this AutoGen cannot read fails the turn, not the processor
+                await team.load_state(state)
             for item in inputs:
                 result = await team.run(task=[TextMessage(source=item.source, content=item.text)])
                 replies.extend(

@@ -123,3 +123,27 @@ async def test_welcome_and_reset_events_need_no_model(kind: str) -> None:
     p.wake(KEY)
     await p.idle()
     assert len(sender.sent) == 1 and "couldn't" not in sender.texts[0]
+
+
+async def test_a_job_result_is_told_plainly_when_the_model_is_down() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    await store.save_reference(KEY, REFERENCE)
+    payload = {"job_id": "j1", "call_id": "c1", "tool": "activate_new_line", "status": "succeeded",
+               "content": '{"message": "Line 555-0100 is active."}', "is_error": False, "arguments": {}}
+    await store.append_event(KEY, InboxEvent(id="job:j1", kind="job_finished", payload=payload))
+    p = processor(store, sender, UnreachableModel())
+    p.wake(KEY)
+    await p.idle()
+    assert sender.texts[-1] == "Background job `j1` (activate_new_line) succeeded: Line 555-0100 is active."
+
+
+async def test_an_unreadable_stored_state_fails_the_turn_not_the_processor() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    record = await store.commit(ConversationRecord(key=KEY, agent_state={"type": "TeamState", "agent_states": 7}))
+    await message(store, "m1", "hello")
+    p = processor(store, sender)
+    p.wake(KEY)
+    await asyncio.wait_for(p.idle(), 5)
+    assert len(sender.texts) == 1 and sender.texts[0].startswith("Sorry")
+    assert (await store.load(KEY)).agent_state == record.agent_state
+    assert await store.pending_events(KEY) == []
