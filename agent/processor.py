@@ -275,7 +275,8 @@ class ConversationProcessor:
                     wait = exc.retry_after or 5.0
                     log.warning("sending to %s failed (%s); retrying in %.1f s", record.key, exc, wait)
                     return wait
-                log.error("dropping message %s to %s: %s", message.id, record.key, exc)
+                log.error("dropping message %s to %s, not retrying: %s (a 403/404 means the bot was removed "
+                          "from the conversation or it no longer exists)", message.id, record.key, exc)
             record = await self._remove_from_outbox(record, {message.id})
         return None
 

@@ -45,13 +45,14 @@ class ProactiveSender:
     """
 
     def __init__(self, adapter: CloudAdapter, app_id: str, *, attempts: int = 4, base_delay: float = 0.5,
-                 max_delay: float = 30.0, per_conversation_per_second: int = 7) -> None:
+                 max_delay: float = 30.0, per_conversation_per_second: int = 7, timeout: float = 30.0) -> None:
         self._adapter = adapter
         self._app_id = app_id
         self._attempts = attempts
         self._base_delay = base_delay
         self._max_delay = max_delay
         self._rate = per_conversation_per_second
+        self._timeout = timeout  # a connector that hangs must not hold the conversation's outbox
         self._recent: dict[str, deque[float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -116,8 +117,11 @@ class ProactiveSender:
                 outcome["error"] = exc
 
         try:
-            await self._adapter.continue_conversation(conversation_reference, deliver, self._app_id)
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            async with asyncio.timeout(self._timeout):
+                await self._adapter.continue_conversation(conversation_reference, deliver, self._app_id)
+        except TimeoutError as exc:
+            raise DeliveryError(f"connector did not answer within {self._timeout:g} s", permanent=False) from exc
+        except (aiohttp.ClientError, OSError) as exc:
             raise DeliveryError(f"connector unreachable: {exc}", permanent=False) from exc
         error = outcome.get("error")
         if error is None:

@@ -36,6 +36,7 @@ def conn(connector: RecordingConnector) -> Iterator[RecordingConnector]:
     """The shared connector, healthy and with no faults left over from another test."""
     connector.fail_next(0, 200)
     connector.set_delay(0)
+    connector.clear()
     yield connector
     connector.fail_next(0, 200)
     connector.set_delay(0)
