@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -23,11 +23,12 @@ from agent.events import JobResult
 from crashpoints import crash_point
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
-from storage.abc import ConversationStore, InboxEvent, JobRecord
+from storage.abc import ConversationStore, InboxEvent, JobRecord, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
 Wake = Callable[[str], None]
+T = TypeVar("T")
 
 #: How many times a job may be cut short by the process dying before it is failed.
 MAX_INTERRUPTIONS = 20
@@ -153,7 +154,12 @@ class JobRunner:
 
         async def on_progress(fraction: float | None, text: str | None) -> bool:
             nonlocal current
-            current = await self._save(current.evolve(progress=fraction, progress_text=text))
+            current = current.evolve(progress=fraction, progress_text=text)
+            try:
+                current = await self._save(current)
+            except StoreUnavailableError as exc:  # progress is a nicety: never fail the job for it
+                log.warning("job %s: could not record progress (%s); carrying on", job_id, exc)
+                return current.cancel_requested
             crash_point("job_progress")
             if self._progress_listener:
                 await self._progress_listener(current)
@@ -219,12 +225,25 @@ class JobRunner:
         return job
 
     async def _finish(self, job: JobRecord) -> None:
-        await self._announce(job)
+        # The outcome must reach the store: wait out a store outage rather than lose it.
+        await self._until_stored(lambda: self._announce(job), job.id)
         crash_point("job_event_appended")
-        job = await self._save(job)
+        job = await self._until_stored(lambda: self._save(job), job.id)
         log.info("job %s (%s) %s", job.id, job.tool, job.status)
         if self._progress_listener:
             await self._progress_listener(job)
+
+    async def _until_stored(self, write: Callable[[], Awaitable[T]], job_id: str, patience: float = 300.0) -> T:
+        delay, deadline = 0.5, time.monotonic() + patience
+        while True:
+            try:
+                return await write()
+            except StoreUnavailableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: store unavailable (%s); retrying in %.1f s", job_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 15.0)
 
     async def _announce(self, job: JobRecord) -> None:
         if await self._store.append_event(job.conversation_key, finished_event(job)):

@@ -8,12 +8,14 @@ what makes "fold events into state" safe against crashes and concurrent writers.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 JSON = dict[str, Any]
 
@@ -23,6 +25,10 @@ SCHEMA_VERSION = 1
 
 class StoreError(Exception):
     """Base class of every error a store raises."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached or is throttling: retry later (ingest answers 503)."""
 
 
 class ConcurrencyError(StoreError):
@@ -239,3 +245,34 @@ class ConversationStore(ABC):
           that long has been abandoned.
         """
         return 0
+
+
+_StoreT = TypeVar("_StoreT", bound=type[ConversationStore])
+
+
+def translate_errors(*driver_errors: type[BaseException]) -> Callable[[_StoreT], _StoreT]:
+    """Class decorator: a driver's errors leave every store method as StoreUnavailableError.
+
+    Callers then handle one family (StoreError) whatever the backend; errors the store already
+    translated (ConcurrencyError, JobNotFoundError ...) pass through unchanged.
+    """
+
+    def decorate(cls: _StoreT) -> _StoreT:
+        for name, member in list(vars(ConversationStore).items()):
+            if name.startswith("_") or not inspect.iscoroutinefunction(member):
+                continue
+            method = getattr(cls, name)
+
+            @functools.wraps(method)
+            async def wrapper(self: Any, *args: Any, __method: Any = method, __name: str = name, **kwargs: Any) -> Any:
+                try:
+                    return await __method(self, *args, **kwargs)
+                except StoreError:
+                    raise
+                except driver_errors as exc:
+                    raise StoreUnavailableError(f"{cls.__name__}.{__name} failed: {type(exc).__name__}: {exc}") from exc
+
+            setattr(cls, name, wrapper)
+        return cls
+
+    return decorate

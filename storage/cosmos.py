@@ -90,6 +90,7 @@ from storage.abc import (
     JobRecord,
     OutboxMessage,
     StoreError,
+    translate_errors,
 )
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,7 @@ def _log_retried_response(response: Any) -> None:
         )
 
 
+@translate_errors(AzureError, OSError)
 class CosmosStore(ConversationStore):
     """:class:`ConversationStore` on one Cosmos DB container (see the module docstring)."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from storage.abc import (
     OutboxMessage,
     StoreError,
     new_id,
+    translate_errors,
 )
 
 _SCHEMA = """
@@ -161,6 +163,7 @@ def _record_from_doc(key: str, etag: str, doc: str) -> ConversationRecord:
     )
 
 
+@translate_errors(sqlite3.Error, OSError)
 class SqliteStore(ConversationStore):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self._path = Path(path)
