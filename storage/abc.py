@@ -259,8 +259,8 @@ def translate_errors(*driver_errors: type[BaseException]) -> Callable[[_StoreT],
 
     def decorate(cls: _StoreT) -> _StoreT:
         for name, member in list(vars(ConversationStore).items()):
-            if name.startswith("_") or not inspect.iscoroutinefunction(member):
-                continue
+            if name.startswith("_") or not inspect.iscoroutinefunction(member) or name not in vars(cls):
+                continue  # only what this store implements itself; inherited defaults stay as they are
             method = getattr(cls, name)
 
             @functools.wraps(method)
