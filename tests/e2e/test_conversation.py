@@ -148,3 +148,16 @@ def test_bad_input_gets_a_clear_4xx_and_stores_nothing(bot: BotProcess, stored: 
 
 def test_health(bot: BotProcess) -> None:
     assert bot.get("/healthz") == (200, '{"status": "ok"}')
+
+
+def test_sigterm_finishes_the_turn_in_flight_and_a_restart_loses_nothing(bot: BotProcess, conn: RecordingConnector,
+                                                                        conv: str) -> None:
+    say(bot, conn, conv, "think for 2 seconds")
+    time.sleep(0.5)
+    assert bot.terminate() == 0, bot.log_tail()  # graceful: the turn in flight completes first
+    assert conn.texts(conv) == ["I thought about it for 2 seconds."]
+    bot.start()
+    say(bot, conn, conv, "my name is Ada")
+    conn.wait_for_texts(2, conv)
+    time.sleep(0.5)
+    assert conn.texts(conv) == ["I thought about it for 2 seconds.", "Nice to meet you, Ada. I'll remember that."]
