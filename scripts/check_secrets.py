@@ -36,7 +36,8 @@ def scan(path: Path) -> list[str]:
     for number, line in enumerate(text.splitlines(), 1):
         if ALLOW in line:
             continue
-        findings += [f"{path}:{number}: looks like a {kind}" for kind, pattern in PATTERNS.items() if pattern.search(line)]
+        findings += [f"{path}:{number}: looks like a {kind}"
+                     for kind, pattern in PATTERNS.items() if pattern.search(line)]
     return findings
 
 
