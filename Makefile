@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # Extra arguments for the packager, e.g. `make package PACKAGE_ARGS="--bot-id GUID"`.
 PACKAGE_ARGS ?=
 
-.PHONY: help setup run test peers lint package clean distclean
+.PHONY: help setup chromium run test peers lint package clean distclean
 
 help: ## list the targets
 	@echo "Durable AI agent for Microsoft Teams"
@@ -28,7 +28,7 @@ help: ## list the targets
 	@echo
 	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, PYTHON (interpreter for the venv), PIP_QUIET"
 
-setup: $(VENV_STAMP) $(NODE_STAMP) ## create .venv and node_modules (only what changed)
+setup: $(VENV_STAMP) $(NODE_STAMP) chromium ## create .venv and node_modules (only what changed), install chromium
 
 run: setup ## start the bot on http://localhost:3978/api/messages
 	$(VENV_PY) app.py
@@ -83,6 +83,22 @@ $(VENV_STAMP): requirements.txt requirements-dev.txt
 	$(VENV_PY) -m pip install $(PIP_QUIET) --disable-pip-version-check -r requirements-dev.txt
 	$(VENV_PY) -m pip check
 	@touch $@
+
+# --- Debian's chromium (the Playground web UI test drives it with npm playwright-core) -----
+# Quick when chromium is already on PATH; skipped with a warning (the browser tests then skip)
+# when apt-get is missing or we are not root.
+chromium: ## install Debian's chromium for the browser tests (root + apt-get; else skipped)
+	@if command -v chromium >/dev/null 2>&1; then \
+		:; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: chromium not found and no apt-get: skipping it (the browser tests are skipped)" >&2; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "warning: chromium not found and not root: skipping it (as root: apt-get install chromium)" >&2; \
+	else \
+		echo "installing chromium (apt-get) ..."; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium fonts-noto-color-emoji; \
+	fi
 
 # --- npm packages (Teams manifest schema; later the Agents Playground) ---------------------
 $(NODE_STAMP): package.json $(wildcard package-lock.json)

@@ -85,6 +85,7 @@ class ConversationProcessor:
         job_card: Callable[[JobRecord], JSON] | None = None,
         on_card_sent: CardSent | None = None,
         max_backoff: float = 30.0,
+        max_delivery_failures: int = 30,
     ) -> None:
         """``job_card`` renders the live card posted (through the outbox) for each new job;
         ``on_card_sent(conversation_key, job_id, activity_id)`` records where it landed."""
@@ -97,6 +98,8 @@ class ConversationProcessor:
         self._on_card_sent = on_card_sent
         self._max_backoff = max_backoff
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._delivery_failures: dict[str, int] = {}  # outbox message id -> failed rounds (this process)
+        self._max_delivery_failures = max_delivery_failures
         self._again: set[str] = set()
         self._closing = False
 
@@ -271,10 +274,20 @@ class ConversationProcessor:
                     except Exception:  # the card is out; losing live updates must not resend it
                         log.exception("could not record the card of job %s", message.id)
             except DeliveryError as exc:
-                if not exc.permanent:
-                    wait = exc.retry_after or 5.0
-                    log.warning("sending to %s failed (%s); retrying in %.1f s", record.key, exc, wait)
+                failures = self._delivery_failures.get(message.id, 0) + 1
+                if not exc.permanent and failures < self._max_delivery_failures:
+                    self._delivery_failures[message.id] = failures
+                    # Back off from 5 s to 5 min: a channel outage can last, it must not be hammered.
+                    wait = exc.retry_after or min(300.0, 5.0 * 2 ** min(failures - 1, 6))
+                    log.warning("sending to %s failed %d time(s) (%s); retrying in %.0f s", record.key, failures,
+                                exc, wait)
                     return wait
+                self._delivery_failures.pop(message.id, None)
+                if not exc.permanent:
+                    log.error("giving up on message %s to %s after %d failed deliveries: %s", message.id,
+                              record.key, failures, exc)
+                    record = await self._remove_from_outbox(record, {message.id})
+                    continue
                 log.error("dropping message %s to %s, not retrying: %s (a 403/404 means the bot was removed "
                           "from the conversation or it no longer exists)", message.id, record.key, exc)
             record = await self._remove_from_outbox(record, {message.id})

@@ -101,6 +101,10 @@ def job_card(job: JobRecord, now: float | None = None) -> JSON:
     return _card(body, actions)
 
 
+def notice_card(text: str) -> JSON:
+    return _card([{"type": "TextBlock", "text": text, "wrap": True}])
+
+
 def cancel_action(job: JobRecord) -> JSON:
     data = {"action": CANCEL_VERB, "jobId": job.id}
     return {

@@ -33,11 +33,9 @@ class JobCardUpdater:
             log.warning("the channel returned no id for the card of job %s; it cannot be updated", job_id)
             return
         try:
-            job = await self._store.get_job(conversation_key, job_id)
+            job = await self._store.patch_job(conversation_key, job_id, {"card_activity_id": activity_id})
         except JobNotFoundError:
             return
-        job = job.evolve(card_activity_id=activity_id)
-        await self._store.put_job(job)
         self._last_update[job_id] = time.monotonic()
         if job.status != "queued" or job.progress is not None:
             await self.job_changed(job)
@@ -49,6 +47,10 @@ class JobCardUpdater:
         if job.finished:
             if (pending := self._trailing.pop(job.id, None)) is not None:
                 pending.cancel()
+            # Even the final state waits out the per-message interval (Teams throttles edits).
+            wait = self._last_update.get(job.id, 0.0) + self._min_interval - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             await self._update(job)
             self._last_update.pop(job.id, None)
             return

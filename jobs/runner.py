@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 Wake = Callable[[str], None]
 T = TypeVar("T")
 
+#: The job fields the runner writes; others belong to other writers (cancel flag, card id).
+RUNNER_FIELDS = ("status", "attempt", "interruptions", "progress", "progress_text", "result", "error",
+                 "next_retry_at", "started_at", "finished_at")
+
 #: How many times a job may be cut short by the process dying before it is failed.
 MAX_INTERRUPTIONS = 20
 
@@ -45,7 +49,8 @@ def finished_event(job: JobRecord) -> InboxEvent:
     if job.status == "succeeded":
         content = json.dumps(job.result)
     elif job.status == "cancelled":
-        content = json.dumps({"message": f"Job {job.id} ({job.tool}) was cancelled.", "job_id": job.id})
+        what = job.tool.replace("_", " ")
+        content = json.dumps({"message": f"Job `{job.id}` ({what}) was cancelled.", "job_id": job.id})
     else:
         content = job.error or "unknown error"
     result = JobResult(
@@ -123,7 +128,7 @@ class JobRunner:
             return
         if (event := await self._store.get_event(conversation_key, f"job:{job_id}")) is not None:
             # It finished and was announced just before a crash: restore the record, don't re-run.
-            await self._store.put_job(job_from_finished_event(job, event))
+            await self._save(job_from_finished_event(job, event))
             return
         if job.cancel_requested:
             await self._finish(job.evolve(status="cancelled", finished_at=time.time()))
@@ -147,9 +152,8 @@ class JobRunner:
                                                     "giving up so it cannot keep crashing the bot"))
                 return
 
-        job = job.evolve(status="running", attempt=attempt, interruptions=interruptions, next_retry_at=None,
-                         started_at=job.started_at or time.time())
-        await self._store.put_job(job)
+        job = await self._save(job.evolve(status="running", attempt=attempt, interruptions=interruptions,
+                                          next_retry_at=None, started_at=job.started_at or time.time()))
         current = job
 
         async def on_progress(fraction: float | None, text: str | None) -> bool:
@@ -190,7 +194,7 @@ class JobRunner:
             else:
                 # Graceful shutdown: hand the attempt back so the restart runs it again, uncounted.
                 log.info("job %s interrupted by shutdown; it will run again after the restart", job.id)
-                await asyncio.shield(self._store.put_job(current.evolve(status="queued", attempt=current.attempt - 1)))
+                await asyncio.shield(self._save(current.evolve(status="queued", attempt=current.attempt - 1)))
                 raise
         except Exception as exc:  # a tool's failure must never escape the runner
             log.warning("job %s attempt %d failed: %s", job.id, current.attempt, exc)
@@ -217,12 +221,9 @@ class JobRunner:
             await self.scheduler.schedule(job, run_at=retry_at)
 
     async def _save(self, job: JobRecord) -> JobRecord:
-        """Write the runner's view of a job, keeping what others set meanwhile (cancel, card id)."""
-        stored = await self._store.get_job(job.conversation_key, job.id)
-        job = job.evolve(cancel_requested=job.cancel_requested or stored.cancel_requested,
-                         card_activity_id=job.card_activity_id or stored.card_activity_id)
-        await self._store.put_job(job)
-        return job
+        """Write the fields the runner owns; what others set meanwhile (cancel, card id) stays."""
+        changes = {name: getattr(job, name) for name in RUNNER_FIELDS}
+        return await self._store.patch_job(job.conversation_key, job.id, changes)
 
     async def _finish(self, job: JobRecord) -> None:
         # The outcome must reach the store: wait out a store outage rather than lose it.
@@ -261,8 +262,7 @@ class JobRunner:
         job = await self._store.get_job(conversation_key, job_id)
         if job.finished:
             return CancelResult(job, already_finished=True)
-        job = job.evolve(cancel_requested=True)
-        await self._store.put_job(job)
+        job = await self._store.patch_job(conversation_key, job_id, {"cancel_requested": True})
         if (live := self._live.get(job_id)) is not None:
             live.cancel()
             # A tool that never checks its context is still stopped at its next await.

@@ -201,6 +201,15 @@ class ConversationStore(ABC):
         """Overwrite a job record (the job runner is the only writer of a running job)."""
 
     @abstractmethod
+    async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
+        """Atomically change some fields of a job (and ``updated_at``); returns the job as stored.
+
+        Writers own different fields (the runner its progress and status, a cancel request its
+        flag, the card updater the card id), so a patch never loses another writer's change.
+        Raises :class:`JobNotFoundError` if there is no such job.
+        """
+
+    @abstractmethod
     async def list_jobs(self, key: str) -> list[JobRecord]:
         """The conversation's jobs, oldest first."""
 

@@ -540,6 +540,24 @@ class CosmosStore(ConversationStore):
     async def put_job(self, job: JobRecord) -> None:
         await self.container.upsert_item(self._job_doc(job))
 
+    async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
+        """Read, change, replace with the item's etag; a 412 means another writer moved: redo."""
+        pk, item_id = self.partition(key), cosmos_id(JOB_PREFIX, job_id)
+        while True:
+            await self.get_job(key, job_id)  # materialises a job still held as an intent
+            doc = await self._read(pk, item_id)
+            if doc is None:
+                raise JobNotFoundError(key, job_id)
+            job = JobRecord.from_json(doc["job"]).evolve(**changes)
+            try:
+                await self.container.replace_item(item_id, self._job_doc(job), etag=doc["_etag"],
+                                                  match_condition=MatchConditions.IfNotModified)
+            except exceptions.CosmosHttpResponseError as error:
+                if _is_status(error, 412):
+                    continue
+                raise
+            return job
+
     async def list_jobs(self, key: str) -> list[JobRecord]:
         pk = self.partition(key)
         intents = await self._intents(pk)

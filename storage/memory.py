@@ -9,6 +9,7 @@ import asyncio
 import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from storage.abc import (
     JSON,
@@ -109,6 +110,13 @@ class MemoryStore(ConversationStore):
     async def put_job(self, job: JobRecord) -> None:
         self._jobs.setdefault(job.conversation_key, {})[job.id] = copy.deepcopy(job)
         self._job_written[job.conversation_key, job.id] = time.time()
+
+    async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
+        async with self._lock:
+            job = (await self.get_job(key, job_id)).evolve(**changes)
+            self._jobs[key][job_id] = copy.deepcopy(job)
+            self._job_written[key, job_id] = time.time()
+            return job
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
         return copy.deepcopy(sorted(self._jobs.get(key, {}).values(), key=lambda j: j.created_at))

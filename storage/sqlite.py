@@ -315,6 +315,24 @@ class SqliteStore(ConversationStore):
             (job.conversation_key, job.id, job.status, job.created_at, json.dumps(job.to_json()), time.time()),
         )
 
+    async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")  # read-modify-write, safe against other processes too
+            try:
+                async with db.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    raise JobNotFoundError(key, job_id)
+                job = JobRecord.from_json(json.loads(row[0])).evolve(**changes)
+                await db.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
+                                 (job.status, json.dumps(job.to_json()), time.time(), key, job_id))
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return job
+
     async def list_jobs(self, key: str) -> list[JobRecord]:
         rows = await self._fetchall("SELECT doc FROM jobs WHERE key = ? ORDER BY created_at", (key,))
         return [JobRecord.from_json(json.loads(r[0])) for r in rows]

@@ -593,3 +593,24 @@ async def test_purge_returns_how_many_entries_it_deleted(purging_store: Conversa
     cutoff = await _cutoff()
     assert await store.purge_expired(cutoff) == 3  # two events, one item; the job is unfinished
     assert await store.purge_expired(cutoff) == 0
+
+
+async def test_patch_job_changes_only_the_given_fields(store: ConversationStore, key: str) -> None:
+    await store.put_job(JobRecord(id="p1", conversation_key=key, tool="t", arguments={"a": 1}, status="running"))
+    patched = await store.patch_job(key, "p1", {"progress": 0.5, "progress_text": "half"})
+    assert (patched.progress, patched.progress_text, patched.status, patched.arguments) == (0.5, "half", "running",
+                                                                                             {"a": 1})
+    assert await store.get_job(key, "p1") == patched
+    with pytest.raises(JobNotFoundError):
+        await store.patch_job(key, "nope", {"progress": 1.0})
+
+
+async def test_concurrent_patches_of_different_fields_all_survive(store: ConversationStore, key: str) -> None:
+    await store.put_job(JobRecord(id="p2", conversation_key=key, tool="t", arguments={}))
+    await asyncio.gather(
+        *(store.patch_job(key, "p2", {"progress": n / 20}) for n in range(20)),
+        store.patch_job(key, "p2", {"cancel_requested": True}),
+        store.patch_job(key, "p2", {"card_activity_id": "card-1"}),
+    )
+    job = await store.get_job(key, "p2")
+    assert job.cancel_requested and job.card_activity_id == "card-1" and job.progress is not None

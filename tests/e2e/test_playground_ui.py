@@ -1,0 +1,102 @@
+"""The live job card as a person sees it: the Agents Playground's web UI in headless Chromium.
+
+The bot and the Playground run as in ``test_playground.py``; the page is opened with Debian's
+chromium through npm playwright-core (``tests/support/screenshot.mjs``). The Playground keeps
+no history for its UI (it shows what arrives on its WebSocket once connected), so the page is
+opened first and the user's request is then sent through the Playground's API, as the UI's
+compose box would. Screenshots land in ``test-artifacts/`` (git-ignored) for a human to check.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.botproc import BotProcess
+from tests.support.browser import ARTIFACTS_DIR, PlaygroundPage, browser_unavailable, png_size
+from tests.support.playground import Playground, playground_available
+
+pytestmark = pytest.mark.e2e
+
+_UNAVAILABLE = playground_available() or browser_unavailable()
+if _UNAVAILABLE is not None:
+    pytest.skip(_UNAVAILABLE, allow_module_level=True)
+
+SCREENSHOT = ARTIFACTS_DIR / "playground-job-card.png"
+RUNNING_SCREENSHOT = ARTIFACTS_DIR / "playground-job-card-running.png"
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Overrides conftest's: the store is not what this test looks at; once is enough."""
+    return str(request.param)
+
+
+@pytest.fixture
+def bot_env() -> dict[str, str]:
+    """The job runs long enough for the page to show it Running before it succeeds."""
+    return {"ACTIVATE_LINE_SECONDS": "4"}
+
+
+@pytest.fixture
+def pg(bot: BotProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Playground]:
+    with Playground(bot.messages_url, log_dir=tmp_path / "playground") as playground:
+        yield playground
+        if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
+            print(playground.log_tail(100))
+        else:
+            assert playground.failed_exchanges() == [], "an exchange between Playground and bot failed"
+
+
+def test_the_job_card_renders_live_in_the_playground_web_ui(pg: Playground, tmp_path: Path) -> None:
+    for stale in (SCREENSHOT, RUNNING_SCREENSHOT):
+        stale.unlink(missing_ok=True)
+    personal = pg.chats.personal
+    spec = {
+        "url": f"{pg.base_url}/",
+        "chat": "Personal Chat",
+        "timeoutMs": 20000,
+        "failureScreenshot": str(ARTIFACTS_DIR / "playground-job-card-failed.png"),
+        "steps": [
+            {"name": "running", "card": ["Activate new line", "555-0100", "Running", "Progress"],
+             "screenshot": str(RUNNING_SCREENSHOT)},
+            {"name": "succeeded", "card": ["Activate new line", "555-0100", "Succeeded"],
+             "screenshot": str(SCREENSHOT)},
+        ],
+    }
+    with PlaygroundPage(spec, log_path=tmp_path / "browser.log") as page:
+        page.wait_ready(timeout=60)
+        pg.install(personal)
+        pg.wait_for_messages(1, personal)  # the welcome card
+        pg.send(personal, "activate line 555-0100")
+        ack = pg.wait_for_text(personal, lambda t: t.startswith("I've started activating line 555-0100"))
+        match = re.search(r"job `([0-9a-f]{12})`", ack["text"])
+        assert match, ack["text"]
+        job_id = match.group(1)
+
+        running = page.expect("step", timeout=30)
+        assert running["name"] == "running"
+        assert job_id in running["text"] and "%" in running["text"], running["text"]  # a progress bar
+        assert "Cancel" in running["buttons"], f"no Cancel button on the running card: {running['buttons']}"
+
+        succeeded = page.expect("step", timeout=30)  # the same card, updated in place by the bot
+        assert succeeded["name"] == "succeeded"
+        assert job_id in succeeded["text"] and "Line 555-0100 is active" in succeeded["text"], succeeded["text"]
+        assert "Cancel" not in succeeded["buttons"], succeeded["buttons"]
+
+        done = page.expect("done", timeout=30)
+        assert page.stop() == 0
+    # An update the UI could not apply shows up as a "Saga error" in its console.
+    assert [e for e in done["consoleErrors"] if "Saga error" in e] == [], done["consoleErrors"]
+    # The card was updated in place: one card message, however many updates.
+    cards = [m for m in pg.messages(personal) if "Activate new line" in str(m.get("attachments"))]
+    assert len(cards) == 1
+    assert pg.events("updateMessage", personal), "the card was never updated"
+
+    for shot in (RUNNING_SCREENSHOT, SCREENSHOT):
+        assert shot.is_file(), f"{shot} was not written"
+        assert shot.stat().st_size > 20_000, f"{shot} is suspiciously small ({shot.stat().st_size} bytes)"
+        assert png_size(shot) == (1280, 900)
