@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # Extra arguments for the packager, e.g. `make package PACKAGE_ARGS="--bot-id GUID"`.
 PACKAGE_ARGS ?=
 
-.PHONY: help setup chromium run test peers lint package clean distclean
+.PHONY: help setup chromium run test soak peers lint package clean distclean
 
 help: ## list the targets
 	@echo "Durable AI agent for Microsoft Teams"
@@ -44,9 +44,13 @@ peers:
 test: setup peers ## run the test suite (pytest)
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
-lint: $(VENV_STAMP) ## ruff check + mypy
+soak: setup ## crash soak: 60 random SIGKILLs under load, then the ledger (lost must be 0)
+	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60)
+
+lint: $(VENV_STAMP) ## ruff check + mypy + secret scan
 	@rc=0; \
 	echo "ruff check ."; $(VENV)/bin/ruff check . || rc=1; \
+	echo "secret scan"; $(VENV_PY) scripts/check_secrets.py || rc=1; \
 	echo "mypy ."; $(VENV)/bin/mypy . || rc=1; \
 	exit $$rc
 
