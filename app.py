@@ -7,20 +7,24 @@ Run with ``python app.py`` (``make run``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import web
+from autogen_core.models import ChatCompletionClient
 from botbuilder.core import ConversationState
 
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
 from agent.processor import ConversationProcessor
-from agent.runner import AgentTurnRunner
+from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tools import turn_tools
+from bot.auth import TenantPolicy
 from bot.cards import job_card_activity, welcome_activity
 from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
@@ -48,6 +52,7 @@ class Services:
     scheduler: JobScheduler
     registry: JobRegistry
     mcp_hub: McpHub
+    model_client: ChatCompletionClient
     card_updater: JobCardUpdater
 
 
@@ -79,14 +84,15 @@ def help_text(settings: Settings, offline: bool) -> str:
     )
 
 
-def create_app(settings: Settings) -> web.Application:
-    store = build_store(settings)
+def create_app(settings: Settings, store: ConversationStore | None = None) -> web.Application:
+    """The whole bot as an aiohttp app; ``store`` overrides the configured one (tests)."""
+    store = store or build_store(settings)
     model_client = create_model_client(settings)
     offline = isinstance(model_client, OfflineChatCompletionClient)
     registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
     mcp_hub = McpHub(load_mcp_config(settings.mcp_config))
     adapter = create_adapter(settings)
-    sender = ProactiveSender(adapter, settings.app_id)
+    sender = ProactiveSender(adapter, settings.app_id, timeout=settings.connector_timeout_seconds)
 
     processor_ref: list[ConversationProcessor] = []
 
@@ -100,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
         model_client,
         lambda scope: [*turn_tools(scope, registry, store, job_runner), *mcp_hub.agent_tools()],
         context_messages=settings.context_messages,
+        system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
     )
     processor = ConversationProcessor(
         store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,
@@ -112,11 +119,12 @@ def create_app(settings: Settings) -> web.Application:
     commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
                               list_jobs=store.list_jobs, cancel_job=job_runner.cancel)
-    bot = TeamsBot(store, wake, commands, job_runner.cancel)
+    bot = TeamsBot(store, wake, commands, job_runner.cancel, tenants=TenantPolicy(settings.allowed_tenants))
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, card_updater)
+    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, model_client,
+                             card_updater)
     app.router.add_post("/api/messages", messages_handler(adapter, bot))
     app.router.add_get("/healthz", healthz)
     app.cleanup_ctx.append(lifecycle)
@@ -125,6 +133,18 @@ def create_app(settings: Settings) -> web.Application:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def purge_periodically(store: ConversationStore, ttl_days: int, every: float = 3600.0) -> None:
+    """Retention for stores without server-side TTL (SQLite): hourly, drop what expired."""
+    while True:
+        try:
+            removed = await store.purge_expired(time.time() - ttl_days * 86400)
+            if removed:
+                log.info("retention: removed %d item(s) untouched for %d days", removed, ttl_days)
+        except Exception:
+            log.exception("retention purge failed; it runs again in an hour")
+        await asyncio.sleep(every)
 
 
 async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -143,11 +163,14 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         settings.port, type(services.store).__name__, settings.model_description,
         "local (no auth)" if settings.local_mode else "authenticated", recovered_jobs, recovered_conversations,
     )
+    purge = asyncio.create_task(purge_periodically(services.store, settings.conversation_ttl_days))
     yield
+    purge.cancel()
     await services.processor.close()
     await services.job_runner.shutdown()
     await services.card_updater.close()
     await services.mcp_hub.stop()
+    await services.model_client.close()
     await services.scheduler.shutdown()
     await services.store.close()
 
@@ -162,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_core", "autogen_agentchat"):
+    for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_agentchat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # AutoGen logs every model failure as a long traceback; AgentError logs it classified, once.
+    logging.getLogger("autogen_core").setLevel(logging.CRITICAL)
     port = args.port or settings.port
     try:
         app = create_app(settings)

@@ -53,6 +53,71 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _float(env, name, default)
+    if not value > 0:
+        raise ConfigError(f"{name} must be more than 0, got {env.get(name)!r}")
+    return value
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 0:
+        raise ConfigError(f"{name} must be 0 or more, got {env.get(name)!r}")
+    return value
+
+
+def _system_prompt(env: Mapping[str, str]) -> str:
+    """AGENT_SYSTEM_PROMPT, or the text of the file AGENT_SYSTEM_PROMPT_FILE names; blank = the default."""
+    text = env.get("AGENT_SYSTEM_PROMPT", "").strip()
+    path = env.get("AGENT_SYSTEM_PROMPT_FILE", "").strip()
+    if text and path:
+        raise ConfigError("set AGENT_SYSTEM_PROMPT or AGENT_SYSTEM_PROMPT_FILE, not both")
+    if not path:
+        return text
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"AGENT_SYSTEM_PROMPT_FILE: cannot read {path!r}: {exc}") from None
+    if not text:
+        raise ConfigError(f"AGENT_SYSTEM_PROMPT_FILE: {path!r} is empty")
+    return text
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _https_url(env: Mapping[str, str], name: str) -> str:
+    raw = env.get(name, "").strip()
+    if raw and not (raw.lower().startswith("https://") and len(raw) > len("https://")):
+        raise ConfigError(f"{name} must be an https:// URL, got {raw!r}")
+    return raw
+
+
+def _csv(env: Mapping[str, str], name: str) -> frozenset[str]:
+    return frozenset(part.strip().lower() for part in env.get(name, "").split(",") if part.strip())
+
+
+#: Bot Framework endpoint overrides, under the names botbuilder reads (sovereign/private clouds, tests).
+#: Blank: the public Azure values. See bot/auth.py ``endpoint_settings``.
+BOT_FRAMEWORK_ENDPOINT_SETTINGS = (
+    "TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL",
+    "TO_BOT_FROM_CHANNEL_TOKEN_ISSUER",
+    "TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL",
+    "TO_CHANNEL_FROM_BOT_LOGIN_URL",
+    "TO_CHANNEL_FROM_BOT_OAUTH_SCOPE",
+    "OAUTH_URL",
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     port: int = 3978
@@ -74,11 +139,22 @@ class Settings:
     azure_openai_deployment: str = ""
     azure_openai_api_version: str = "2024-10-21"
     azure_openai_api_key: str = ""
+    model_timeout_seconds: float = 60.0
+    model_max_retries: int = 2
+    agent_system_prompt: str = ""  # the text; blank = the built-in default (agent/runner.py)
+    agent_system_prompt_file: str = ""  # where it was read from, if from a file
     activate_line_seconds: float = 20.0
     context_messages: int = 40
     conversation_ttl_days: int = 30
+    connector_timeout_seconds: float = 30.0
     mcp_config: Path = Path("mcp.json")
     log_level: str = "INFO"
+    #: ALLOWED_TENANTS: lower-case tenant ids; empty = every tenant may use the bot.
+    allowed_tenants: frozenset[str] = frozenset()
+    #: Bot Framework endpoint overrides by botbuilder setting name (only the ones set).
+    bot_framework_endpoints: tuple[tuple[str, str], ...] = ()
+    #: VALIDATE_AUTHORITY: let MSAL check a custom TO_CHANNEL_FROM_BOT_LOGIN_URL with Microsoft.
+    validate_authority: bool = True
 
     @property
     def local_mode(self) -> bool:
@@ -106,6 +182,9 @@ class Settings:
         merged: dict[str, str] = dict(read_dotenv(dotenv)) if dotenv else {}
         merged.update(os.environ if env is None else env)
         e = merged
+        if e.get("AZURE_OPENAI_ENDPOINT", "").strip() and not e.get("AZURE_OPENAI_DEPLOYMENT", "").strip():
+            raise ConfigError("AZURE_OPENAI_ENDPOINT is set but AZURE_OPENAI_DEPLOYMENT is not: name the deployment "
+                              "to call (Azure portal or AI Foundry: Deployments)")
         return cls(
             port=_int(e, "PORT", 3978),
             host=e.get("HOST", "0.0.0.0") or "0.0.0.0",
@@ -126,9 +205,20 @@ class Settings:
             azure_openai_deployment=e.get("AZURE_OPENAI_DEPLOYMENT", ""),
             azure_openai_api_version=e.get("AZURE_OPENAI_API_VERSION", "") or "2024-10-21",
             azure_openai_api_key=e.get("AZURE_OPENAI_API_KEY", ""),
+            model_timeout_seconds=_positive(e, "OPENAI_TIMEOUT_SECONDS", 60.0),
+            model_max_retries=_non_negative(e, "OPENAI_MAX_RETRIES", 2),
+            agent_system_prompt=_system_prompt(e),
+            agent_system_prompt_file=e.get("AGENT_SYSTEM_PROMPT_FILE", "").strip(),
             activate_line_seconds=_float(e, "ACTIVATE_LINE_SECONDS", 20.0),
             context_messages=_int(e, "AGENT_CONTEXT_MESSAGES", 40),
             conversation_ttl_days=_int(e, "CONVERSATION_TTL_DAYS", 30),
+            connector_timeout_seconds=_float(e, "CONNECTOR_TIMEOUT_SECONDS", 30.0),
             mcp_config=Path(e.get("MCP_CONFIG", "") or "mcp.json"),
             log_level=(e.get("LOG_LEVEL", "") or "INFO").upper(),
+            allowed_tenants=_csv(e, "ALLOWED_TENANTS"),
+            bot_framework_endpoints=tuple(
+                (name, value) for name in BOT_FRAMEWORK_ENDPOINT_SETTINGS
+                if (value := (_https_url(e, name) if name.endswith("_URL") else e.get(name, "").strip()))
+            ),
+            validate_authority=_bool(e, "VALIDATE_AUTHORITY", True),
         )

@@ -1,8 +1,9 @@
 """The HTTP edge: ``POST /api/messages`` through botbuilder's CloudAdapter, with clear 4xx answers.
 
 botbuilder as shipped turns a non-JSON body, a bad token or a store outage into a 500. Here
-the body is checked first (400/413/415 with a message saying what is wrong), auth failures
-are 401, and an unavailable store is 503 with Retry-After so the channel redelivers.
+the body is checked first (400/413/415 with a message saying what is wrong), then the token
+(bot/auth.py: 401 for every kind of bad or missing token, 503 when the signing keys cannot be
+fetched), and an unavailable store is 503 with Retry-After so the channel redelivers.
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 from botbuilder.core import Bot, TurnContext
-from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
+from botbuilder.integration.aiohttp import (
+    CloudAdapter,
+    ConfigurationBotFrameworkAuthentication,
+    ConfigurationServiceClientCredentialFactory,
+)
 from botbuilder.schema import Activity
 
+from bot.auth import (
+    AuthRejected,
+    AuthUnavailable,
+    CachingCredentialFactory,
+    RequestAuthenticator,
+    endpoint_settings,
+    preparing_ingest,
+)
 from config import Settings
 from storage.abc import StoreError
 
@@ -29,17 +42,40 @@ MAX_BODY_BYTES = 256 * 1024  # Teams caps a message at about 28 KB; this leaves 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """The attribute names ConfigurationBotFrameworkAuthentication reads."""
+    """The attribute names ConfigurationBotFrameworkAuthentication reads (None: not configured)."""
 
     APP_ID: str
     APP_PASSWORD: str
     APP_TYPE: str
     APP_TENANTID: str
+    TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL: str | None = None
+    TO_BOT_FROM_CHANNEL_TOKEN_ISSUER: str | None = None
+    TO_BOT_FROM_EMULATOR_OPENID_METADATA_URL: str | None = None
+    TO_CHANNEL_FROM_BOT_LOGIN_URL: str | None = None
+    TO_CHANNEL_FROM_BOT_OAUTH_SCOPE: str | None = None
+    OAUTH_URL: str | None = None
+    CALLER_ID: str | None = None
+    VALIDATE_AUTHORITY: bool = True
 
 
-def create_adapter(settings: Settings) -> CloudAdapter:
-    config = AdapterConfig(settings.app_id, settings.app_password, settings.app_type, settings.app_tenant_id)
-    adapter = CloudAdapter(ConfigurationBotFrameworkAuthentication(config))
+class EdgeAdapter(CloudAdapter):
+    """botbuilder's CloudAdapter plus the authenticator the messages endpoint runs before it."""
+
+    def __init__(self, auth: ConfigurationBotFrameworkAuthentication, *, auth_disabled: bool) -> None:
+        super().__init__(auth)
+        self.authenticator = RequestAuthenticator(auth, auth_disabled=auth_disabled)
+
+
+def create_adapter(settings: Settings) -> EdgeAdapter:
+    endpoints = endpoint_settings(dict(settings.bot_framework_endpoints))
+    config = AdapterConfig(settings.app_id, settings.app_password, settings.app_type, settings.app_tenant_id,
+                           VALIDATE_AUTHORITY=settings.validate_authority, **endpoints)
+    if endpoints:
+        log.info("Bot Framework endpoints overridden: %s",
+                 ", ".join(f"{name}={value}" for name, value in dict(settings.bot_framework_endpoints).items()))
+    credentials = CachingCredentialFactory(ConfigurationServiceClientCredentialFactory(config))
+    adapter = EdgeAdapter(ConfigurationBotFrameworkAuthentication(config, credentials_factory=credentials),
+                          auth_disabled=settings.local_mode)
 
     async def on_turn_error(turn_context: TurnContext, error: Exception) -> None:
         # Store outages propagate so the edge can answer 503 and the channel redelivers.
@@ -59,6 +95,10 @@ def validate_activity(body: Any) -> list[str]:
     """What is wrong with a posted activity, in words; empty when it can be processed."""
     if not isinstance(body, dict):
         return [f"the body must be a JSON object (an activity), not {type(body).__name__}"]
+    try:  # JSON allows "\ud800" escapes that are no text at all; they could never be stored or sent
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return ["the activity contains invalid Unicode (an unpaired surrogate escape such as \\ud800)"]
     problems = []
     kind = body.get("type")
     if not isinstance(kind, str) or not kind:
@@ -70,7 +110,10 @@ def validate_activity(body: Any) -> list[str]:
     if not isinstance(service_url, str) or urlparse(service_url).scheme not in ("http", "https") \
             or not urlparse(service_url).netloc:
         problems.append("'serviceUrl' is required and must be an http(s) URL")
-    for name in ("id", "text", "channelId"):
+    channel = body.get("channelId")
+    if not isinstance(channel, str) or not channel:
+        problems.append("'channelId' is required and must be a non-empty string (e.g. \"msteams\")")
+    for name in ("id", "text"):
         if name in body and body[name] is not None and not isinstance(body[name], str):
             problems.append(f"'{name}' must be a string")
     for name in ("from", "recipient"):
@@ -91,6 +134,10 @@ def problem(status: int, title: str, detail: list[str] | str | None = None, **he
 
 
 def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
+    # An adapter not made by create_adapter gets a strict authenticator (tokens always required).
+    authenticator = adapter.authenticator if isinstance(adapter, EdgeAdapter) else \
+        RequestAuthenticator(adapter.bot_framework_authentication, auth_disabled=False)
+
     async def handle(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
             return problem(415, "unsupported media type", "send the activity as application/json")
@@ -110,12 +157,22 @@ def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
             activity = Activity().deserialize(body)
         except Exception as exc:
             return problem(400, "not a valid activity", str(exc)[:300])
-        auth_header = request.headers.get("Authorization", "")
         try:
-            invoke_response = await adapter.process_activity(auth_header, activity, bot.on_turn)
-        except PermissionError as exc:
-            log.info("rejected an activity with a missing or invalid token: %s", exc)
-            return problem(401, "unauthorized", "a valid Bot Framework token is required")
+            authenticated = await authenticator.authenticate(activity, request.headers.get("Authorization"))
+        except AuthRejected:  # logged with the reason by the authenticator
+            return problem(401, "unauthorized", "a valid Bot Framework token is required",
+                           **{"WWW-Authenticate": "Bearer"})
+        except AuthUnavailable:
+            return problem(503, "temporarily unavailable", "cannot validate tokens right now; please retry",
+                           **{"Retry-After": "5"})
+        try:
+            with preparing_ingest() as turn_started:  # ingest does not wait for an outbound token
+
+                async def logic(turn_context: TurnContext) -> None:
+                    turn_started()
+                    await bot.on_turn(turn_context)
+
+                invoke_response = await adapter.process_activity(authenticated, activity, logic)
         except (StoreError, sqlite3.Error, OSError) as exc:
             log.error("store unavailable while ingesting an activity; asking the channel to retry: %s", exc)
             return problem(503, "temporarily unavailable", "please retry", **{"Retry-After": "2"})

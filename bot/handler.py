@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from botbuilder.core import TurnContext
 from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
-from bot.cards import CARD_CONTENT_TYPE, job_card, parse_cancel
+from bot.auth import TenantPolicy
+from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.keys import conversation_key
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from storage.abc import ConversationStore, InboxEvent, JobNotFoundError
@@ -45,7 +47,10 @@ class TeamsBot(TeamsActivityHandler):
         wake: Callable[[str], None],
         commands: CommandDialogs,
         cancel_job: CancelJob,
+        *,
+        tenants: TenantPolicy | None = None,
     ) -> None:
+        self._tenants = tenants or TenantPolicy()
         self._store = store
         self._wake = wake
         self._commands = commands
@@ -53,6 +58,9 @@ class TeamsBot(TeamsActivityHandler):
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
+        if not self._tenants.allows(activity):  # ALLOWED_TENANTS: a polite no, and nothing stored
+            await self._tenants.refuse(turn_context)
+            return
         reference = TurnContext.get_conversation_reference(activity).serialize()
         await self._store.save_reference(conversation_key(activity), reference)
         await super().on_turn(turn_context)
@@ -82,8 +90,10 @@ class TeamsBot(TeamsActivityHandler):
     async def on_adaptive_card_invoke(self, turn_context: TurnContext,
                                       invoke_value: AdaptiveCardInvokeValue) -> AdaptiveCardInvokeResponse:
         """Action.Execute from a card, answered inline with the refreshed card."""
-        action = invoke_value.action
-        job_id = parse_cancel(getattr(action, "data", None)) if getattr(action, "verb", None) else None
+        action: Any = invoke_value.action  # botbuilder leaves it a plain dict
+        verb = action.get("verb") if isinstance(action, dict) else getattr(action, "verb", None)
+        data = action.get("data") if isinstance(action, dict) else getattr(action, "data", None)
+        job_id = parse_cancel(data) if verb == CANCEL_VERB else None
         if job_id is None:
             return AdaptiveCardInvokeResponse(status_code=400, type="application/vnd.microsoft.error",
                                               value={"code": "BadRequest", "message": "unknown card action"})
@@ -91,8 +101,9 @@ class TeamsBot(TeamsActivityHandler):
         try:
             job = (await self._cancel_job(key, job_id)).job
         except JobNotFoundError:
-            return AdaptiveCardInvokeResponse(status_code=200, type="application/vnd.microsoft.activity.message",
-                                              value=f"There is no job `{job_id}` in this conversation.")
+            # A card, not a message: botbuilder 4.17 cannot serialise a plain-text invoke value.
+            return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE,
+                                              value=notice_card(f"There is no job `{job_id}` in this conversation."))
         return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE, value=job_card(job))
 
     async def on_members_added_activity(self, members_added: list[ChannelAccount], turn_context: TurnContext) -> None:

@@ -82,7 +82,8 @@ async def test_a_failing_commit_is_retried_until_the_store_is_back(
     client, store = bot
     conv = new_conversation_id()
     store.down = {"commit"}
-    assert (await post(client, message("my name is Ada", conversation_id=conv, service_url=connector.url))).status == 201
+    activity = message("my name is Ada", conversation_id=conv, service_url=connector.url)
+    assert (await post(client, activity)).status == 201
     await asyncio.sleep(1.5)
     assert store.failures >= 2 and connector.texts(conv) == []
     store.down = set()
