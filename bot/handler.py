@@ -30,13 +30,15 @@ GROUP_CONVERSATION_TYPES = {"channel", "groupChat"}
 def message_text(activity: Activity) -> str:
     """The user's text with the bot's @mention removed (channels and group chats)."""
     text = activity.text or ""
-    if activity.recipient is not None and (
-        activity.conversation.conversation_type in GROUP_CONVERSATION_TYPES or activity.entities
-    ):
-        for mention in TurnContext.get_mentions(activity):
-            mentioned = mention.additional_properties.get("mentioned") or {}
-            if mentioned.get("id") == activity.recipient.id and mention.additional_properties.get("text"):
-                text = text.replace(mention.additional_properties["text"], "")
+    bot_id = getattr(activity.recipient, "id", None)
+    # Read the entities defensively (not TurnContext.get_mentions): a channel may send odd shapes.
+    for entity in activity.entities or []:
+        if getattr(entity, "type", None) != "mention":
+            continue
+        extra = getattr(entity, "additional_properties", None) or {}
+        mentioned, mention_text = extra.get("mentioned"), extra.get("text")
+        if isinstance(mentioned, dict) and mentioned.get("id") == bot_id and isinstance(mention_text, str):
+            text = text.replace(mention_text, "")
     return " ".join(text.split())
 
 

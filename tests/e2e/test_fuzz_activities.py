@@ -95,3 +95,15 @@ def test_the_bot_is_healthy_and_answers_after_the_fuzzing(fuzz_target: tuple[Bot
     assert bot.post_activity(message("my name is Ada", conversation_id=conv, service_url=conn.url))[0] == 201
     assert conn.wait_for_texts(1, conv, timeout=15) == ["Nice to meet you, Ada. I'll remember that."]
     assert "Traceback" not in bot.log_tail(100_000)
+
+
+@pytest.mark.parametrize("entities", [[None], [{"type": "mention"}], [{"type": "mention", "mentioned": "bot-1"}],
+                                      [7, "x", {"type": None}]])
+def test_odd_entities_do_not_break_a_turn(fuzz_target: tuple[BotProcess, RecordingConnector],
+                                          entities: list[Any]) -> None:
+    bot, conn = fuzz_target
+    conv = new_conversation_id("fuzz")
+    activity = message("my name is Ada", conversation_id=conv, service_url=conn.url, conversation_type="groupChat")
+    activity["entities"] = entities
+    assert bot.post_activity(activity)[0] in (201, 400)
+    assert "has no attribute" not in bot.log_tail(100_000)
