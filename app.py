@@ -18,6 +18,8 @@ from aiohttp import web
 from autogen_core.models import ChatCompletionClient
 from botbuilder.core import ConversationState
 
+import logs
+import metrics
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
@@ -127,12 +129,51 @@ def create_app(settings: Settings, store: ConversationStore | None = None) -> we
                              card_updater)
     app.router.add_post("/api/messages", messages_handler(adapter, bot))
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.cleanup_ctx.append(lifecycle)
     return app
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP. Says nothing about the store (that is /readyz)."""
     return web.json_response({"status": "ok"})
+
+
+#: How long /readyz waits for the store before calling it unreachable.
+READINESS_TIMEOUT = 2.0
+
+
+async def readiness(services: Services, timeout: float = READINESS_TIMEOUT) -> dict[str, str]:
+    """Each check by name: ``ok`` or what is wrong. Ready when every one is ``ok``."""
+    checks: dict[str, str] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            await services.store.get_reference("__readyz__")  # one cheap point read
+        checks["store"] = "ok"
+    except TimeoutError:
+        checks["store"] = f"no answer within {timeout:g} s"
+    except Exception as exc:
+        checks["store"] = f"{type(exc).__name__}: {exc}"
+    checks["scheduler"] = "ok" if services.scheduler.running else "not running"
+    return checks
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store answers and the job scheduler runs (503 otherwise, with the reasons)."""
+    checks = await readiness(request.app[SERVICES])
+    ready = all(value == "ok" for value in checks.values())
+    if not ready:
+        log.warning("not ready: %s", ", ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok"))
+    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+                             status=200 if ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    """Prometheus metrics (text exposition format, or OpenMetrics if the scraper asks for it)."""
+    await metrics.refresh_jobs(request.app[SERVICES].store)
+    body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def purge_periodically(store: ConversationStore, ttl_days: int, every: float = 3600.0) -> None:
@@ -184,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(settings.log_level, settings.log_format)
     for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_agentchat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # AutoGen logs every model failure as a long traceback; AgentError logs it classified, once.

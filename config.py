@@ -102,6 +102,13 @@ def _https_url(env: Mapping[str, str], name: str) -> str:
     return raw
 
 
+def _log_format(env: Mapping[str, str]) -> str:
+    raw = env.get("LOG_FORMAT", "").strip().lower() or "text"
+    if raw not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT must be text or json, got {raw!r}")
+    return raw
+
+
 def _csv(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(part.strip().lower() for part in env.get(name, "").split(",") if part.strip())
 
@@ -149,6 +156,8 @@ class Settings:
     connector_timeout_seconds: float = 30.0
     mcp_config: Path = Path("mcp.json")
     log_level: str = "INFO"
+    #: LOG_FORMAT: ``text`` (for people) or ``json`` (one object per line, for log collectors).
+    log_format: str = "text"
     #: ALLOWED_TENANTS: lower-case tenant ids; empty = every tenant may use the bot.
     allowed_tenants: frozenset[str] = frozenset()
     #: Bot Framework endpoint overrides by botbuilder setting name (only the ones set).
@@ -215,6 +224,7 @@ class Settings:
             connector_timeout_seconds=_float(e, "CONNECTOR_TIMEOUT_SECONDS", 30.0),
             mcp_config=Path(e.get("MCP_CONFIG", "") or "mcp.json"),
             log_level=(e.get("LOG_LEVEL", "") or "INFO").upper(),
+            log_format=_log_format(e),
             allowed_tenants=_csv(e, "ALLOWED_TENANTS"),
             bot_framework_endpoints=tuple(
                 (name, value) for name in BOT_FRAMEWORK_ENDPOINT_SETTINGS

@@ -14,9 +14,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+import logs
+import metrics
 from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
 from crashpoints import crash_point
@@ -139,6 +142,7 @@ class ConversationProcessor:
 
     # --- the drain loop ---
     async def _drain(self, key: str) -> None:
+        logs.set_context(conversation_key=key)  # this task's log lines name the conversation
         try:
             await self._drain_loop(key)
         finally:
@@ -203,15 +207,18 @@ class ConversationProcessor:
             elif event.kind == "command":
                 pass  # answered inline by a dialog; recorded only so a redelivery is ignored
             elif (item := self._agent_input(event)) is not None:
+                started = time.perf_counter()
                 try:
                     outcome = await self._runner.run(record.key, state, [item])
                 except AgentError as exc:  # the state stays as it was; the user is told why, briefly
+                    metrics.turn_done("failed", time.perf_counter() - started)
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
                             exc.cause, exc, exc_info=exc if exc.cause == "unknown" else None)
                     replies.append(text_activity(exc.user_message))
                     if event.kind == "job_finished":  # the model could not relay it: say it plainly
                         replies.append(text_activity(plain_job_outcome(JobResult(**event.payload))))
                 else:
+                    metrics.turn_done("ok", time.perf_counter() - started)
                     state = outcome.state
                     new_jobs.extend(outcome.new_jobs)
                     replies.extend(text_activity(text) for text in outcome.replies)
@@ -224,9 +231,12 @@ class ConversationProcessor:
         try:
             committed = await self._store.commit(updated, processed=[e.id for e in events], new_jobs=new_jobs)
         except ConcurrencyError:
+            metrics.TURN_CONFLICTS.inc()
             log.info("conversation %s changed while its turn ran; redoing the turn", record.key)
             return None
         crash_point("turn_committed")
+        log.info("turn committed in %s: %d event(s), %d message(s) to send, %d new job(s)", record.key, len(events),
+                 len(committed.outbox), len(new_jobs))
         for job in new_jobs:
             await self._start_job(job)
         return committed
@@ -256,18 +266,21 @@ class ConversationProcessor:
 
     # --- sending ---
     async def _flush(self, record: ConversationRecord) -> float | None:
+        metrics.outbox_backlog(record.key, len(record.outbox))
         if not record.outbox:
             return None
         reference = await self._store.get_reference(record.key)
         if reference is None:
             log.error("conversation %s has %d unsent message(s) but no conversation reference; dropping them",
                       record.key, len(record.outbox))
+            metrics.OUTBOX_DROPPED.labels("no_reference").inc(len(record.outbox))
             await self._remove_from_outbox(record, {m.id for m in record.outbox})
             return None
         for message in record.outbox:
             try:
                 activity_id = await self._sender.send(reference, message.activity)
                 crash_point("message_sent")
+                metrics.OUTBOX_SENT.inc()
                 if message.id.startswith(CARD_PREFIX) and self._on_card_sent is not None:
                     try:
                         await self._on_card_sent(record.key, message.id.removeprefix(CARD_PREFIX), activity_id)
@@ -277,12 +290,14 @@ class ConversationProcessor:
                 failures = self._delivery_failures.get(message.id, 0) + 1
                 if not exc.permanent and failures < self._max_delivery_failures:
                     self._delivery_failures[message.id] = failures
+                    metrics.DELIVERY_RETRIES.inc()
                     # Back off from 5 s to 5 min: a channel outage can last, it must not be hammered.
                     wait = exc.retry_after or min(300.0, 5.0 * 2 ** min(failures - 1, 6))
                     log.warning("sending to %s failed %d time(s) (%s); retrying in %.0f s", record.key, failures,
                                 exc, wait)
                     return wait
                 self._delivery_failures.pop(message.id, None)
+                metrics.OUTBOX_DROPPED.labels("permanent" if exc.permanent else "gave_up").inc()
                 if not exc.permanent:
                     log.error("giving up on message %s to %s after %d failed deliveries: %s", message.id,
                               record.key, failures, exc)
@@ -297,6 +312,8 @@ class ConversationProcessor:
         while True:
             updated = record.evolve(outbox=tuple(m for m in record.outbox if m.id not in ids))
             try:
-                return await self._store.commit(updated)
+                committed = await self._store.commit(updated)
+                metrics.outbox_backlog(record.key, len(committed.outbox))
+                return committed
             except ConcurrencyError:
                 record = await self._store.load(record.key)

@@ -14,6 +14,7 @@ from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import Activity, ActivityTypes, ConversationReference
 
+import metrics
 from agent.processor import DeliveryError
 from storage.abc import JSON
 
@@ -120,15 +121,19 @@ class ProactiveSender:
             async with asyncio.timeout(self._timeout):
                 await self._adapter.continue_conversation(conversation_reference, deliver, self._app_id)
         except TimeoutError as exc:
+            metrics.connector_error("timeout")
             raise DeliveryError(f"connector did not answer within {self._timeout:g} s", permanent=False) from exc
         except (aiohttp.ClientError, OSError) as exc:
+            metrics.connector_error("unreachable")
             raise DeliveryError(f"connector unreachable: {exc}", permanent=False) from exc
         error = outcome.get("error")
         if error is None:
             return outcome.get("id")
         if isinstance(error, aiohttp.ClientError | TimeoutError | OSError):
+            metrics.connector_error("unreachable")
             raise DeliveryError(f"connector unreachable: {error}", permanent=False) from error
         status, retry_after = _status_and_retry_after(error)
+        metrics.connector_error(str(status or "error"))
         permanent = status in PERMANENT_STATUSES
         raise DeliveryError(f"connector answered {status or 'an error'}: {error}", permanent=permanent,
                             retry_after=retry_after) from error

@@ -19,6 +19,8 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
+import logs
+import metrics
 from agent.events import JobResult
 from crashpoints import crash_point
 from jobs.context import JobCancelledError, JobContext
@@ -116,10 +118,12 @@ class JobRunner:
             log.info("job %s is already running in this process; ignoring the duplicate start", job_id)
             return
         self._claimed.add(job_id)  # before any await: a duplicate start sees it
+        log_context = logs.set_context(conversation_key=conversation_key, job_id=job_id)
         try:
             await self._run(conversation_key, job_id)
         finally:
             self._claimed.discard(job_id)
+            logs.reset_context(log_context)
 
     async def _run(self, conversation_key: str, job_id: str) -> None:
         job = await self._store.get_job(conversation_key, job_id)
@@ -176,6 +180,7 @@ class JobRunner:
             self._runs.add(me)
             me.add_done_callback(self._runs.discard)
         log.info("job %s (%s) attempt %d/%d started", job.id, job.tool, job.attempt, tool.retry.max_attempts)
+        metrics.JOB_ATTEMPTS.labels(job.tool).inc()
         try:
             args = tool.args_model.model_validate(job.arguments)
             attempt_task = asyncio.ensure_future(tool.run(context, args))
@@ -213,6 +218,7 @@ class JobRunner:
                                           finished_at=time.time()))
             return
         retry_at = time.time() + delay
+        metrics.JOB_RETRIES.labels(job.tool).inc()
         job = await self._save(job.evolve(status="queued", error=error, next_retry_at=retry_at))
         log.info("job %s will retry (attempt %d of %d) in %.1f s", job.id, job.attempt + 1, max_attempts, delay)
         if self._progress_listener:
@@ -231,6 +237,7 @@ class JobRunner:
         crash_point("job_event_appended")
         job = await self._until_stored(lambda: self._save(job), job.id)
         log.info("job %s (%s) %s", job.id, job.tool, job.status)
+        metrics.job_finished(job.tool, job.status, job.started_at, job.finished_at)
         if self._progress_listener:
             await self._progress_listener(job)
 

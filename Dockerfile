@@ -1,0 +1,53 @@
+# Durable AI agent for Microsoft Teams: one container, one process (`python app.py`).
+# Build: docker build -t durable-teams-agent .
+# Run:   docker run -p 3978:3978 -v agent-data:/data --env-file .env durable-teams-agent
+# See docs/deployment.md. Run ONE instance: several against one store are not supported yet.
+
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PORT=3978 \
+    HOST=0.0.0.0 \
+    DATA_DIR=/data \
+    LOG_FORMAT=json
+
+# An unprivileged user owns only the data directory; the code stays root-owned and read-only to it.
+RUN groupadd --system --gid 10001 bot \
+    && useradd --system --uid 10001 --gid bot --home-dir /home/bot --create-home --shell /usr/sbin/nologin bot \
+    && mkdir /data \
+    && chown bot:bot /data
+
+WORKDIR /app
+
+# Dependencies first, so a code change does not reinstall them. Every pinned package has a
+# manylinux wheel for amd64 and arm64 except three pure-Python ones: no compiler is needed.
+COPY requirements.txt ./
+RUN pip install --no-cache-dir -r requirements.txt
+
+COPY *.py ./
+COPY agent/ agent/
+COPY bot/ bot/
+COPY dialogs/ dialogs/
+COPY jobs/ jobs/
+COPY storage/ storage/
+
+# Numeric, so orchestrators that enforce runAsNonRoot can verify it.
+USER 10001:10001
+
+# SQLite stores (conversations.sqlite3, jobs.sqlite3) live here. With Cosmos DB only the
+# APScheduler job store does, and the bot rebuilds it from Cosmos DB at start-up.
+VOLUME ["/data"]
+
+EXPOSE 3978
+
+# Liveness only (/healthz); orchestrators should probe /readyz for readiness. No curl in slim:
+# python's urllib, with proxies ignored so an HTTP(S)_PROXY setting cannot capture the probe.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + os.environ.get('PORT', '3978') + '/healthz', timeout=4)"]
+
+# Exec form: python is PID 1 and gets SIGTERM, on which aiohttp shuts down gracefully
+# (running jobs are handed back and resume after the restart).
+CMD ["python", "app.py"]

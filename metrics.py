@@ -1,0 +1,115 @@
+"""Prometheus metrics: one registry and the metric objects the bot updates (served at ``/metrics``).
+
+Counters and histograms are per process (they restart at zero with it, as Prometheus expects);
+``teams_agent_jobs`` is read from the store at each scrape, so it counts every queued or
+running job whichever process started it. No label carries a conversation key or a job id:
+label values are bounded (outcomes, tool names, HTTP statuses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter as Tally
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from storage.abc import ConversationStore
+
+log = logging.getLogger(__name__)
+
+PREFIX = "teams_agent_"
+
+# No *_created series: they double what a scrape carries and nothing here needs them.
+disable_created_metrics()
+
+#: Our own registry (not prometheus_client's global one): what /metrics shows is exactly this.
+REGISTRY = CollectorRegistry(auto_describe=True)
+# The standard process_*, python_info and python_gc_* series, as the default registry has them.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+
+# --- agent turns (agent/processor.py) ---
+TURNS = Counter(f"{PREFIX}turns", "Agent turns run (one per user message or job result the model answered), "
+                "by outcome: ok, or failed (the model or a tool failed; the user was told)",
+                ["outcome"], registry=REGISTRY)
+TURN_SECONDS = Histogram(f"{PREFIX}turn_duration_seconds", "How long one agent turn took (model calls and tools)",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300), registry=REGISTRY)
+TURN_CONFLICTS = Counter(f"{PREFIX}turn_conflicts", "Turns redone because the conversation changed while they ran",
+                         registry=REGISTRY)
+
+# --- outbox and delivery (agent/processor.py, bot/sender.py) ---
+OUTBOX_BACKLOG = Gauge(f"{PREFIX}outbox_backlog", "Committed messages not yet accepted by the channel, in "
+                       "conversations this process has worked on", registry=REGISTRY)
+OUTBOX_SENT = Counter(f"{PREFIX}outbox_sent", "Outbox messages the channel accepted", registry=REGISTRY)
+OUTBOX_DROPPED = Counter(f"{PREFIX}outbox_dropped", "Outbox messages given up, by reason: permanent (4xx such as "
+                         "403/404), gave_up (too many failed rounds), no_reference", ["reason"], registry=REGISTRY)
+DELIVERY_RETRIES = Counter(f"{PREFIX}delivery_retries", "Outbox rounds postponed after a transient delivery failure",
+                           registry=REGISTRY)
+CONNECTOR_ERRORS = Counter(f"{PREFIX}connector_errors", "Failed calls to the Bot Connector (each attempt), by "
+                           "reason: an HTTP status, timeout, unreachable or error", ["reason"], registry=REGISTRY)
+
+# --- background jobs (jobs/runner.py) ---
+JOBS = Gauge(f"{PREFIX}jobs", "Unfinished jobs in the store by state (queued, running), read at each scrape",
+             ["state"], registry=REGISTRY)
+JOB_ATTEMPTS = Counter(f"{PREFIX}job_attempts", "Job attempts started", ["tool"], registry=REGISTRY)
+JOB_RETRIES = Counter(f"{PREFIX}job_retries", "Failed job attempts scheduled to run again", ["tool"],
+                      registry=REGISTRY)
+JOBS_FINISHED = Counter(f"{PREFIX}jobs_finished", "Jobs that ended, by tool and status (succeeded, failed, "
+                        "cancelled)", ["tool", "status"], registry=REGISTRY)
+JOB_SECONDS = Histogram(f"{PREFIX}job_duration_seconds", "From a job's first start to its end (retries and "
+                        "restarts included), by tool and status", ["tool", "status"],
+                        buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400), registry=REGISTRY)
+
+UNFINISHED_STATES = ("queued", "running")
+
+_backlog: dict[str, int] = {}
+
+
+def turn_done(outcome: str, seconds: float) -> None:
+    TURNS.labels(outcome).inc()
+    TURN_SECONDS.observe(seconds)
+
+
+def outbox_backlog(conversation_key: str, size: int) -> None:
+    """Record how many unsent messages a conversation's outbox holds now."""
+    OUTBOX_BACKLOG.inc(size - _backlog.get(conversation_key, 0))
+    if size:
+        _backlog[conversation_key] = size
+    else:
+        _backlog.pop(conversation_key, None)
+
+
+def connector_error(reason: str) -> None:
+    CONNECTOR_ERRORS.labels(reason).inc()
+
+
+def job_finished(tool: str, status: str, started_at: float | None, finished_at: float | None) -> None:
+    JOBS_FINISHED.labels(tool, status).inc()
+    if started_at is not None and finished_at is not None:  # None: cancelled or failed before it ever ran
+        JOB_SECONDS.labels(tool, status).observe(max(0.0, finished_at - started_at))
+
+
+async def refresh_jobs(store: ConversationStore, timeout: float = 2.0) -> None:
+    """Set ``teams_agent_jobs`` from the store; if it cannot answer in time the series are left out."""
+    try:
+        async with asyncio.timeout(timeout):
+            jobs = await store.unfinished_jobs()
+    except Exception as exc:  # the store's health is /readyz's business: a scrape must not fail
+        log.debug("metrics: could not count unfinished jobs: %s", exc)
+        JOBS.clear()
+        return
+    counts = Tally(job.status for job in jobs)
+    for state in UNFINISHED_STATES:
+        JOBS.labels(state).set(counts.get(state, 0))
+
+
+def render(accept: str | None) -> tuple[bytes, str]:
+    """The registry in the exposition format the scraper asked for (``Accept``): body and content type."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(REGISTRY), content_type
