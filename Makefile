@@ -47,6 +47,13 @@ test: setup peers ## run the test suite (pytest)
 soak: setup ## crash soak: 60 random SIGKILLs under load, then the ledger (lost must be 0)
 	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60)
 
+.PHONY: bench bench-quick
+bench: $(VENV_STAMP) $(NODE_STAMP) ## benchmarks vs their baselines (~12 min on 2 cores): table + bench/results.md
+	$(VENV_PY) -m bench
+
+bench-quick: $(VENV_STAMP) $(NODE_STAMP) ## the benchmarks at small sizes (< 2 min), written to test-artifacts/
+	$(VENV_PY) -m bench --quick
+
 lint: $(VENV_STAMP) ## ruff check + mypy + secret scan
 	@rc=0; \
 	echo "ruff check ."; $(VENV)/bin/ruff check . || rc=1; \

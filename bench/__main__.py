@@ -1,0 +1,422 @@
+"""Run every benchmark against its baseline, print the results table, write bench/results.md.
+
+``python -m bench`` (``make bench``, about 12 minutes on 2 cores) or ``python -m bench --quick``
+(``make bench-quick``, under 2 minutes, smaller sizes; written to test-artifacts/ instead).
+``--only turns,notify,state,jobs,recovery`` runs a subset (the table then has only those rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, Progress, fmt_ms, fmt_ratio, quiet_env, ratio
+
+ALL = ("turns", "notify", "state", "jobs", "recovery")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    levels: tuple[int, ...]
+    warmup: float
+    window: float
+    notify_jobs: int
+    notify_conversations: int
+    notify_rate: float
+    job_seconds: float
+    checkpoints: tuple[int, ...]
+    scale_jobs: int
+    recovery_jobs: int
+    recovery_conversations: int
+    cold_starts: int
+
+    def weights(self) -> dict[str, float]:
+        """Rough seconds per phase on 2 cores, for the progress bar."""
+        last = max(self.checkpoints)
+        return {
+            "turns": len(self.levels) * 2 * (self.warmup + self.window) + 6,
+            "notify": 2 * self.notify_jobs / self.notify_rate + 8,
+            "state_sqlite": last * 0.007,
+            "state_cosmos": last * 0.05 + 3,
+            "jobs": self.scale_jobs * 0.015 + 4,
+            "recovery": self.recovery_jobs * 0.09 + 2.5 * self.cold_starts + 4,
+        }
+
+
+FULL = Sizes(levels=(1, 10, 100), warmup=3, window=15, notify_jobs=200, notify_conversations=50, notify_rate=10,
+             job_seconds=0.5, checkpoints=(10, 100, 1000, 5000), scale_jobs=10_000, recovery_jobs=1000,
+             recovery_conversations=100, cold_starts=3)
+QUICK = Sizes(levels=(1, 10, 100), warmup=1, window=2.5, notify_jobs=40, notify_conversations=20, notify_rate=10,
+              job_seconds=0.5, checkpoints=(10, 100, 200), scale_jobs=500, recovery_jobs=50,
+              recovery_conversations=10, cold_starts=1)
+
+
+# --- the machine and the versions ---------------------------------------------------------------
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = "?"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                ram = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": f"{usable} usable ({os.cpu_count()} online)", "ram": ram,
+            "os": f"{platform.system()} {platform.release()}"}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("botbuilder-core", "botbuilder-integration-aiohttp", "autogen-agentchat", "autogen-core", "aiohttp",
+                 "APScheduler", "SQLAlchemy", "aiosqlite", "azure-cosmos", "msrest"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    node = shutil.which("node")
+    if node:
+        out["node"] = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
+        package = REPO / "node_modules" / "@vercel" / "cosmosdb-server" / "package.json"
+        if package.is_file():
+            out["@vercel/cosmosdb-server"] = json.loads(package.read_text()).get("version", "?")
+    return out
+
+
+# --- rows -----------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    section: str
+    figure: str
+    ours: str
+    baseline: str
+    ratio: str
+    target: str = ""
+    verdict: str = ""
+
+
+def _verdict(ok: bool | None) -> str:
+    return "" if ok is None else ("met" if ok else "**MISSED**")
+
+
+def turn_rows(res: dict[str, Any]) -> list[Row]:
+    rows = []
+    for level, figs in res["levels"].items():
+        ours, echo = figs["ours"], figs["echo"]
+        conv = f"{level} conv."
+        p50 = ratio(ours.p50, echo.p50)
+        rows += [
+            Row("1 turn", f"activities/s, {conv}", f"{ours.throughput:.1f}/s", f"{echo.throughput:.1f}/s (echo)",
+                fmt_ratio(ratio(ours.throughput, echo.throughput))),
+            Row("1 turn", f"p50 ingest→reply, {conv}", fmt_ms(ours.p50), fmt_ms(echo.p50), fmt_ratio(p50),
+                "≤ 1.5x echo", _verdict(p50 <= 1.5)),
+            Row("1 turn", f"p99 ingest→reply, {conv}", fmt_ms(ours.p99), fmt_ms(echo.p99),
+                fmt_ratio(ratio(ours.p99, echo.p99))),
+            Row("1 turn", f"bot CPU per turn, {conv}", fmt_ms(ours.cpu_per_turn), fmt_ms(echo.cpu_per_turn),
+                fmt_ratio(ratio(ours.cpu_per_turn, echo.cpu_per_turn))),
+        ]
+    return rows
+
+
+def notify_rows(res: dict[str, Any]) -> list[Row]:
+    ours, echo = res["ours"], res["echo"]
+    base = "timer + continue_conversation (echo bot)"
+    return [
+        Row("2 notify", f"p50 job finished→message ({res['jobs']} jobs)", fmt_ms(ours["p50"]), fmt_ms(echo["p50"]),
+            fmt_ratio(ratio(ours["p50"], echo["p50"]))),
+        Row("2 notify", f"p99 job finished→message ({res['jobs']} jobs)", fmt_ms(ours["p99"]), fmt_ms(echo["p99"]),
+            fmt_ratio(ratio(ours["p99"], echo["p99"])), "< 500 ms", _verdict(ours["p99"] < 0.5)),
+        Row("2 notify", "notifications delivered", f"{ours['delivered']}/{ours['acknowledged']}",
+            f"{echo['delivered']}/{echo['acknowledged']} ({base})", ""),
+    ]
+
+
+def state_rows(res: dict[str, Any]) -> list[Row]:
+    rows = []
+    last = max(res["checkpoints"])
+    for backend, label in (("sqlite", "SQLite"), ("cosmos", "Cosmos server")):
+        figs = res.get(backend) or {}
+        if "skipped" in figs:
+            rows.append(Row("3 state", f"{label}: skipped", figs["skipped"], "", ""))
+            continue
+        first, end = figs[10], figs[last]
+        commit = ratio(end["commit"], first["commit"])
+        rows += [
+            Row("3 state", f"{label} commit time/turn @ turn {last:,}", fmt_ms(end["commit"]),
+                f"{fmt_ms(first['commit'])} (@ turn 10)", fmt_ratio(commit), "≤ 1.5x turn 10", _verdict(commit <= 1.5)),
+            Row("3 state", f"{label} all store calls/turn @ turn {last:,}", fmt_ms(end["store"]),
+                f"{fmt_ms(first['store'])} (@ turn 10)", fmt_ratio(ratio(end["store"], first["store"]))),
+            Row("3 state", f"{label} stored conversation @ turn {last:,}", f"{end['size'] / 1024:.1f} KiB",
+                f"{first['size'] / 1024:.1f} KiB (@ turn 10)", fmt_ratio(ratio(end["size"], first["size"]))),
+        ]
+    return rows
+
+
+def job_rows(res: dict[str, Any]) -> list[Row]:
+    ours, bare = res["ours"], res["bare"]
+    n = ours["jobs"]
+    mib = 1024 * 1024
+
+    def per_job(r: dict[str, Any]) -> float:
+        return (r["rss_pending"] - r["rss_before"]) / r["jobs"]
+
+    base = "bare APScheduler"
+    return [
+        Row("4 jobs", f"resident memory, {n:,} jobs pending", f"{ours['rss_pending'] / mib:.0f} MiB",
+            f"{bare['rss_pending'] / mib:.0f} MiB ({base})", fmt_ratio(ratio(ours["rss_pending"], bare["rss_pending"])),
+            "< 200 MB", _verdict(ours["rss_pending"] < 200e6)),
+        Row("4 jobs", "memory per pending job (RSS delta / jobs)", f"{per_job(ours) / 1024:.1f} KiB",
+            f"{per_job(bare) / 1024:.1f} KiB", fmt_ratio(ratio(per_job(ours), per_job(bare)))),
+        Row("4 jobs", "peak resident memory (incl. completion)", f"{ours['rss_peak'] / mib:.0f} MiB",
+            f"{bare['rss_peak'] / mib:.0f} MiB", fmt_ratio(ratio(ours["rss_peak"], bare["rss_peak"]))),
+        Row("4 jobs", "jobs scheduled per second", f"{n / ours['schedule_seconds']:.0f}/s",
+            f"{n / bare['schedule_seconds']:.0f}/s",
+            fmt_ratio(ratio(bare["schedule_seconds"], ours["schedule_seconds"]))),
+        Row("4 jobs", f"time until all {n:,} are running", f"{ours['pending_seconds']:.1f} s",
+            f"{bare['pending_seconds']:.1f} s", fmt_ratio(ratio(ours["pending_seconds"], bare["pending_seconds"]))),
+        Row("4 jobs", "completion notifications delivered",
+            f"{ours['notified']:,}/{n:,} in {ours['drain_seconds']:.1f} s",
+            f"{bare['notified']:,}/{n:,} in {bare['drain_seconds']:.1f} s", "",
+            f"{n:,}/{n:,}", _verdict(ours["notified"] == n)),
+    ]
+
+
+def recovery_rows(res: dict[str, Any]) -> list[Row]:
+    rec = res.get("recovery_seconds")
+    n = res.get("running_before_kill", res["jobs"])
+    return [
+        Row("5 recovery", f"restart → all {n:,} jobs running again", f"{rec:.2f} s" if rec is not None else "never",
+            f"{res['cold_start']:.2f} s (empty cold start)", fmt_ratio(ratio(rec, res["cold_start"])) if rec else "n/a",
+            "< 5 s", _verdict(rec is not None and rec < 5)),
+        Row("5 recovery", "restart → /healthz answers", f"{res['healthy_seconds']:.2f} s",
+            f"{res['cold_start']:.2f} s", fmt_ratio(ratio(res["healthy_seconds"], res["cold_start"]))),
+    ]
+
+
+def table(rows: list[Row]) -> str:
+    head = ["#", "figure", "ours", "baseline", "ours/baseline", "target", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r.section} | {r.figure} | {r.ours} | {r.baseline} | {r.ratio} | {r.target} | {r.verdict} |")
+    return "\n".join(lines)
+
+
+# --- detail tables for results.md ---------------------------------------------------------------------
+def details(results: dict[str, Any]) -> str:
+    parts = []
+    if "turns" in results:
+        res = results["turns"]
+        lines = ["### 1. Turn overhead per load level",
+                 f"Closed loop, {res['warmup_s']:g} s warm-up then {res['window_s']:g} s measured per bot and level; "
+                 "activities/s over the whole run, latencies of the messages sent in the measured part.", "",
+                 "| conversations | bot | activities/s | p50 | p99 | replies measured | bot CPU/turn | errors |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for level, figs in res["levels"].items():
+            for name in ("echo", "ours"):
+                r = figs[name]
+                lines.append(f"| {level} | {name} | {r.throughput:.1f} | {fmt_ms(r.p50)} | {fmt_ms(r.p99)} | "
+                             f"{len(r.latencies)} | {fmt_ms(r.cpu_per_turn)} | {r.errors} |")
+        parts.append("\n".join(lines))
+    if "notify" in results:
+        res = results["notify"]
+        parts.append(
+            f"### 2. Notifications\n{res['jobs']} activations over {res['conversations']} conversations at "
+            f"{res['rate']:g}/s, ACTIVATE_LINE_SECONDS={res['job_seconds']:g}. Max: ours "
+            f"{fmt_ms(res['ours']['max'])}, echo {fmt_ms(res['echo']['max'])}.")
+    if "state" in results:
+        res = results["state"]
+        lines = ["### 3. State cost per checkpoint (median of the 10 user turns ending there)", "",
+                 "| store | turn | commit/turn | all store calls/turn | whole turn (in-process) | stored item |",
+                 "|---|---|---|---|---|---|"]
+        for backend in ("sqlite", "cosmos"):
+            figs = res.get(backend) or {}
+            if "skipped" in figs:
+                lines.append(f"| {backend} | skipped: {figs['skipped']} | | | | |")
+                continue
+            for turn, f in figs.items():
+                lines.append(f"| {backend} | {turn:,} | {fmt_ms(f['commit'])} | {fmt_ms(f['store'])} | "
+                             f"{fmt_ms(f['turn'])} | {f['size']:,} B |")
+        for backend in ("sqlite", "cosmos"):
+            figs = res.get(backend) or {}
+            if "skipped" in figs or not figs:
+                continue
+            first, end = figs[min(figs)], figs[max(figs)]
+            calls = sorted(set(first.get("by_call", {})) | set(end.get("by_call", {})))
+            lines.append("")
+            lines.append(f"{backend}, each store method per turn, turn {min(figs):,} → {max(figs):,}: " + ", ".join(
+                f"{c} {fmt_ms(first['by_call'].get(c, 0.0))} → {fmt_ms(end['by_call'].get(c, 0.0))}" for c in calls))
+        parts.append("\n".join(lines))
+    if "jobs" in results:
+        res = results["jobs"]
+        lines = ["### 4. Job scale (raw)", "", "| mode | " + " | ".join(k for k in res["ours"] if k != "mode") + " |",
+                 "|---|" + "---|" * (len(res["ours"]) - 1)]
+        for mode in ("ours", "bare"):
+            r = res[mode]
+            lines.append(f"| {mode} | " + " | ".join(_cell(r.get(k)) for k in res["ours"] if k != "mode") + " |")
+        parts.append("\n".join(lines))
+    if "recovery" in results:
+        res = results["recovery"]
+        parts.append("### 5. Recovery (raw)\n" + ", ".join(f"{k}={_cell(v)}" for k, v in res.items() if k != "log"))
+    return "\n\n".join(parts)
+
+
+def _load(values: tuple[float, float, float]) -> str:
+    return "/".join(f"{v:.1f}" for v in values)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, int) and value > 10**6:
+        return f"{value / 1024 / 1024:.1f} MiB"
+    return str(value)
+
+
+# --- running ------------------------------------------------------------------------------------------
+def run_jobscale(mode: str, jobs: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, "-m", "bench.jobscale", "--mode", mode, "--jobs", str(jobs)], cwd=REPO,
+                          capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.jobscale --mode {mode} failed:\n{proc.stderr[-3000:]}")
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (under 2 minutes)")
+    parser.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    parser.add_argument("--output", type=Path, help="where to write the Markdown results")
+    args = parser.parse_args()
+    quiet_env()
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = set(only) - set(ALL)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    sizes = QUICK if args.quick else FULL
+    default = REPO / "test-artifacts" / "bench-quick.md" if args.quick else REPO / "bench" / "results.md"
+    output = args.output or default
+    weights = sizes.weights()
+    total = sum(w for k, w in weights.items() if k.split("_")[0] in only)
+    progress = Progress(total)
+    started = time.monotonic()
+    date = dt.datetime.now(dt.UTC)
+    load_before = os.getloadavg()
+    results: dict[str, Any] = {}
+
+    from bench import notify, recovery, state, turns
+
+    if "turns" in only:
+        w = weights["turns"] / (len(sizes.levels) * 2 * (sizes.warmup + sizes.window) + 6)
+        progress_scaled = _Scaled(progress, w)
+        results["turns"] = turns.run(sizes.levels, sizes.warmup, sizes.window, progress_scaled)
+        progress_scaled.settle(weights["turns"])
+    if "notify" in only:
+        results["notify"] = notify.run(sizes.notify_jobs, sizes.notify_conversations, sizes.notify_rate,
+                                       sizes.job_seconds, progress, weights["notify"])
+    if "state" in only:
+        results["state"] = state.run(sizes.checkpoints, progress, weights["state_sqlite"], weights["state_cosmos"])
+    if "jobs" in only:
+        progress.set(f"job scale: ours, {sizes.scale_jobs:,} jobs (own process)")
+        ours = run_jobscale("ours", sizes.scale_jobs)
+        progress.advance(weights["jobs"] * 0.75, f"job scale: bare APScheduler, {sizes.scale_jobs:,} jobs")
+        bare = run_jobscale("bare", sizes.scale_jobs)
+        progress.advance(weights["jobs"] * 0.25)
+        results["jobs"] = {"ours": ours, "bare": bare}
+    if "recovery" in only:
+        results["recovery"] = recovery.run(sizes.recovery_jobs, sizes.recovery_conversations, progress,
+                                           weights["recovery"], sizes.cold_starts)
+    progress.finish()
+    elapsed = time.monotonic() - started
+    load_after = os.getloadavg()
+
+    rows: list[Row] = []
+    for name, build in (("turns", turn_rows), ("notify", notify_rows), ("state", state_rows), ("jobs", job_rows),
+                        ("recovery", recovery_rows)):
+        if name in results:
+            rows += build(results[name])
+    summary = table(rows)
+    print()
+    print(summary)
+    print(f"\n{'quick ' if args.quick else ''}benchmarks took {elapsed / 60:.1f} min; written to {output}")
+
+    m, v = machine(), versions()
+    command = "make bench-quick" if args.quick else "make bench"
+    doc = [
+        "# Benchmarks: results",
+        "",
+        f"Written by `{command}` (`python -m bench{' --quick' if args.quick else ''}`) on "
+        f"{date:%Y-%m-%d %H:%M} UTC; the whole run took {elapsed / 60:.1f} minutes. Every figure is measured in "
+        "the same run as its baseline; *ours/baseline* is the ratio (lower is better, except for throughput). "
+        "What each figure means and how it is measured: [README.md](README.md). Where a target is missed, "
+        "where the time goes: [profiling.md](profiling.md).",
+        "",
+        f"**Machine:** {m['cpu']}, {m['cores']} cores, {m['ram']} RAM, {m['os']}. Load average (1/5/15 min) "
+        f"before the run {_load(load_before)}, after it {_load(load_after)}: the benchmarks' own processes "
+        "account for about 2; more means something else shared the cores and the figures are noisier.  ",
+        "**Versions:** " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        summary,
+        "",
+        details(results),
+        "",
+    ]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text("\n".join(doc), encoding="utf-8")
+    raw = REPO / "test-artifacts" / f"bench{'-quick' if args.quick else ''}-raw.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(_jsonable(results), indent=1, default=str), encoding="utf-8")
+    return 0
+
+
+class _Scaled(Progress):
+    """Progress in a benchmark's own units, scaled into the run's bar."""
+
+    def __init__(self, parent: Progress, scale: float) -> None:
+        self._parent, self._scale, self._given = parent, scale, 0.0
+
+    def set(self, label: str) -> None:
+        self._parent.set(label)
+
+    def advance(self, amount: float, label: str | None = None) -> None:
+        self._given += amount * self._scale
+        self._parent.advance(amount * self._scale, label)
+
+    def settle(self, weight: float) -> None:
+        if weight > self._given:
+            self._parent.advance(weight - self._given)
+
+    def finish(self) -> None:
+        pass
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""1. Turn overhead: the real bot against a bare botbuilder echo bot, both as real processes.
+
+Closed loop: each of N simulated users (one per conversation) posts a message, waits until its
+reply reaches the recording connector, and posts the next at once. Latency is ingest-to-reply:
+from just before the POST to the reply's arrival at the connector (one monotonic clock, same
+machine). The real bot acknowledges the POST first and answers later through its inbox,
+agent turn, atomic commit and outbox; the echo bot answers inside the request. Same load
+generator (aiohttp client), same connector, same machine, same message texts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.common import Arrival, Progress, SignallingConnector, cpu_seconds, env_for_bot, percentile
+from tests.support.activities import message, new_conversation_id
+from tests.support.botproc import BotProcess
+
+
+@dataclass
+class LoadResult:
+    conversations: int
+    window: float
+    latencies: list[float] = field(default_factory=list)
+    completed_in_window: int = 0
+    completed: int = 0
+    bot_cpu: float = 0.0  # CPU seconds the bot process used during the whole run (all threads)
+    loadgen_cpu: float = 0.0  # ... and the load generator + connector process
+    errors: int = 0
+    strays: int = 0
+
+    first_send: float = 0.0
+    last_reply: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Replies per second over the whole run (first POST to last reply, warm-up included): with many
+        conversations the bot interleaves their turns, so replies come in waves a short window can miss."""
+        span = self.last_reply - self.first_send
+        return self.completed / span if span > 0 else float("nan")
+
+    @property
+    def cpu_per_turn(self) -> float:
+        return self.bot_cpu / self.completed if self.completed else float("nan")
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies, 99)
+
+
+class ReplyWaiter:
+    """Routes connector arrivals to the coroutine waiting for that conversation's reply."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: dict[str, tuple[str, asyncio.Future[Arrival]]] = {}
+        self.strays = 0
+
+    def expect(self, conversation_id: str, token: str) -> asyncio.Future[Arrival]:
+        future: asyncio.Future[Arrival] = self._loop.create_future()
+        self._waiting[conversation_id] = (token, future)
+        return future
+
+    def on_arrival(self, arrival: Arrival) -> None:  # connector thread
+        self._loop.call_soon_threadsafe(self._resolve, arrival)
+
+    def _resolve(self, arrival: Arrival) -> None:
+        entry = self._waiting.get(arrival.conversation_id or "")
+        if entry is None or entry[0] not in arrival.text or entry[1].done():
+            self.strays += 1
+            return
+        del self._waiting[arrival.conversation_id or ""]
+        entry[1].set_result(arrival)
+
+
+async def closed_loop(url: str, connector: SignallingConnector, conversations: int, warmup: float,
+                      window: float, prefix: str, reply_timeout: float = 60.0) -> LoadResult:
+    """Run N closed-loop users for warmup + window seconds; measure in the window only."""
+    loop = asyncio.get_running_loop()
+    waiter = ReplyWaiter(loop)
+    connector.listener = waiter.on_arrival
+    result = LoadResult(conversations, window)
+    start = time.monotonic()
+    result.first_send = start
+    measure_from, end = start + warmup, start + warmup + window
+    conv_ids = [new_conversation_id(prefix) for _ in range(conversations)]
+
+    async def user(session: aiohttp.ClientSession, conversation_id: str) -> None:
+        n = 0
+        while (sent := time.monotonic()) < end:
+            n += 1
+            token = f"U{uuid.uuid4().hex[:10]}"
+            activity = message(f"my name is {token}", conversation_id=conversation_id, service_url=connector.url)
+            reply = waiter.expect(conversation_id, token)
+            sent = time.monotonic()
+            try:
+                async with session.post(url, json=activity) as response:
+                    await response.read()
+                    ok = 200 <= response.status < 300
+                if not ok:
+                    result.errors += 1
+                    continue
+                arrival = await asyncio.wait_for(reply, reply_timeout)
+            except (TimeoutError, aiohttp.ClientError):
+                result.errors += 1
+                continue
+            result.completed += 1
+            result.last_reply = max(result.last_reply, arrival.monotonic)
+            if sent >= measure_from:
+                result.latencies.append(arrival.monotonic - sent)
+            if measure_from <= arrival.monotonic <= end:
+                result.completed_in_window += 1
+
+    limits = aiohttp.TCPConnector(limit=conversations + 4, force_close=False)
+    try:
+        async with aiohttp.ClientSession(connector=limits) as session:
+            await asyncio.gather(*(user(session, c) for c in conv_ids))
+    finally:
+        connector.listener = None
+    result.strays = waiter.strays
+    return result
+
+
+def run(levels: tuple[int, ...], warmup: float, window: float, progress: Progress) -> dict[str, Any]:
+    """Both bots as processes; for each level, echo then ours. Returns the figures per level."""
+    out: dict[str, Any] = {"levels": {}, "warmup_s": warmup, "window_s": window}
+    with tempfile.TemporaryDirectory(prefix="bench-turns-") as tmp, SignallingConnector() as connector:
+        ours = BotProcess(Path(tmp) / "ours", env=env_for_bot())
+        echo = BotProcess(Path(tmp) / "echo", env=env_for_bot(), script="bench/echo_bot.py")
+        try:
+            progress.set("turn overhead: starting both bots")
+            ours.start(timeout=60)
+            echo.start(timeout=60)
+            for level in levels:
+                figures = {}
+                for name, bot in (("echo", echo), ("ours", ours)):
+                    progress.set(f"turn overhead: {name}, {level} conversation(s)")
+                    cpu_before, self_before = cpu_seconds(bot.pid), cpu_seconds()
+                    result = asyncio.run(closed_loop(bot.messages_url, connector, level, warmup, window,
+                                                     prefix=f"t{level}{name}"))
+                    result.bot_cpu = cpu_seconds(bot.pid) - cpu_before
+                    result.loadgen_cpu = cpu_seconds() - self_before
+                    figures[name] = result
+                    progress.advance(warmup + window)
+                out["levels"][level] = figures
+        finally:
+            ours.kill()
+            echo.kill()
+    return out
