@@ -1,0 +1,1 @@
+"""Benchmarks against baselines: ``python -m bench`` (``make bench``); see bench/README.md."""

@@ -1,10 +1,10 @@
 """Where the time goes, for the benchmarks that miss a target (optional; needs pyinstrument).
 
     .venv/bin/pip install pyinstrument      # not in requirements-dev.txt: only this tool uses it
-    .venv/bin/python -m bench.profile turns      # the real app under load (10 conversations)
-    .venv/bin/python -m bench.profile notify     # the real app finishing jobs (0.5 s each)
-    .venv/bin/python -m bench.profile recovery   # the real app restarting with N jobs in flight
-    .venv/bin/python -m bench.profile state --backend cosmos --turns 5000   # which store call grows
+    .venv/bin/python -m bench.profiler turns      # the real app under load (10 conversations)
+    .venv/bin/python -m bench.profiler notify     # the real app finishing jobs (0.5 s each)
+    .venv/bin/python -m bench.profiler recovery   # the real app restarting with N jobs in flight
+    .venv/bin/python -m bench.profiler state --backend cosmos --turns 5000   # which store call grows
 
 The app runs as a real process under ``python -m pyinstrument`` (statistical sampling of the
 event loop's thread, 1 ms), driven by the benchmark's own load generator and recording
