@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +62,21 @@ class SignallingConnector(RecordingConnector):
                 conversation = (activity.get("conversation") or {}).get("id")
                 listener(Arrival(conversation, arrived, wall, str(activity.get("text") or "")))
         return response
+
+
+async def post_until_acknowledged(session: aiohttp.ClientSession, url: str, activity: dict[str, Any],
+                                   attempts: int = 5) -> bool:
+    """Post like the channel does: redeliver (same activity id) until the bot answers 2xx."""
+    for _ in range(attempts):
+        try:
+            async with session.post(url, json=activity) as response:
+                await response.read()
+                if 200 <= response.status < 300:
+                    return True
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.5)
+    return False
 
 
 def percentile(values: list[float], q: float) -> float:

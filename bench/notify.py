@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import Arrival, Progress, SignallingConnector, env_for_bot, percentile
+from bench.common import Arrival, Progress, SignallingConnector, env_for_bot, percentile, post_until_acknowledged
 from tests.support.activities import message, new_conversation_id
 from tests.support.botproc import BotProcess
 
@@ -45,16 +45,7 @@ async def open_loop(url: str, service_url: str, conversations: int, jobs: int, r
     async def post(session: aiohttp.ClientSession, n: int) -> None:
         nonlocal acknowledged
         activity = message(text(n), conversation_id=conv_ids[n % conversations], service_url=service_url)
-        for _ in range(5):  # like the channel: redeliver until acknowledged
-            try:
-                async with session.post(url, json=activity) as response:
-                    await response.read()
-                    if 200 <= response.status < 300:
-                        acknowledged += 1
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
+        acknowledged += await post_until_acknowledged(session, url, activity)
 
     async with aiohttp.ClientSession() as session:
         tasks = []

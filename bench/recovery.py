@@ -22,7 +22,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import Progress, SignallingConnector, env_for_bot
+from bench.common import Progress, SignallingConnector, env_for_bot, post_until_acknowledged
 from tests.support.activities import message, new_conversation_id
 from tests.support.botproc import BotProcess
 
@@ -51,16 +51,7 @@ async def _post_all(url: str, service_url: str, jobs: int, conversations: int, c
         activity = message(f"activate line 555-{n % 10000:04d}", conversation_id=conv_ids[n % conversations],
                            service_url=service_url)
         async with gate:
-            for _ in range(5):
-                try:
-                    async with session.post(url, json=activity) as response:
-                        await response.read()
-                        if 200 <= response.status < 300:
-                            acknowledged += 1
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.5)
+            acknowledged += await post_until_acknowledged(session, url, activity)
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(post(session, n) for n in range(jobs)))

@@ -20,7 +20,7 @@ from bot.auth import TenantPolicy
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.keys import conversation_key
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
-from storage.abc import ConversationStore, InboxEvent, JobNotFoundError
+from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,22 @@ class TeamsBot(TeamsActivityHandler):
         self._wake = wake
         self._commands = commands
         self._cancel_job = cancel_job
+        self._saved_references: dict[str, JSON] = {}
 
     async def on_turn(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
         if not self._tenants.allows(activity):  # ALLOWED_TENANTS: a polite no, and nothing stored
             await self._tenants.refuse(turn_context)
             return
+        key = conversation_key(activity)
         reference = TurnContext.get_conversation_reference(activity).serialize()
-        await self._store.save_reference(conversation_key(activity), reference)
+        # Without the triggering activity's id (proactive sends post into the conversation, a Teams
+        # thread being a conversation of its own), the reference rarely changes: write (and fsync)
+        # only when it differs from what this process last stored.
+        reference.pop("activityId", None)
+        if self._saved_references.get(key) != reference:
+            await self._store.save_reference(key, reference)
+            self._saved_references[key] = reference
         await super().on_turn(turn_context)
 
     async def on_message_activity(self, turn_context: TurnContext) -> None:

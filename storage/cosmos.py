@@ -544,8 +544,10 @@ class CosmosStore(ConversationStore):
         """Read, change, replace with the item's etag; a 412 means another writer moved: redo."""
         pk, item_id = self.partition(key), cosmos_id(JOB_PREFIX, job_id)
         while True:
-            await self.get_job(key, job_id)  # materialises a job still held as an intent
             doc = await self._read(pk, item_id)
+            if doc is None:
+                await self.get_job(key, job_id)  # materialises a job still held as an intent, or raises
+                doc = await self._read(pk, item_id)
             if doc is None:
                 raise JobNotFoundError(key, job_id)
             job = JobRecord.from_json(doc["job"]).evolve(**changes)

@@ -13,7 +13,6 @@ and also while an async test awaits on pytest's loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
@@ -25,6 +24,8 @@ from typing import Any, Self
 from urllib.parse import unquote
 
 from aiohttp import web
+
+from tests.support.loop_thread import LoopThread
 
 __all__ = ["Recorded", "RecordingConnector"]
 
@@ -77,42 +78,14 @@ class RecordingConnector:
         self._delivered: list[Recorded] = []
         self._fault: _Fault | None = None
         self._delay = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread("RecordingConnector")
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> RecordingConnector:
         """Start serving on a free port; returns self once the socket is bound."""
-        if self._thread is not None:
-            raise RuntimeError("RecordingConnector already started")
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._serve())
-            except BaseException as exc:
-                errors.append(exc)
-                ready.set()
-                return
-            # Signal only once the loop runs, so stop() can always clean up.
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(
-            target=run, name="RecordingConnector", daemon=True
-        )
-        self._thread.start()
-        if not ready.wait(timeout) or errors:
-            self.stop()
-            if errors:
-                raise RuntimeError("RecordingConnector failed to start") from errors[0]
-            raise TimeoutError("RecordingConnector did not start in time")
+        self._loop_thread.start(self._serve, timeout)
         return self
 
     async def _serve(self) -> None:
@@ -128,18 +101,9 @@ class RecordingConnector:
 
     def stop(self) -> None:
         """Shut the server down and join the thread; safe to call twice."""
-        loop, thread, runner = self._loop, self._thread, self._runner
-        if loop is None or thread is None:
-            return
-        if runner is not None and loop.is_running():
-            fut = asyncio.run_coroutine_threadsafe(runner.cleanup(), loop)
-            with contextlib.suppress(Exception):  # best-effort shutdown
-                fut.result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        if not loop.is_running():
-            loop.close()
-        self._loop = self._thread = self._runner = None
+        runner = self._runner
+        self._loop_thread.stop(runner.cleanup if runner is not None else None)
+        self._runner = None
         self._port = None
 
     def __enter__(self) -> Self:

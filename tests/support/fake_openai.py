@@ -38,6 +38,8 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from tests.support.loop_thread import LoopThread
+
 __all__ = [
     "ChatRequest",
     "FakeOpenAI",
@@ -230,39 +232,14 @@ class FakeOpenAI:
         self._requests: list[ChatRequest] = []
         self._auth: tuple[str, str] | None = None  # (header, expected value)
         self.strict_history = True
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread("FakeOpenAI")
         self._runner: web.AppRunner | None = None
         self._stopping: asyncio.Event | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> Self:
-        if self._thread is not None:
-            raise RuntimeError("FakeOpenAI already started")
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._serve())
-            except BaseException as exc:
-                errors.append(exc)
-                ready.set()
-                return
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="FakeOpenAI", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout) or errors:
-            self.stop()
-            if errors:
-                raise RuntimeError("FakeOpenAI failed to start") from errors[0]
-            raise TimeoutError("FakeOpenAI did not start in time")
+        self._loop_thread.start(self._serve, timeout)
         return self
 
     async def _serve(self) -> None:
@@ -277,21 +254,11 @@ class FakeOpenAI:
         self._port = int(runner.addresses[0][1])
 
     def stop(self) -> None:
-        loop, thread, runner = self._loop, self._thread, self._runner
-        if loop is None or thread is None:
-            return
-        if loop.is_running():
-            if self._stopping is not None:
-                loop.call_soon_threadsafe(self._stopping.set)  # ends pending delays at once
-            if runner is not None:
-                fut = asyncio.run_coroutine_threadsafe(runner.cleanup(), loop)
-                with contextlib.suppress(Exception):
-                    fut.result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        if not loop.is_running():
-            loop.close()
-        self._loop = self._thread = self._runner = None
+        if self._stopping is not None:
+            self._loop_thread.call_soon(self._stopping.set)  # ends pending delays at once
+        runner = self._runner
+        self._loop_thread.stop(runner.cleanup if runner is not None else None)
+        self._runner = None
         self._port = None
 
     def __enter__(self) -> Self:

@@ -43,6 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import RSAAlgorithm
 
+from tests.support.loop_thread import LoopThread
+
 __all__ = ["CHANNEL_ISSUER", "EMULATOR_ISSUER_V1", "EMULATOR_ISSUER_V2", "OpenIdServer", "TokenRequest"]
 
 #: ``iss`` of tokens the Bot Framework channel service sends to bots (public cloud).
@@ -138,8 +140,7 @@ class OpenIdServer:
         self._metadata_delay = 0.0
         self._token_delay = 0.0
         self._port: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop_thread = LoopThread("OpenIdServer")
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None  # set on stop: delayed answers go out at once
         self._server: asyncio.Server | None = None
@@ -152,27 +153,7 @@ class OpenIdServer:
         self.ca_file = ca
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
-        ready = threading.Event()
-        errors: list[BaseException] = []
-        loop = asyncio.new_event_loop()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self._serve(context))
-            except BaseException as exc:
-                errors.append(exc)
-                ready.set()
-                return
-            loop.call_soon(ready.set)
-            loop.run_forever()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name="OpenIdServer", daemon=True)
-        self._thread.start()
-        if not ready.wait(timeout) or errors:
-            self.stop()
-            raise RuntimeError("OpenIdServer failed to start") from (errors[0] if errors else None)
+        self._loop_thread.start(lambda: self._serve(context), timeout)
         return self
 
     async def _serve(self, context: ssl.SSLContext) -> None:
@@ -196,19 +177,11 @@ class OpenIdServer:
         self._port = int(self._server.sockets[0].getsockname()[1])
 
     def stop(self) -> None:
-        loop, thread, runner = self._loop, self._thread, self._runner
-        if loop is None or thread is None:
-            return
-        if runner is not None and loop.is_running():
-            if self._release is not None:
-                loop.call_soon_threadsafe(self._release.set)
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._shutdown(runner), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        if not loop.is_running():
-            loop.close()
-        self._loop = self._thread = self._runner = self._server = None
+        if self._release is not None:
+            self._loop_thread.call_soon(self._release.set)
+        runner = self._runner
+        self._loop_thread.stop((lambda: self._shutdown(runner)) if runner is not None else None)
+        self._runner = self._server = None
         self._port = None
 
     async def _shutdown(self, runner: web.AppRunner) -> None:
