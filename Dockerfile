@@ -1,7 +1,13 @@
-# Durable AI agent for Microsoft Teams: one container, one process (`python app.py`).
+# Durable AI agent for Microsoft Teams: one image for every role (`python app.py`, role from ROLE).
 # Build: docker build -t durable-teams-agent .
-# Run:   docker run -p 3978:3978 -v agent-data:/data --env-file .env durable-teams-agent
-# See docs/deployment.md. Run ONE instance: several against one store are not supported yet.
+# One instance (ROLE=all, the default; SQLite in /data or Cosmos DB):
+#        docker run -p 3978:3978 -v agent-data:/data --env-file .env durable-teams-agent
+# Web and workers (several instances): Cosmos DB and a PostgreSQL JOB_STORE_URL in .env, then
+#        docker run -p 3978:3978 --env-file .env -e ROLE=web durable-teams-agent      (any number)
+#        docker run --restart unless-stopped --env-file .env -e ROLE=worker durable-teams-agent
+#        (two workers: one active, one standby; an active worker that loses PostgreSQL exits
+#        with status 70 and must be restarted). `python app.py --role web|worker` works too.
+# See docs/deployment.md.
 
 FROM python:3.11-slim
 
@@ -12,7 +18,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PORT=3978 \
     HOST=0.0.0.0 \
     DATA_DIR=/data \
-    LOG_FORMAT=json
+    LOG_FORMAT=json \
+    ROLE=all
 
 # An unprivileged user owns only the data directory; the code stays root-owned and read-only to it.
 RUN groupadd --system --gid 10001 bot \
@@ -30,6 +37,7 @@ RUN pip install --no-cache-dir -r requirements.txt
 COPY *.py ./
 COPY agent/ agent/
 COPY bot/ bot/
+COPY cluster/ cluster/
 COPY dialogs/ dialogs/
 COPY jobs/ jobs/
 COPY storage/ storage/
@@ -38,16 +46,19 @@ COPY storage/ storage/
 USER 10001:10001
 
 # SQLite stores (conversations.sqlite3, jobs.sqlite3) live here. With Cosmos DB only the
-# APScheduler job store does, and the bot rebuilds it from Cosmos DB at start-up.
+# APScheduler job store does, and the bot rebuilds it from Cosmos DB at start-up; with a
+# PostgreSQL JOB_STORE_URL (web/worker roles) nothing does.
 VOLUME ["/data"]
 
 EXPOSE 3978
 
-# Liveness only (/healthz); orchestrators should probe /readyz for readiness. No curl in slim:
+# Liveness only (/healthz, which every role serves); orchestrators should probe /readyz for
+# readiness (a standby worker is ready). No curl in slim:
 # python's urllib, with proxies ignored so an HTTP(S)_PROXY setting cannot capture the probe.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:' + os.environ.get('PORT', '3978') + '/healthz', timeout=4)"]
 
 # Exec form: python is PID 1 and gets SIGTERM, on which aiohttp shuts down gracefully
-# (running jobs are handed back and resume after the restart).
+# (running jobs are handed back; an active worker then releases its lock and a standby takes
+# over). app.py reads ROLE from the environment itself; `--role` arguments override it.
 CMD ["python", "app.py"]

@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 # Extra arguments for the packager, e.g. `make package PACKAGE_ARGS="--bot-id GUID"`.
 PACKAGE_ARGS ?=
 
-.PHONY: help setup chromium run test soak peers lint package clean distclean
+.PHONY: help setup chromium postgresql run test soak lint package clean distclean
 
 help: ## list the targets
 	@echo "Durable AI agent for Microsoft Teams"
@@ -28,20 +28,21 @@ help: ## list the targets
 	@echo
 	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, PYTHON (interpreter for the venv), PIP_QUIET"
 
-setup: $(VENV_STAMP) $(NODE_STAMP) chromium ## create .venv and node_modules (only what changed), install chromium
+setup: $(VENV_STAMP) $(NODE_STAMP) chromium postgresql ## create .venv and node_modules (only what changed), install chromium and PostgreSQL
 
 run: setup ## start the bot on http://localhost:3978/api/messages
 	$(VENV_PY) app.py
 
 # --- peer servers --------------------------------------------------------------------------
-# Peers the tests talk to (recording Bot Connector, the bot process itself) are started by the
-# tests' own fixtures for now. PLACE FOR LATER: start shared peer servers here (Agents
-# Playground, Cosmos DB wire-protocol server, PostgreSQL ...) on loopback, export their URLs
-# for pytest, and stop them when the test run ends (e.g. a wrapper script with a trap).
-peers:
+# No separate step: pytest starts the peers the tests talk to itself, on loopback, and stops
+# them when it ends. Session fixtures run the Cosmos DB wire server (tests/peers/cosmos.py),
+# PostgreSQL (tests/peers/postgres.py, from Debian's package, see `postgresql` below) and the
+# recording Bot Connector (tests/support/connector.py); the Agents Playground
+# (tests/support/playground.py) and the bot processes are started per test. A peer that is not
+# installed makes its tests skip, with the reason in pytest's summary.
 # -------------------------------------------------------------------------------------------
 
-test: setup peers ## run the test suite (pytest)
+test: setup ## run the test suite (pytest)
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 soak: setup ## crash soak: 60 random SIGKILLs under load, then the ledger (lost must be 0)
@@ -109,6 +110,23 @@ chromium: ## install Debian's chromium for the browser tests (root + apt-get; el
 		echo "installing chromium (apt-get) ..."; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 			chromium fonts-noto-color-emoji; \
+	fi
+
+# --- Debian's PostgreSQL (tests/peers/postgres.py runs a throwaway server from it) ----------
+# Quick when a server binary is already in /usr/lib/postgresql/*/bin; skipped with a warning
+# (the PostgreSQL tests are then skipped) when apt-get is missing or we are not root. The
+# package's own cluster service is not used: the tests run initdb and postgres themselves.
+postgresql: ## install Debian's PostgreSQL for the tests (root + apt-get; else skipped)
+	@if compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null; then \
+		:; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "warning: PostgreSQL not found and no apt-get: skipping it (the PostgreSQL tests are skipped)" >&2; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "warning: PostgreSQL not found and not root: skipping it (as root: apt-get install postgresql)" >&2; \
+	else \
+		echo "installing postgresql (apt-get) ..."; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			postgresql; \
 	fi
 
 # --- npm packages (Teams manifest schema; later the Agents Playground) ---------------------

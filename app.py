@@ -1,18 +1,26 @@
 """Composition root: Settings -> stores -> scheduler -> adapter -> bot -> aiohttp app.
 
 Only this module picks concrete implementations; everything else receives what it needs.
-Run with ``python app.py`` (``make run``).
+Run with ``python app.py`` (``make run``); ``--role web|worker`` splits the two halves over
+several processes that share the stores (docs/deployment.md):
+
+- web: ``/api/messages``: ingest, card invokes and commands, answered from the shared store;
+- worker: inboxes (the agent), jobs (APScheduler) and proactive sends, on the one *active*
+  worker at a time (cluster/); standbys wait to take over;
+- all (default): both in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from autogen_core.models import ChatCompletionClient
@@ -33,11 +41,12 @@ from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot
 from bot.job_cards import JobCardUpdater
 from bot.sender import ProactiveSender
+from cluster import Coordinator, LocalCoordinator
 from config import ConfigError, Settings
 from dialogs.commands import CommandDialogs
 from jobs.activate_line import make_activate_line_tool
 from jobs.registry import JobRegistry
-from jobs.runner import JobRunner
+from jobs.runner import CancelResult, JobRunner
 from jobs.scheduler import JobScheduler
 from storage.abc import ConversationStore
 from storage.sqlite import SqliteStore
@@ -56,6 +65,10 @@ class Services:
     mcp_hub: McpHub
     model_client: ChatCompletionClient
     card_updater: JobCardUpdater
+    coordinator: Coordinator
+    #: The active worker's background loops (sweep, retention), and the standby's wait.
+    tasks: list[asyncio.Task[object]] = field(default_factory=list)
+    worker_started: bool = False
 
 
 SERVICES = web.AppKey("services", Services)
@@ -76,6 +89,14 @@ def build_store(settings: Settings) -> ConversationStore:
     return SqliteStore(settings.sqlite_path)
 
 
+def build_coordinator(settings: Settings) -> Coordinator:
+    if settings.shared_job_store:
+        from cluster.postgres import PostgresCoordinator
+
+        return PostgresCoordinator(settings.coordination_url, application_name=f"teams-agent {settings.role}")
+    return LocalCoordinator()
+
+
 def help_text(settings: Settings, offline: bool) -> str:
     if offline:
         return HELP_TEXT
@@ -86,9 +107,12 @@ def help_text(settings: Settings, offline: bool) -> str:
     )
 
 
-def create_app(settings: Settings, store: ConversationStore | None = None) -> web.Application:
-    """The whole bot as an aiohttp app; ``store`` overrides the configured one (tests)."""
+def create_app(settings: Settings, store: ConversationStore | None = None,
+               coordinator: Coordinator | None = None) -> web.Application:
+    """The bot (the half ``settings.role`` names) as an aiohttp app; ``store`` and ``coordinator``
+    override the configured ones (tests)."""
     store = store or build_store(settings)
+    coordinator = coordinator or build_coordinator(settings)
     model_client = create_model_client(settings)
     offline = isinstance(model_client, OfflineChatCompletionClient)
     registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
@@ -98,11 +122,11 @@ def create_app(settings: Settings, store: ConversationStore | None = None) -> we
 
     processor_ref: list[ConversationProcessor] = []
 
-    def wake(key: str) -> None:
+    def wake_here(key: str) -> None:  # jobs run on the active worker, beside the processor
         processor_ref[0].wake(key)
 
     card_updater = JobCardUpdater(store, sender)
-    job_runner = JobRunner(store, registry, wake, progress_listener=card_updater.job_changed)
+    job_runner = JobRunner(store, registry, wake_here, progress_listener=card_updater.job_changed)
     scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
     runner = AgentTurnRunner(
         model_client,
@@ -116,18 +140,27 @@ def create_app(settings: Settings, store: ConversationStore | None = None) -> we
     )
     processor_ref.append(processor)
 
+    async def cancel_job(key: str, job_id: str) -> CancelResult:
+        """A user's cancel, taken by any instance: recorded in the store, carried out by the active worker."""
+        result = await job_runner.request_cancel(key, job_id)
+        if result.already_finished:
+            return result
+        await coordinator.cancel(key, job_id)
+        return CancelResult(await store.get_job(key, job_id), already_finished=False)
+
     conversation_state = ConversationState(ConversationStoreStorage(store))
     bot_ref: list[TeamsBot] = []
     commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
-                              list_jobs=store.list_jobs, cancel_job=job_runner.cancel)
-    bot = TeamsBot(store, wake, commands, job_runner.cancel, tenants=TenantPolicy(settings.allowed_tenants))
+                              list_jobs=store.list_jobs, cancel_job=cancel_job)
+    bot = TeamsBot(store, coordinator.wake, commands, cancel_job, tenants=TenantPolicy(settings.allowed_tenants))
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, model_client,
-                             card_updater)
-    app.router.add_post("/api/messages", messages_handler(adapter, bot))
+                             card_updater, coordinator)
+    if settings.serves_web:  # a worker answers only health, readiness and metrics
+        app.router.add_post("/api/messages", messages_handler(adapter, bot))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -155,17 +188,35 @@ async def readiness(services: Services, timeout: float = READINESS_TIMEOUT) -> d
         checks["store"] = f"no answer within {timeout:g} s"
     except Exception as exc:
         checks["store"] = f"{type(exc).__name__}: {exc}"
-    checks["scheduler"] = "ok" if services.scheduler.running else "not running"
+    if (coordination := await services.coordinator.check()) is not None:
+        if coordination != "ok" and not services.settings.runs_worker:
+            # A web instance still takes messages in durably; the active worker's sweep finds them.
+            coordination = f"degraded: {coordination}; new messages wait for the worker's sweep"
+        checks["coordination"] = coordination
+    if services.settings.runs_worker:
+        if services.coordinator.active or not services.settings.shared_job_store:
+            checks["scheduler"] = "ok" if services.scheduler.running else "not running"
+        else:
+            checks["scheduler"] = "standby"  # another worker is active; this one is ready to take over
     return checks
+
+
+def ok(check: str) -> bool:
+    """Ready as far as this check goes: fine, a standby worker, or degraded but serving."""
+    return check in ("ok", "standby") or check.startswith("degraded")
 
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the store answers and the job scheduler runs (503 otherwise, with the reasons)."""
-    checks = await readiness(request.app[SERVICES])
-    ready = all(value == "ok" for value in checks.values())
+    services = request.app[SERVICES]
+    checks = await readiness(services)
+    ready = all(ok(value) for value in checks.values())
     if not ready:
-        log.warning("not ready: %s", ", ".join(f"{name}: {value}" for name, value in checks.items() if value != "ok"))
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+        log.warning("not ready: %s", ", ".join(f"{name}: {value}" for name, value in checks.items() if not ok(value)))
+    elif degraded := [f"{name}: {value}" for name, value in checks.items() if value.startswith("degraded")]:
+        log.warning("ready, but %s", ", ".join(degraded))
+    return web.json_response({"status": "ready" if ready else "not ready", "role": services.settings.role,
+                              "active_worker": services.coordinator.active, "checks": checks},
                              status=200 if ready else 503)
 
 
@@ -188,40 +239,91 @@ async def purge_periodically(store: ConversationStore, ttl_days: int, every: flo
         await asyncio.sleep(every)
 
 
-async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Open stores, start the scheduler, recover unfinished work; undo it all on shutdown."""
-    services = app[SERVICES]
+async def sweep_periodically(processor: ConversationProcessor, every: float) -> None:
+    """The active worker's safety net for lost wake-ups (NOTIFY is fire-and-forget): look for
+    conversations with pending events or unsent messages every ``every`` seconds."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            found = await processor.recover(quiet=True)
+            if found:
+                metrics.WAKEUPS.labels("sweep").inc(found)
+        except Exception as exc:
+            log.warning("looking for missed work failed (%s); looking again in %.0f s", exc, every)
+
+
+async def start_worker(services: Services) -> None:
+    """This process became the active worker: tools, scheduler, recovery, background loops."""
+    services.worker_started = True
     settings = services.settings
-    await services.store.open()
     await services.mcp_hub.start()
     for tool in services.mcp_hub.long_running_tools():
         services.registry.register(tool)  # before recovery: their unfinished jobs resume
     await services.scheduler.start()
     recovered_jobs = await services.scheduler.recover()
     recovered_conversations = await services.processor.recover()
-    log.info(
-        "ready on port %d: %s store, %s, %s mode; recovered %d job(s), %d conversation(s)",
-        settings.port, type(services.store).__name__, settings.model_description,
-        "local (no auth)" if settings.local_mode else "authenticated", recovered_jobs, recovered_conversations,
-    )
-    purge = asyncio.create_task(purge_periodically(services.store, settings.conversation_ttl_days))
-    yield
-    purge.cancel()
+    log.info("active worker: recovered %d job(s), %d conversation(s)", recovered_jobs, recovered_conversations)
+    services.tasks.append(asyncio.create_task(
+        purge_periodically(services.store, settings.conversation_ttl_days), name="retention"))
+    if settings.shared_job_store:
+        services.tasks.append(asyncio.create_task(
+            sweep_periodically(services.processor, settings.work_sweep_seconds), name="sweep"))
+
+
+async def lead(services: Services, *, wait: bool) -> bool:
+    """Become the active worker (waiting for it if ``wait``) and start the worker's services."""
+    on_wake, on_cancel = services.processor.wake, services.job_runner.apply_cancel
+    if not await services.coordinator.lead(on_wake, on_cancel, wait=wait):
+        return False
+    await start_worker(services)
+    return True
+
+
+async def stop_worker(services: Services) -> None:
     await services.processor.close()
     await services.job_runner.shutdown()
     await services.card_updater.close()
     await services.mcp_hub.stop()
-    await services.model_client.close()
     await services.scheduler.shutdown()
+
+
+async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Open stores, take the worker's part (at once, or as a standby), undo it all on shutdown."""
+    services = app[SERVICES]
+    settings = services.settings
+    await services.store.open()
+    await services.coordinator.open()
+    standby = ""
+    if settings.runs_worker and not await lead(services, wait=False):
+        standby = " (standby worker: another worker is active)"
+        services.tasks.append(asyncio.create_task(lead(services, wait=True), name="standby"))
+    log.info(
+        "ready on port %d as %s%s: %s store, %s job store, %s, %s mode",
+        settings.port, settings.role, standby, type(services.store).__name__,
+        "PostgreSQL" if settings.shared_job_store else "SQLite", settings.model_description,
+        "local (no auth)" if settings.local_mode else "authenticated",
+    )
+    yield
+    for task in services.tasks:
+        task.cancel()
+    await asyncio.gather(*services.tasks, return_exceptions=True)
+    if services.worker_started:
+        await stop_worker(services)
+    await services.model_client.close()
+    # Last: a standby takes over the moment this releases the lock, after running jobs were handed back.
+    with contextlib.suppress(Exception):
+        await services.coordinator.close()
     await services.store.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Durable AI agent for Microsoft Teams")
     parser.add_argument("--port", type=int, help="overrides PORT")
+    parser.add_argument("--role", choices=("all", "web", "worker"),
+                        help="overrides ROLE: web (ingest), worker (agent, jobs, sends) or all (both; the default)")
     args = parser.parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env({**os.environ, "ROLE": args.role} if args.role else None)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

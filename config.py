@@ -109,6 +109,28 @@ def _log_format(env: Mapping[str, str]) -> str:
     return raw
 
 
+ROLES = ("all", "web", "worker")
+
+
+def _role(env: Mapping[str, str]) -> str:
+    raw = (env.get("ROLE", "") or "all").strip().lower()
+    if raw not in ROLES:
+        raise ConfigError(f"ROLE (or --role) must be one of {', '.join(ROLES)}, got {raw!r}")
+    return raw
+
+
+def _job_store_url(env: Mapping[str, str]) -> str:
+    """JOB_STORE_URL with PostgreSQL spelled for psycopg 3 (the driver we ship); others as given."""
+    raw = env.get("JOB_STORE_URL", "").strip()
+    for plain in ("postgresql://", "postgres://"):
+        if raw.startswith(plain):
+            return "postgresql+psycopg://" + raw.removeprefix(plain)
+    if raw.startswith("postgresql+") and not raw.startswith("postgresql+psycopg://"):
+        raise ConfigError("JOB_STORE_URL: this bot ships the psycopg 3 driver; write postgresql+psycopg://... "
+                          f"(or postgresql://...), got {raw.split('://', 1)[0]}://...")
+    return raw
+
+
 def _csv(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(part.strip().lower() for part in env.get(name, "").split(",") if part.strip())
 
@@ -139,6 +161,10 @@ class Settings:
     cosmos_database: str = "durable-agent"
     cosmos_container: str = "conversations"
     job_store_url: str = ""
+    #: ROLE / --role: ``all`` (web and worker in one process), ``web`` (ingest) or ``worker`` (agent, jobs, sends).
+    role: str = "all"
+    #: WORK_SWEEP_SECONDS: how often the active worker looks for work a lost notification left behind.
+    work_sweep_seconds: float = 10.0
     openai_api_key: str = ""
     openai_model: str = ""
     openai_base_url: str = ""
@@ -179,6 +205,24 @@ class Settings:
         return self.job_store_url or f"sqlite:///{(self.data_dir / 'jobs.sqlite3').resolve()}"
 
     @property
+    def shared_job_store(self) -> bool:
+        """A PostgreSQL job store, which also carries the coordination between instances."""
+        return self.job_store_url.startswith("postgresql+psycopg://")
+
+    @property
+    def coordination_url(self) -> str:
+        """The job store's database as a libpq URL (psycopg's own connections: lock, LISTEN/NOTIFY)."""
+        return "postgresql://" + self.job_store_url.removeprefix("postgresql+psycopg://")
+
+    @property
+    def serves_web(self) -> bool:
+        return self.role in ("all", "web")
+
+    @property
+    def runs_worker(self) -> bool:
+        return self.role in ("all", "worker")
+
+    @property
     def model_description(self) -> str:
         if self.azure_openai_endpoint:
             return f"Azure OpenAI deployment {self.azure_openai_deployment!r}"
@@ -194,6 +238,11 @@ class Settings:
         if e.get("AZURE_OPENAI_ENDPOINT", "").strip() and not e.get("AZURE_OPENAI_DEPLOYMENT", "").strip():
             raise ConfigError("AZURE_OPENAI_ENDPOINT is set but AZURE_OPENAI_DEPLOYMENT is not: name the deployment "
                               "to call (Azure portal or AI Foundry: Deployments)")
+        role, job_store_url = _role(e), _job_store_url(e)
+        if role != "all" and not job_store_url.startswith("postgresql+psycopg://"):
+            raise ConfigError(f"--role {role} needs a shared PostgreSQL job store: set JOB_STORE_URL to "
+                              "postgresql://USER:PASSWORD@HOST:5432/DATABASE (it also carries the wake-ups and "
+                              "the choice of the active worker)")
         return cls(
             port=_int(e, "PORT", 3978),
             host=e.get("HOST", "0.0.0.0") or "0.0.0.0",
@@ -206,7 +255,9 @@ class Settings:
             cosmos_key=e.get("COSMOS_KEY", ""),
             cosmos_database=e.get("COSMOS_DATABASE", "") or "durable-agent",
             cosmos_container=e.get("COSMOS_CONTAINER", "") or "conversations",
-            job_store_url=e.get("JOB_STORE_URL", ""),
+            job_store_url=job_store_url,
+            role=role,
+            work_sweep_seconds=_positive(e, "WORK_SWEEP_SECONDS", 10.0),
             openai_api_key=e.get("OPENAI_API_KEY", ""),
             openai_model=e.get("OPENAI_MODEL", ""),
             openai_base_url=e.get("OPENAI_BASE_URL", ""),

@@ -34,6 +34,13 @@ ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
+# --- instances (cluster/) ---
+ACTIVE_WORKER = Gauge(f"{PREFIX}active_worker", "1 while this process is the active worker (runs inboxes, jobs "
+                      "and sends), 0 on web instances and standby workers", registry=REGISTRY)
+WAKEUPS = Counter(f"{PREFIX}wakeups", "Conversations woken on the active worker, by source: local (same "
+                  "process), notify (PostgreSQL NOTIFY from another instance), sweep (found by the periodic "
+                  "look for missed work)", ["source"], registry=REGISTRY)
+
 # --- agent turns (agent/processor.py) ---
 TURNS = Counter(f"{PREFIX}turns", "Agent turns run (one per user message or job result the model answered), "
                 "by outcome: ok, or failed (the model or a tool failed; the user was told)",

@@ -264,20 +264,33 @@ class JobRunner:
         if self._runs:
             await asyncio.wait(list(self._runs), timeout=timeout)
 
-    async def cancel(self, conversation_key: str, job_id: str) -> CancelResult:
-        """Request cancellation; returns the job as it stands. Raises JobNotFoundError."""
+    async def request_cancel(self, conversation_key: str, job_id: str) -> CancelResult:
+        """Record a cancel request on the job (any instance may); returns the job as it stands.
+        Raises JobNotFoundError. The process that runs jobs acts on it in :meth:`apply_cancel`."""
         job = await self._store.get_job(conversation_key, job_id)
         if job.finished:
             return CancelResult(job, already_finished=True)
         job = await self._store.patch_job(conversation_key, job_id, {"cancel_requested": True})
+        return CancelResult(job, already_finished=False)
+
+    async def apply_cancel(self, conversation_key: str, job_id: str) -> None:
+        """Stop a job whose cancel was requested: interrupt its attempt here, or end it if queued."""
         if (live := self._live.get(job_id)) is not None:
             live.cancel()
             # A tool that never checks its context is still stopped at its next await.
             if (task := self._tasks.get(job_id)) is not None:
                 task.cancel()
-        elif job.status == "queued":
+            return
+        job = await self._store.get_job(conversation_key, job_id)
+        if job.status == "queued" and job.cancel_requested and job_id not in self._claimed:
             if self.scheduler is not None:
                 await self.scheduler.unschedule(job_id)
-            job = job.evolve(status="cancelled", finished_at=time.time())
-            await self._finish(job)
-        return CancelResult(job, already_finished=False)
+            await self._finish(job.evolve(status="cancelled", finished_at=time.time()))
+
+    async def cancel(self, conversation_key: str, job_id: str) -> CancelResult:
+        """Request and apply a cancellation in this process. Raises JobNotFoundError."""
+        result = await self.request_cancel(conversation_key, job_id)
+        if not result.already_finished:
+            await self.apply_cancel(conversation_key, job_id)
+            result = CancelResult(await self._store.get_job(conversation_key, job_id), already_finished=False)
+        return result

@@ -239,13 +239,18 @@ class CosmosStore(ConversationStore):
             try:
                 properties = await container.read()
             except exceptions.CosmosResourceNotFoundError:
-                database = await self._client.create_database_if_not_exists(self._database_name)
-                container = await database.create_container_if_not_exists(
-                    self._container_name,
-                    partition_key=PartitionKey(path="/pk"),
-                    default_ttl=-1,
-                    indexing_policy=INDEXING_POLICY,
-                )
+                try:
+                    database = await self._client.create_database_if_not_exists(self._database_name)
+                    container = await database.create_container_if_not_exists(
+                        self._container_name,
+                        partition_key=PartitionKey(path="/pk"),
+                        default_ttl=-1,
+                        indexing_policy=INDEXING_POLICY,
+                    )
+                except exceptions.CosmosResourceExistsError:
+                    # Another instance starting at the same moment created it between our read and create.
+                    container = self._client.get_database_client(self._database_name).get_container_client(
+                        self._container_name)
                 properties = await container.read()
         except BaseException:
             await self.close()

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
+from tests.peers import postgres as postgres_peer
+
 
 @pytest.fixture
 def blockbuster() -> Iterator[BlockBuster]:
@@ -20,3 +22,26 @@ def blockbuster() -> Iterator[BlockBuster]:
             if name in bb.functions:
                 bb.functions[name].can_block_in("logging/__init__.py", {"emit", "flush"})
         yield bb
+
+
+@pytest.fixture(scope="session")
+def postgres_base_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session: ``postgresql://postgres@127.0.0.1:PORT/postgres``.
+
+    Skips the test when the server binaries are missing (Debian's ``postgresql``: ``make postgresql``).
+    """
+    if reason := postgres_peer.unavailable_reason():
+        pytest.skip(reason)
+    with postgres_peer.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_base_url: str) -> Iterator[str]:
+    """A fresh database per test, as a SQLAlchemy URL ``postgresql+psycopg://postgres@127.0.0.1:PORT/t_xxx``.
+
+    For psycopg itself use ``tests.peers.postgres.psycopg_url(postgres_url)``. Dropped after the test.
+    """
+    url = postgres_peer.create_database(postgres_base_url)
+    yield url
+    postgres_peer.drop_database(postgres_base_url, url)

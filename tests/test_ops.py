@@ -75,7 +75,8 @@ def test_readyz_metrics_and_json_logs_of_the_real_process(tmp_path: Path, connec
     try:
         status, body = bot.get("/readyz")
         assert status == 200, body
-        assert json.loads(body) == {"status": "ready", "checks": {"store": "ok", "scheduler": "ok"}}
+        assert json.loads(body) == {"status": "ready", "role": "all", "active_worker": True,
+                                    "checks": {"store": "ok", "scheduler": "ok"}}
 
         names, before = scrape(bot)
         assert names >= OUR_FAMILIES, OUR_FAMILIES - names
@@ -166,7 +167,8 @@ async def test_readyz_is_200_when_store_and_scheduler_are_fine(tmp_path: Path,
     client: TestClient = await aiohttp_client(create_app(settings_for(tmp_path), store=MemoryStore()))
     response = await client.get("/readyz")
     assert response.status == 200
-    assert await response.json() == {"status": "ready", "checks": {"store": "ok", "scheduler": "ok"}}
+    assert await response.json() == {"status": "ready", "role": "all", "active_worker": True,
+                                     "checks": {"store": "ok", "scheduler": "ok"}}
 
 
 async def test_readyz_is_503_when_the_store_is_unreachable(tmp_path: Path,

@@ -1,7 +1,9 @@
 """End-to-end fixtures: the real app process, talking to a recording Bot Connector.
 
 Every e2e test that uses ``backend_env`` runs twice: on the embedded SQLite store and on
-Cosmos DB (the wire-protocol server from tests/peers, one fresh container per test).
+Cosmos DB (the wire-protocol server from tests/peers, one fresh container per test). Tests
+marked ``cluster`` run a third time on a cluster: 2 web + 2 worker processes on Cosmos DB and
+PostgreSQL (a fresh database per test), behind a round-robin proxy (tests/support/cluster.py).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from storage.sqlite import SqliteStore
 from tests.peers import cosmos as cosmos_peer
 from tests.support.activities import new_conversation_id
 from tests.support.botproc import BotProcess
+from tests.support.cluster import BotCluster
 from tests.support.connector import RecordingConnector
 
 T = TypeVar("T")
@@ -50,9 +53,17 @@ def cosmos_endpoint() -> Iterator[str]:
         yield endpoint
 
 
-@pytest.fixture(params=["sqlite", "cosmos"])
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Parametrize ``backend`` where this module's fixture provides it (modules may pin their own)."""
+    definitions = metafunc.definition._fixtureinfo.name2fixturedefs.get("backend", ())
+    if definitions and definitions[-1].func is backend.__wrapped__:  # type: ignore[attr-defined]
+        cluster = metafunc.definition.get_closest_marker("cluster") is not None
+        metafunc.parametrize("backend", ["sqlite", "cosmos", *(["cluster"] if cluster else [])], indirect=True)
 
 
 @pytest.fixture
@@ -60,8 +71,40 @@ def backend_env(backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
     if backend == "sqlite":
         return {}
     endpoint = request.getfixturevalue("cosmos_endpoint")
-    return {"COSMOS_ENDPOINT": endpoint, "COSMOS_KEY": cosmos_peer.EMULATOR_KEY,
-            "COSMOS_DATABASE": "e2e", "COSMOS_CONTAINER": f"c-{uuid.uuid4().hex[:12]}"}
+    env = {"COSMOS_ENDPOINT": endpoint, "COSMOS_KEY": cosmos_peer.EMULATOR_KEY,
+           "COSMOS_DATABASE": "e2e", "COSMOS_CONTAINER": f"c-{uuid.uuid4().hex[:12]}"}
+    if backend == "cluster":
+        env["JOB_STORE_URL"] = request.getfixturevalue("postgres_url")
+    return env
+
+
+Deployment = BotProcess | BotCluster
+Launch = Callable[[dict[str, str]], Deployment]
+
+
+@pytest.fixture
+def launch(tmp_path: Path, backend: str, backend_env: dict[str, str],
+           request: pytest.FixtureRequest) -> Iterator[Launch]:
+    """Start the bot as the backend says (one process, or a cluster) with extra settings; each
+    one started is killed after the test (and its log printed if the test failed)."""
+    started: list[Deployment] = []
+
+    def start(env: dict[str, str]) -> Deployment:
+        merged = {**backend_env, **env}
+        deployment: Deployment = (BotCluster(tmp_path / f"cluster-{len(started)}", merged) if backend == "cluster"
+                                  else BotProcess(tmp_path, env=merged))
+        started.append(deployment)
+        return deployment.start()
+
+    yield start
+    report = getattr(request.node, "rep_call", None)
+    for deployment in started:
+        if report is not None and report.failed:
+            print(deployment.log_tail(200))
+        if isinstance(deployment, BotCluster):
+            deployment.close()
+        else:
+            deployment.kill()
 
 
 @pytest.fixture
@@ -70,15 +113,8 @@ def bot_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def bot(tmp_path: Path, backend_env: dict[str, str], bot_env: dict[str, str],
-        request: pytest.FixtureRequest) -> Iterator[BotProcess]:
-    process = BotProcess(tmp_path, env={**backend_env, **bot_env})
-    process.start()
-    yield process
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        print(process.log_tail(200))
-    process.kill()
+def bot(launch: Launch, bot_env: dict[str, str]) -> Deployment:
+    return launch(bot_env)
 
 
 @pytest.fixture

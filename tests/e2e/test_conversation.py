@@ -11,7 +11,7 @@ from tests.support.activities import conversation_update, message, teams_channel
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 
 def say(bot: BotProcess, conn: RecordingConnector, conv: str, text: str, **kwargs: object) -> dict[str, object]:

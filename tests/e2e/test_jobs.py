@@ -5,16 +5,15 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import StoreProbe
+from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 JOB_ID = re.compile(r"job `([0-9a-f]{12})`")
 
@@ -60,46 +59,39 @@ def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, co
     "job_event_appended",  # the job finished, its record not yet marked finished
     "turn_committed:2",  # the completion turn is committed, the message not yet sent
 ])
-def test_sigkill_around_a_job_announces_it_exactly_once(tmp_path: Path, conn: RecordingConnector, conv: str,
-                                                        crash_at: str, backend_env: dict[str, str],
-                                                        stored: StoreProbe) -> None:
-    bot = BotProcess(tmp_path, env={**backend_env, "ACTIVATE_LINE_SECONDS": "2", "CRASH_AT": crash_at}).start()
-    try:
-        say(bot, conn, conv, "activate line 555-0199")
-        deadline = time.monotonic() + 15
-        while bot.alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not bot.alive, f"the process never reached crash point {crash_at}"
-        assert "crash point" in bot.log_tail()
-        bot.extra_env.pop("CRASH_AT")
-        bot.start()
-        conn.wait_for(lambda c: len(completions(c, conv)) >= 1, timeout=20)
-        time.sleep(1.5)
-        assert len(completions(conn, conv)) == 1, conn.texts(conv)
-        acks = [t for t in conn.texts(conv) if "started activating" in t]
-        assert len(acks) == 1, conn.texts(conv)
-        [job] = stored.jobs(f"emulator:{conv}")
-        assert job["status"] == "succeeded"
-    finally:
-        bot.kill()
+def test_sigkill_around_a_job_announces_it_exactly_once(launch: Launch, conn: RecordingConnector, conv: str,
+                                                        crash_at: str, stored: StoreProbe) -> None:
+    bot = launch({"ACTIVATE_LINE_SECONDS": "2", "CRASH_AT": crash_at})
+    say(bot, conn, conv, "activate line 555-0199")
+    deadline = time.monotonic() + 15
+    while bot.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not bot.alive, f"the process never reached crash point {crash_at}"
+    assert "crash point" in bot.log_tail()
+    bot.extra_env.pop("CRASH_AT")
+    bot.start()
+    conn.wait_for(lambda c: len(completions(c, conv)) >= 1, timeout=20)
+    time.sleep(1.5)
+    assert len(completions(conn, conv)) == 1, conn.texts(conv)
+    acks = [t for t in conn.texts(conv) if "started activating" in t]
+    assert len(acks) == 1, conn.texts(conv)
+    [job] = stored.jobs(f"emulator:{conv}")
+    assert job["status"] == "succeeded"
 
 
-def test_sigkill_between_send_and_mark_repeats_at_most_one_message(tmp_path: Path, conn: RecordingConnector,
-                                                                   conv: str, backend_env: dict[str, str]) -> None:
-    bot = BotProcess(tmp_path, env={**backend_env, "ACTIVATE_LINE_SECONDS": "1", "CRASH_AT": "message_sent:2"}).start()
-    try:
-        say(bot, conn, conv, "activate line 555-0142")
-        deadline = time.monotonic() + 15
-        while bot.alive and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not bot.alive
-        bot.extra_env.pop("CRASH_AT")
-        bot.start()
-        time.sleep(2)
-        assert 1 <= len(completions(conn, conv)) <= 2
-        assert len(conn.texts(conv)) <= 3
-    finally:
-        bot.kill()
+def test_sigkill_between_send_and_mark_repeats_at_most_one_message(launch: Launch, conn: RecordingConnector,
+                                                                   conv: str) -> None:
+    bot = launch({"ACTIVATE_LINE_SECONDS": "1", "CRASH_AT": "message_sent:2"})
+    say(bot, conn, conv, "activate line 555-0142")
+    deadline = time.monotonic() + 15
+    while bot.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not bot.alive
+    bot.extra_env.pop("CRASH_AT")
+    bot.start()
+    time.sleep(2)
+    assert 1 <= len(completions(conn, conv)) <= 2
+    assert len(conn.texts(conv)) <= 3
 
 
 @pytest.mark.parametrize("count", [2, 10])

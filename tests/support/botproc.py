@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["BotProcess", "BotStartError", "free_port", "http_request"]
+__all__ = ["BotProcess", "BotStartError", "HttpEndpoint", "free_port", "http_request"]
 
 #: Repository root: tests/support/botproc.py -> parents[2].
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -61,12 +61,56 @@ def http_request(
             exc.close()
 
 
-class BotProcess:
-    """The app under test, started with ``[sys.executable, "app.py"]`` in the repo root.
+class HttpEndpoint:
+    """What a test sends to the bot, whatever runs behind ``base_url`` (one process or a cluster)."""
+
+    @property
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def messages_url(self) -> str:
+        """The Bot Framework messaging endpoint."""
+        return f"{self.base_url}/api/messages"
+
+    def post_activity(
+        self,
+        activity: dict[str, Any],
+        headers: dict[str, str] | None = None,
+        raw_body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout: float = 30.0,
+    ) -> tuple[int, str]:
+        """POST an activity (or ``raw_body`` verbatim) to /api/messages.
+
+        Returns ``(status, body text)`` and never raises on 4xx/5xx, so tests
+        can assert on rejections of malformed input.
+        """
+        body = (
+            raw_body if raw_body is not None else json.dumps(activity).encode("utf-8")
+        )
+        all_headers = {"Content-Type": content_type, **(headers or {})}
+        return http_request(
+            self.messages_url,
+            method="POST",
+            body=body,
+            headers=all_headers,
+            timeout=timeout,
+        )
+
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        """GET ``path`` (e.g. ``/healthz``) on the bot; returns ``(status, body text)``."""
+        return http_request(f"{self.base_url}/{path.lstrip('/')}", timeout=timeout)
+
+
+class BotProcess(HttpEndpoint):
+    """The app under test, started with ``[sys.executable, "app.py", *args]`` in the repo root.
 
     ``PORT`` is fixed for the lifetime of the object so :meth:`restart` comes
     back on the same address with the same ``DATA_DIR``.  Using it as a context
-    manager starts it (if not running) and SIGKILLs it on exit.
+    manager starts it (if not running) and SIGKILLs it on exit. ``args`` (e.g.
+    ``["--role", "worker"]``) is kept in :attr:`args`; change it before a restart to start
+    the next process differently.
     """
 
     def __init__(
@@ -76,11 +120,13 @@ class BotProcess:
         *,
         port: int | None = None,
         script: str = "app.py",
+        args: list[str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env: dict[str, str] = dict(env or {})
         self.script = script
+        self.args: list[str] = list(args or [])
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_files: list[Path] = []
@@ -96,11 +142,6 @@ class BotProcess:
     def base_url(self) -> str:
         """``http://127.0.0.1:PORT`` without trailing slash."""
         return f"http://127.0.0.1:{self._port}"
-
-    @property
-    def messages_url(self) -> str:
-        """The Bot Framework messaging endpoint."""
-        return f"{self.base_url}/api/messages"
 
     @property
     def pid(self) -> int | None:
@@ -151,7 +192,7 @@ class BotProcess:
         self._log_files.append(log_path)
         with open(log_path, "wb") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, self.script],
+                [sys.executable, self.script, *self.args],
                 cwd=REPO_ROOT,
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
@@ -191,6 +232,11 @@ class BotProcess:
         if self._proc.poll() is None:
             self._proc.kill()
         return self._proc.wait()
+
+    def signal_terminate(self) -> None:
+        """Send SIGTERM without waiting (to stop several processes at once)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
 
     def terminate(self, timeout: float = 15.0) -> int | None:
         """SIGTERM (graceful shutdown), SIGKILL after ``timeout``; returns exit status."""
@@ -234,32 +280,3 @@ class BotProcess:
             except OSError as exc:
                 out.append(f"<cannot read: {exc}>")
         return "\n".join(out[-lines:])
-
-    def post_activity(
-        self,
-        activity: dict[str, Any],
-        headers: dict[str, str] | None = None,
-        raw_body: bytes | None = None,
-        content_type: str = "application/json",
-        timeout: float = 30.0,
-    ) -> tuple[int, str]:
-        """POST an activity (or ``raw_body`` verbatim) to /api/messages.
-
-        Returns ``(status, body text)`` and never raises on 4xx/5xx, so tests
-        can assert on rejections of malformed input.
-        """
-        body = (
-            raw_body if raw_body is not None else json.dumps(activity).encode("utf-8")
-        )
-        all_headers = {"Content-Type": content_type, **(headers or {})}
-        return http_request(
-            self.messages_url,
-            method="POST",
-            body=body,
-            headers=all_headers,
-            timeout=timeout,
-        )
-
-    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
-        """GET ``path`` (e.g. ``/healthz``) on the bot; returns ``(status, body text)``."""
-        return http_request(f"{self.base_url}/{path.lstrip('/')}", timeout=timeout)
