@@ -36,6 +36,12 @@ class LoadResult:
     loadgen_cpu: float = 0.0  # ... and the load generator + connector process
     errors: int = 0
     strays: int = 0
+    #: HTTP answer time of each POST sent in the window (just before the POST to its 2xx)
+    answers: list[float] = field(default_factory=list)
+    #: from a POST's 2xx to its reply at the connector, POSTs sent in the window (``await_reply`` only)
+    after_ack: list[float] = field(default_factory=list)
+    #: answers that were not 2xx, by HTTP status
+    statuses: dict[int, int] = field(default_factory=dict)
 
     first_send: float = 0.0
     last_reply: float = 0.0
@@ -86,8 +92,18 @@ class ReplyWaiter:
 
 
 async def closed_loop(url: str, connector: SignallingConnector, conversations: int, warmup: float,
-                      window: float, prefix: str, reply_timeout: float = 60.0) -> LoadResult:
-    """Run N closed-loop users for warmup + window seconds; measure in the window only."""
+                      window: float, prefix: str, reply_timeout: float = 60.0, *, senders: int | None = None,
+                      await_reply: bool = True) -> LoadResult:
+    """Run closed-loop users for warmup + window seconds; measure in the window only.
+
+    One user per conversation, unless ``senders`` is given: then that many users share the
+    conversations (user i posts to conversations i, i + senders, ... in turn), so a conversation
+    still has at most one message in flight. With ``await_reply`` (the default) a user waits for
+    the reply at the connector before the next POST and ``latencies`` are ingest→reply; without
+    it a user posts again as soon as the bot answers 2xx (ingest load), ``completed`` counts
+    acknowledged POSTs, ``last_reply`` is the last acknowledgement and ``latencies`` are the HTTP
+    answer times.
+    """
     loop = asyncio.get_running_loop()
     waiter = ReplyWaiter(loop)
     connector.listener = waiter.on_arrival
@@ -96,21 +112,35 @@ async def closed_loop(url: str, connector: SignallingConnector, conversations: i
     result.first_send = start
     measure_from, end = start + warmup, start + warmup + window
     conv_ids = [new_conversation_id(prefix) for _ in range(conversations)]
+    users = min(senders or conversations, conversations)
 
-    async def user(session: aiohttp.ClientSession, conversation_id: str) -> None:
+    async def user(session: aiohttp.ClientSession, mine: list[str]) -> None:
         n = 0
-        while (sent := time.monotonic()) < end:
+        while time.monotonic() < end:
+            conversation_id = mine[n % len(mine)]
             n += 1
             token = f"U{uuid.uuid4().hex[:10]}"
             activity = message(f"my name is {token}", conversation_id=conversation_id, service_url=connector.url)
-            reply = waiter.expect(conversation_id, token)
+            reply = waiter.expect(conversation_id, token) if await_reply else None
             sent = time.monotonic()
             try:
                 async with session.post(url, json=activity) as response:
                     await response.read()
-                    ok = 200 <= response.status < 300
-                if not ok:
+                    status = response.status
+                acked = time.monotonic()
+                if not 200 <= status < 300:
                     result.errors += 1
+                    result.statuses[status] = result.statuses.get(status, 0) + 1
+                    continue
+                if sent >= measure_from:
+                    result.answers.append(acked - sent)
+                if reply is None:
+                    result.completed += 1
+                    result.last_reply = max(result.last_reply, acked)
+                    if sent >= measure_from:
+                        result.latencies.append(acked - sent)
+                    if measure_from <= acked <= end:
+                        result.completed_in_window += 1
                     continue
                 arrival = await asyncio.wait_for(reply, reply_timeout)
             except (TimeoutError, aiohttp.ClientError):
@@ -120,13 +150,14 @@ async def closed_loop(url: str, connector: SignallingConnector, conversations: i
             result.last_reply = max(result.last_reply, arrival.monotonic)
             if sent >= measure_from:
                 result.latencies.append(arrival.monotonic - sent)
+                result.after_ack.append(arrival.monotonic - acked)
             if measure_from <= arrival.monotonic <= end:
                 result.completed_in_window += 1
 
-    limits = aiohttp.TCPConnector(limit=conversations + 4, force_close=False)
+    limits = aiohttp.TCPConnector(limit=users + 4, force_close=False)
     try:
         async with aiohttp.ClientSession(connector=limits) as session:
-            await asyncio.gather(*(user(session, c) for c in conv_ids))
+            await asyncio.gather(*(user(session, conv_ids[i::users]) for i in range(users)))
     finally:
         connector.listener = None
     result.strays = waiter.strays

@@ -153,7 +153,7 @@ class PostgresCoordinator:
         while True:
             conn: psycopg.AsyncConnection | None = None
             try:
-                conn = await self._connect("worker lock")
+                conn = await self._connect("lock")
                 cursor = await conn.execute("SELECT pg_try_advisory_lock(%s)", [LEADER_LOCK])
                 row = await cursor.fetchone()
                 if not (row and row[0]):

@@ -33,7 +33,10 @@ async def run_scheduled_job(conversation_key: str, job_id: str) -> None:
     if _runner is None:
         log.error("job %s fired with no job runner installed; recovery will run it later", job_id)
         return
-    await _runner.run(conversation_key, job_id)
+    try:
+        await _runner.run(conversation_key, job_id)
+    except asyncio.CancelledError:  # a graceful stop: the runner handed the attempt back already
+        log.info("job %s stopped by shutdown", job_id)
 
 
 class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped

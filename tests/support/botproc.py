@@ -129,6 +129,7 @@ class BotProcess(HttpEndpoint):
         self.args: list[str] = list(args or [])
         self._port = port if port is not None else free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._terminated: subprocess.Popen[bytes] | None = None  # the process SIGTERM was sent to
         self._log_files: list[Path] = []
 
     # ------------------------------------------------------------------ properties
@@ -234,8 +235,10 @@ class BotProcess(HttpEndpoint):
         return self._proc.wait()
 
     def signal_terminate(self) -> None:
-        """Send SIGTERM without waiting (to stop several processes at once)."""
-        if self._proc is not None and self._proc.poll() is None:
+        """Send SIGTERM without waiting (to stop several processes at once); only once per process,
+        since a second SIGTERM interrupts aiohttp's graceful shutdown."""
+        if self._proc is not None and self._proc.poll() is None and self._proc is not self._terminated:
+            self._terminated = self._proc
             self._proc.terminate()
 
     def terminate(self, timeout: float = 15.0) -> int | None:
@@ -243,7 +246,7 @@ class BotProcess(HttpEndpoint):
         if self._proc is None:
             return None
         if self._proc.poll() is None:
-            self._proc.terminate()
+            self.signal_terminate()
             try:
                 return self._proc.wait(timeout)
             except subprocess.TimeoutExpired:

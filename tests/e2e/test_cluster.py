@@ -1,0 +1,229 @@
+"""Several instances on shared stores: failover of the active worker, wake-ups across processes,
+readiness and metrics by role. Real processes of the app on the Cosmos DB wire server and a
+throwaway PostgreSQL (tests/peers), 2 web + 2 worker behind a round-robin proxy.
+
+The suites in test_conversation.py and test_jobs.py also run on such a cluster (``[cluster]``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.e2e.conftest import StoreProbe
+from tests.e2e.test_conversation import say
+from tests.e2e.test_jobs import completions, job_id_in
+from tests.peers.postgres import create_database, drop_database, psycopg_url
+from tests.support.activities import new_conversation_id
+from tests.support.botproc import BotProcess
+from tests.support.cluster import BotCluster
+from tests.support.connector import RecordingConnector
+from tests.test_ops import scrape, value
+
+pytestmark = pytest.mark.e2e
+
+#: How long a standby may take to become the active worker after the active one died. The lock is
+#: released when PostgreSQL sees the connection close, which is at once for a killed process.
+TAKEOVER_BOUND = 10.0
+
+
+@pytest.fixture
+def backend() -> str:
+    return "cluster"
+
+
+@pytest.fixture
+def cluster_env(backend_env: dict[str, str]) -> dict[str, str]:
+    return {**backend_env, "ACTIVATE_LINE_SECONDS": "4", "LOG_FORMAT": "json"}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, cluster_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[BotCluster]:
+    with BotCluster(tmp_path, cluster_env) as started:
+        yield started
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(started.log_tail(120))
+
+
+def records(process: BotProcess) -> list[dict[str, Any]]:
+    """Every JSON log record of every start of ``process``."""
+    return [json.loads(line) for path in process.log_files
+            for line in path.read_text("utf-8").splitlines() if line.startswith("{")]
+
+
+def job_starts(process: BotProcess, job_id: str) -> list[float]:
+    return [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in records(process)
+            if r["logger"] == "jobs.runner" and r.get("job_id") == job_id and " attempt " in r["message"]
+            and r["message"].endswith("started")]
+
+
+def wait_until(condition: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.05)
+
+
+def test_the_standby_finishes_a_job_when_the_active_worker_is_killed(cluster: BotCluster, conn: RecordingConnector,
+                                                                      conv: str, stored: StoreProbe) -> None:
+    active = cluster.active_worker()
+    [standby] = [w for w in cluster.workers if w is not active]
+    assert cluster.readiness(standby)["checks"]["scheduler"] == "standby"
+
+    say(cluster, conn, conv, "activate line 555-0177")
+    job_id = job_id_in(conn.wait_for_texts(1, conv, timeout=10)[0])
+    key = f"emulator:{conv}"
+    wait_until(lambda: stored.jobs(key)[0]["progress"] and stored.jobs(key)[0]["progress"] >= 0.25, 10,
+               "the job reports progress")
+    assert job_starts(active, job_id) and not job_starts(standby, job_id)
+
+    killed_at = time.time()
+    active.kill()  # SIGKILL mid-job
+    successor = cluster.active_worker(timeout=TAKEOVER_BOUND)
+    took_over = time.time() - killed_at
+    assert successor is standby and took_over < TAKEOVER_BOUND
+
+    conn.wait_for(lambda c: len(completions(c, conv)) >= 1, timeout=20)
+    time.sleep(1.5)  # a second announcement would arrive by now
+    assert completions(conn, conv) == [f"✅ Line 555-0177 is active (job `{job_id}`)."]
+    [job] = stored.jobs(key)
+    assert (job["status"], job["attempt"], job["interruptions"]) == ("succeeded", 1, 1)
+    # Never twice at once: the standby started it only after the active worker was dead.
+    [restarted] = job_starts(standby, job_id)
+    assert restarted >= killed_at, (restarted, killed_at)
+    print(f"takeover in {took_over:.2f} s; the job restarted {restarted - killed_at:.2f} s after the kill")
+
+    # The restarted worker comes back as a standby and the cluster keeps working.
+    active.start()
+    assert cluster.readiness(active)["checks"]["scheduler"] == "standby"
+    say(cluster, conn, conv, "my name is Grace")
+    conn.wait_for(lambda c: "Nice to meet you, Grace. I'll remember that." in c.texts(conv), timeout=10)
+
+
+def test_only_the_active_worker_runs_jobs(cluster: BotCluster, conn: RecordingConnector, stored: StoreProbe) -> None:
+    conversations = [new_conversation_id() for _ in range(4)]
+    for n, conv in enumerate(conversations):
+        say(cluster, conn, conv, f"activate line 555-01{n:02d}")
+    for conv in conversations:
+        conn.wait_for(lambda c, conv=conv: len(completions(c, conv)) == 1, timeout=30)
+    active = cluster.active_worker()
+    [standby] = [w for w in cluster.workers if w is not active]
+    job_ids = [stored.jobs(f"emulator:{conv}")[0]["id"] for conv in conversations]
+    assert all(len(job_starts(active, job_id)) == 1 for job_id in job_ids)
+    assert not any(job_starts(standby, job_id) for job_id in job_ids)
+    assert all(len(completions(conn, conv)) == 1 for conv in conversations)
+    # The web instances shared the traffic; neither ran a turn or a job.
+    assert all(count > 0 for count in cluster.proxy.counts.values()) and len(cluster.proxy.counts) == 2
+    for web in cluster.webs:
+        assert not [r for r in records(web) if r["logger"] in ("jobs.runner", "agent.processor")]
+
+
+def test_a_message_reaches_the_worker_by_notification(tmp_path: Path, backend_env: dict[str, str],
+                                                      conn: RecordingConnector, conv: str) -> None:
+    """No sweep (an hour apart): only the NOTIFY from the web instance can wake the worker."""
+    env = {**backend_env, "WORK_SWEEP_SECONDS": "3600"}
+    with BotCluster(tmp_path, env, webs=1, workers=1) as cluster:
+        for n in range(3):
+            say(cluster, conn, conv, f"my name is Ada{n}")
+            conn.wait_for(lambda c, n=n: f"Nice to meet you, Ada{n}. I'll remember that." in c.texts(conv), timeout=10)
+        _, samples = scrape(cluster.workers[0])
+        assert value(samples, "teams_agent_wakeups_total", source="notify") >= 3
+        assert value(samples, "teams_agent_wakeups_total", source="sweep") == 0
+
+
+def test_the_sweep_finds_work_whose_notification_was_lost(tmp_path: Path, backend_env: dict[str, str],
+                                                         postgres_base_url: str, conn: RecordingConnector,
+                                                         conv: str) -> None:
+    """The web instance notifies into another database, where nobody listens: the sweep must find it."""
+    elsewhere = create_database(postgres_base_url)
+    try:
+        worker = BotProcess(tmp_path / "worker", env={**backend_env, "WORK_SWEEP_SECONDS": "1"},
+                            args=["--role", "worker"]).start()
+        web = BotProcess(tmp_path / "web", env={**backend_env, "JOB_STORE_URL": elsewhere}, args=["--role", "web"])
+        web.start()
+        try:
+            say(web, conn, conv, "my name is Lost")
+            [reply] = conn.wait_for_texts(1, conv, timeout=10)
+            assert reply == "Nice to meet you, Lost. I'll remember that."
+            _, samples = scrape(worker)
+            assert value(samples, "teams_agent_wakeups_total", source="sweep") >= 1
+        finally:
+            web.kill()
+            worker.kill()
+    finally:
+        drop_database(postgres_base_url, elsewhere)
+
+
+def terminate_backends(job_store_url: str, where: str, *params: object) -> int:
+    """What a network cut or a PostgreSQL failover does to an instance's sessions."""
+    with psycopg.connect(psycopg_url(job_store_url), autocommit=True) as db:
+        rows = db.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE {where} "
+                          "AND pid <> pg_backend_pid()", params).fetchall()
+    return len(rows)
+
+
+HOLDS_THE_LOCK = "pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted)"
+
+
+def test_a_worker_that_loses_its_lock_connection_stops_and_the_standby_takes_over(
+        cluster: BotCluster, cluster_env: dict[str, str], conn: RecordingConnector, conv: str) -> None:
+    active = cluster.active_worker()
+    [standby] = [w for w in cluster.workers if w is not active]
+    assert terminate_backends(cluster_env["JOB_STORE_URL"], HOLDS_THE_LOCK) == 1
+    wait_until(lambda: not active.alive, 10, "the worker that lost its lock stops")
+    assert active.returncode == 70
+    assert "lost the connection that holds the active-worker lock" in active.log_tail()
+    assert cluster.active_worker(timeout=TAKEOVER_BOUND) is standby
+    say(cluster, conn, conv, "my name is Barbara")
+    assert conn.wait_for_texts(1, conv, timeout=10) == ["Nice to meet you, Barbara. I'll remember that."]
+
+
+def test_readiness_and_metrics_by_role(cluster: BotCluster, cluster_env: dict[str, str]) -> None:
+    active = cluster.active_worker()
+    [standby] = [w for w in cluster.workers if w is not active]
+    web = cluster.webs[0]
+    assert cluster.readiness(web) == {"http_status": 200, "status": "ready", "role": "web", "active_worker": False,
+                                      "checks": {"store": "ok", "coordination": "ok"}}
+    assert cluster.readiness(active) == {"http_status": 200, "status": "ready", "role": "worker",
+                                         "active_worker": True,
+                                         "checks": {"store": "ok", "coordination": "ok", "scheduler": "ok"}}
+    assert cluster.readiness(standby) == {"http_status": 200, "status": "ready", "role": "worker",
+                                          "active_worker": False,
+                                          "checks": {"store": "ok", "coordination": "ok", "scheduler": "standby"}}
+    assert value(scrape(active)[1], "teams_agent_active_worker") == 1
+    assert value(scrape(standby)[1], "teams_agent_active_worker") == 0
+    assert value(scrape(web)[1], "teams_agent_active_worker") == 0
+    # Workers take no activities; web instances do.
+    assert active.post_activity({"type": "message"})[0] == 404
+
+    # PostgreSQL gone for a web instance: it still takes messages in (durably), so it stays ready, degraded.
+    assert terminate_backends(cluster_env["JOB_STORE_URL"], "application_name = %s",
+                              "teams-agent web notify") == 2
+    body = cluster.readiness(web)
+    assert body["http_status"] == 200 and body["checks"]["coordination"].startswith("degraded")
+    wait_until(lambda: cluster.readiness(web)["checks"]["coordination"] == "ok", 10, "the web instance reconnects")
+
+
+def test_sigterm_on_the_active_worker_hands_over_without_losing_the_job(cluster: BotCluster,
+                                                                        conn: RecordingConnector, conv: str,
+                                                                        stored: StoreProbe) -> None:
+    active = cluster.active_worker()
+    [standby] = [w for w in cluster.workers if w is not active]
+    say(cluster, conn, conv, "activate line 555-0188")
+    job_id = job_id_in(conn.wait_for_texts(1, conv, timeout=10)[0])
+    wait_until(lambda: job_starts(active, job_id), 10, "the job starts")
+    assert active.terminate() == 0, active.log_tail()
+    assert cluster.active_worker(timeout=TAKEOVER_BOUND) is standby
+    conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=20)
+    [job] = stored.jobs(f"emulator:{conv}")
+    # Handed back, not interrupted: the standby ran the same attempt again.
+    assert (job["status"], job["attempt"], job["interruptions"]) == ("succeeded", 1, 0)
