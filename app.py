@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -279,6 +280,16 @@ async def lead(services: Services, *, wait: bool) -> bool:
     return True
 
 
+def stop_if_takeover_failed(task: asyncio.Task[bool]) -> None:
+    """A standby that won the lock but could not start its services must not sit on the lock:
+    stop gracefully (releasing it) and let the supervisor restart this process."""
+    if task.cancelled() or task.exception() is None:
+        return
+    log.critical("could not take over as the active worker (%s); stopping so that another worker can",
+                 task.exception(), exc_info=task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def stop_worker(services: Services) -> None:
     await services.processor.close()
     await services.job_runner.shutdown()
@@ -296,7 +307,9 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     standby = ""
     if settings.runs_worker and not await lead(services, wait=False):
         standby = " (standby worker: another worker is active)"
-        services.tasks.append(asyncio.create_task(lead(services, wait=True), name="standby"))
+        waiting = asyncio.create_task(lead(services, wait=True), name="standby")
+        waiting.add_done_callback(stop_if_takeover_failed)
+        services.tasks.append(waiting)
     log.info(
         "ready on port %d as %s%s: %s store, %s job store, %s, %s mode",
         settings.port, settings.role, standby, type(services.store).__name__,

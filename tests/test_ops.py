@@ -27,7 +27,7 @@ from config import ConfigError, Settings
 from storage.abc import JSON, JobRecord, StoreUnavailableError
 from storage.memory import MemoryStore
 from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess
+from tests.support.botproc import BotProcess, BotStartError
 from tests.support.connector import RecordingConnector
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -295,3 +295,26 @@ def test_log_format_setting() -> None:
     assert Settings.from_env({"LOG_FORMAT": " JSON "}, dotenv=None).log_format == "json"
     with pytest.raises(ConfigError, match="LOG_FORMAT must be text or json"):
         Settings.from_env({"LOG_FORMAT": "yaml"}, dotenv=None)
+
+
+def test_role_and_job_store_settings() -> None:
+    assert Settings.from_env({}, dotenv=None).role == "all"
+    settings = Settings.from_env({"ROLE": "Worker", "JOB_STORE_URL": "postgresql://u:p@db:5432/agent"}, dotenv=None)
+    assert (settings.role, settings.runs_worker, settings.serves_web) == ("worker", True, False)
+    assert settings.job_store_url == "postgresql+psycopg://u:p@db:5432/agent"  # the driver we ship
+    assert settings.coordination_url == "postgresql://u:p@db:5432/agent" and settings.shared_job_store
+    with pytest.raises(ConfigError, match="--role web needs a shared PostgreSQL job store: set JOB_STORE_URL"):
+        Settings.from_env({"ROLE": "web"}, dotenv=None)
+    with pytest.raises(ConfigError, match=r"ROLE \(or --role\) must be one of all, web, worker"):
+        Settings.from_env({"ROLE": "both"}, dotenv=None)
+    with pytest.raises(ConfigError, match="psycopg 3 driver"):
+        Settings.from_env({"JOB_STORE_URL": "postgresql+psycopg2://db/agent"}, dotenv=None)
+    with pytest.raises(ConfigError, match="WORK_SWEEP_SECONDS must be more than 0"):
+        Settings.from_env({"WORK_SWEEP_SECONDS": "0"}, dotenv=None)
+
+
+def test_a_split_role_without_postgresql_is_refused_at_start(tmp_path: Path) -> None:
+    bot = BotProcess(tmp_path, args=["--role", "worker"])
+    with pytest.raises(BotStartError, match="exited with code 2") as failure:
+        bot.start()
+    assert "configuration error: --role worker needs a shared PostgreSQL job store" in str(failure.value)
