@@ -29,6 +29,7 @@ from botbuilder.core import ConversationState
 
 import logs
 import metrics
+import tracing
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
@@ -327,6 +328,7 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(Exception):
         await services.coordinator.close()
     await services.store.close()
+    await asyncio.to_thread(tracing.shutdown)  # flushes buffered spans
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format)
+    tracing.setup(settings.role)
     for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_agentchat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # AutoGen logs every model failure as a long traceback; AgentError logs it classified, once.

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import logs
 import metrics
+import tracing
 from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
 from crashpoints import crash_point
@@ -216,7 +217,12 @@ class ConversationProcessor:
             elif (item := self._agent_input(event)) is not None:
                 started = time.perf_counter()
                 try:
-                    outcome = await self._runner.run(record.key, state, [item])
+                    ingested = tracing.links(event.payload.get(tracing.CARRIER_KEY))
+                    with tracing.tracer.start_as_current_span("agent turn", kind=tracing.CONSUMER, links=ingested,
+                                                              attributes={"conversation.key": record.key,
+                                                                          "event.kind": event.kind,
+                                                                          "event.id": event.id}):
+                        outcome = await self._runner.run(record.key, state, [item])
                 except AgentError as exc:  # the state stays as it was; the user is told why, briefly
                     metrics.turn_done("failed", time.perf_counter() - started)
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
@@ -285,7 +291,9 @@ class ConversationProcessor:
             return None
         for message in record.outbox:
             try:
-                activity_id = await self._sender.send(reference, message.activity)
+                with tracing.tracer.start_as_current_span("deliver message", attributes={
+                        "conversation.key": record.key, "message.id": message.id}):
+                    activity_id = await self._sender.send(reference, message.activity)
                 crash_point("message_sent")
                 metrics.OUTBOX_SENT.inc()
                 if message.id.startswith(CARD_PREFIX) and self._on_card_sent is not None:

@@ -1,8 +1,9 @@
 """Run every benchmark against its baseline, print the results table, write bench/results.md.
 
-``python -m bench`` (``make bench``, about 12 minutes on 2 cores) or ``python -m bench --quick``
+``python -m bench`` (``make bench``, about 15 minutes on 2 cores) or ``python -m bench --quick``
 (``make bench-quick``, under 2 minutes, smaller sizes; written to test-artifacts/ instead).
-``--only turns,notify,state,jobs,recovery`` runs a subset (the table then has only those rows).
+``--only turns,notify,state,jobs,recovery,scaleout`` runs a subset (the table then has only those rows;
+written to test-artifacts/bench-<names>.md unless ``--output`` says otherwise).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, Progress, fmt_ms, fmt_ratio, quiet_env, ratio
+from bench.common import REPO, Progress, fmt_ms, fmt_ratio, percentile, quiet_env, ratio
 
-ALL = ("turns", "notify", "state", "jobs", "recovery")
+ALL = ("turns", "notify", "state", "jobs", "recovery", "scaleout")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,17 @@ class Sizes:
     recovery_jobs: int
     recovery_conversations: int
     cold_starts: int
+    scale_webs: tuple[int, ...]
+    scale_warmup: float
+    scale_window: float
+    scale_wake_window: float
+    scale_local_wake: bool
+
+    def scaleout_plan(self) -> Any:
+        from bench.scaleout import Plan
+
+        return Plan(webs=self.scale_webs, warmup=self.scale_warmup, window=self.scale_window,
+                    wake_window=self.scale_wake_window, local_wake=self.scale_local_wake)
 
     def weights(self) -> dict[str, float]:
         """Rough seconds per phase on 2 cores, for the progress bar."""
@@ -51,15 +63,18 @@ class Sizes:
             "state_cosmos": last * 0.05 + 3,
             "jobs": self.scale_jobs * 0.015 + 4,
             "recovery": self.recovery_jobs * 0.09 + 2.5 * self.cold_starts + 4,
+            "scaleout": self.scaleout_plan().seconds(),
         }
 
 
 FULL = Sizes(levels=(1, 10, 100), warmup=3, window=15, notify_jobs=200, notify_conversations=50, notify_rate=10,
              job_seconds=0.5, checkpoints=(10, 100, 1000, 5000), scale_jobs=10_000, recovery_jobs=1000,
-             recovery_conversations=100, cold_starts=3)
+             recovery_conversations=100, cold_starts=3, scale_webs=(1, 2, 4), scale_warmup=2, scale_window=10,
+             scale_wake_window=8, scale_local_wake=True)
 QUICK = Sizes(levels=(1, 10, 100), warmup=1, window=2.5, notify_jobs=40, notify_conversations=20, notify_rate=10,
               job_seconds=0.5, checkpoints=(10, 100, 200), scale_jobs=500, recovery_jobs=50,
-              recovery_conversations=10, cold_starts=1)
+              recovery_conversations=10, cold_starts=1, scale_webs=(1, 2, 4), scale_warmup=0.5, scale_window=1.5,
+              scale_wake_window=1, scale_local_wake=False)
 
 
 # --- the machine and the versions ---------------------------------------------------------------
@@ -212,6 +227,59 @@ def recovery_rows(res: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _pair(p50: float, p99: float) -> str:
+    return f"{fmt_ms(p50).removesuffix(' ms')} / {fmt_ms(p99)}"
+
+
+def scaleout_rows(res: dict[str, Any]) -> list[Row]:
+    deps = res["deployments"]
+    sec = "6 scale-out"
+    base = deps.get("all") or {}
+    if "error" in base or "ingest" not in base:
+        return [Row(sec, "baseline (all, 1 process) failed", base.get("error", "not run"), "", "")]
+    b_in, b_e2e, b_wake = base["ingest"], base["e2e"], base["wake"]
+    one = deps.get("1 web") or {}
+    rows = []
+    for name, f in deps.items():
+        if not f["webs"]:
+            continue
+        if "error" in f:
+            rows.append(Row(sec, f"{name} + worker + standby: failed", f["error"][:200], "", ""))
+            continue
+        ing, e2e = f["ingest"], f["e2e"]
+        per_s, vs_all = ing["per_second"], ratio(ing["per_second"], b_in["per_second"])
+        if name == "1 web" or "ingest" not in one:
+            rows.append(Row(sec, f"ingest: activities acknowledged/s, {name}", f"{per_s:.0f}/s",
+                            f"{b_in['per_second']:.0f}/s (all)", fmt_ratio(vs_all)))
+        else:
+            o = one["ingest"]["per_second"]
+            rows.append(Row(sec, f"ingest: activities acknowledged/s, {name}", f"{per_s:.0f}/s",
+                            f"{o:.0f}/s (1 web); all {b_in['per_second']:.0f}/s",
+                            f"{fmt_ratio(ratio(per_s, o))} ({fmt_ratio(vs_all)} of all)"))
+        rows += [
+            Row(sec, f"ingest: HTTP answer p50 / p99, {name}", _pair(ing["answer_p50"], ing["answer_p99"]),
+                f"{_pair(b_in['answer_p50'], b_in['answer_p99'])} (all)",
+                fmt_ratio(ratio(ing["answer_p50"], b_in["answer_p50"]))),
+            Row(sec, f"end-to-end: replies/s, {name}", f"{e2e['per_second']:.1f}/s",
+                f"{b_e2e['per_second']:.1f}/s (all)", fmt_ratio(ratio(e2e["per_second"], b_e2e["per_second"]))),
+            Row(sec, f"end-to-end: p50 / p99 ingest→reply, {name}", _pair(e2e["p50"], e2e["p99"]),
+                f"{_pair(b_e2e['p50'], b_e2e['p99'])} (all)", fmt_ratio(ratio(e2e["p50"], b_e2e["p50"]))),
+        ]
+    cluster = [f for f in deps.values() if f["webs"] and "wake" in f]
+    if cluster:
+        pooled = [s for f in cluster for s in f["wake"]["after_ack"]]
+        p50, p99 = percentile(pooled, 50), percentile(pooled, 99)
+        local = deps.get("all, no PostgreSQL", {}).get("wake")
+        baseline = f"{_pair(b_wake['after_ack_p50'], b_wake['after_ack_p99'])} (all)"
+        if local:
+            baseline += f"; {_pair(local['after_ack_p50'], local['after_ack_p99'])} (all, no PostgreSQL)"
+        webs = ", ".join(str(f["webs"]) for f in cluster)
+        rows.append(Row(sec, f"wake-up web→worker: POST 2xx → reply p50 / p99, one at a time ({webs} web, "
+                             f"{len(pooled)} messages)", _pair(p50, p99), baseline,
+                        fmt_ratio(ratio(p99, b_wake["after_ack_p99"])) + " (p99)", "p99 < 1 s", _verdict(p99 < 1.0)))
+    return rows
+
+
 def table(rows: list[Row]) -> str:
     head = ["#", "figure", "ours", "baseline", "ours/baseline", "target", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -276,7 +344,61 @@ def details(results: dict[str, Any]) -> str:
     if "recovery" in results:
         res = results["recovery"]
         parts.append("### 5. Recovery (raw)\n" + ", ".join(f"{k}={_cell(v)}" for k, v in res.items() if k != "log"))
+    if "scaleout" in results:
+        parts.append(scaleout_details(results["scaleout"]))
     return "\n\n".join(parts)
+
+
+def scaleout_details(res: dict[str, Any]) -> str:
+    plan = res["plan"]
+    lines = [
+        "### 6. Scale-out per deployment",
+        f"Conversation store: {plan['store']} (one `DATA_DIR` shared by all processes); PostgreSQL for the job "
+        "store, the worker lock and the wake-ups (`all, no PostgreSQL`: SQLite job store, in-process wake-ups; "
+        f"wake-up phase only). Every deployment behind the round-robin proxy in its own process. Wake-up: one "
+        f"sender, one message at a time over 10 conversations, {plan['wake_window']:g} s. End-to-end: closed loop, "
+        f"{plan['e2e_conversations']} conversations, {plan['warmup']:g} s warm-up + {plan['window']:g} s. Ingest: "
+        f"{plan['ingest_senders']} senders over {plan['ingest_conversations']} conversations posting again on "
+        f"each 2xx, {plan['warmup']:g} s warm-up + {plan['window']:g} s (acknowledged/s in the window).", "",
+        "| deployment | start | wake-up 2xx→reply p50 / p99 (n) | end-to-end replies/s | ingest→reply p50 / p99 | "
+        "ingest ack/s | HTTP answer p50 / p99 | failed POSTs | ERROR / WARNING lines in the bot logs |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for name, f in res["deployments"].items():
+        if "error" in f:
+            lines.append(f"| {name} | failed: {f['error'][:300]} | | | | | | | {f['logs']['errors']} / "
+                         f"{f['logs']['warnings']} |")
+            continue
+        w = f["wake"]
+        row = f"| {name} | {f['startup_s']:.1f} s | {_pair(w['after_ack_p50'], w['after_ack_p99'])} ({w['samples']}) | "
+        if "e2e" in f:
+            e, i = f["e2e"], f["ingest"]
+            failed = e["errors"] + i["errors"] + w["errors"]
+            statuses = {**e["statuses"]}
+            for code, count in i["statuses"].items():
+                statuses[code] = statuses.get(code, 0) + count
+            detail = f" ({', '.join(f'{c}: {n}' for c, n in sorted(statuses.items()))})" if statuses else ""
+            row += (f"{e['per_second']:.1f} | {_pair(e['p50'], e['p99'])} | {i['per_second']:.0f} | "
+                    f"{_pair(i['answer_p50'], i['answer_p99'])} | {failed}{detail} |")
+        else:
+            row += f"| | | | {w['errors']} |"
+        lines.append(row + f" {f['logs']['errors']} / {f['logs']['warnings']} |")
+    for kind in ("error", "warning"):
+        firsts = [f"{name}: {f['logs'][f'first_{kind}']}" for name, f in res["deployments"].items()
+                  if f["logs"][f"first_{kind}"]]
+        if firsts:
+            lines += ["", f"First {kind.upper()} line per deployment: " + "; ".join(f"`{p}`" for p in firsts)]
+    kinds = ["all", "web", "worker", "standby", "proxy", "postgres", "cosmos server", "bench"]
+    lines += ["", "CPU per process kind in cores (CPU seconds / wall seconds of the phase; `web` is the sum over "
+              "the web instances, `postgres` the server and its backends, `bench` the load generator and the "
+              "recording connector). The machine has 2 cores.", "",
+              "| deployment | phase | " + " | ".join(kinds) + " | total |", "|---|---|" + "---|" * (len(kinds) + 1)]
+    for name, f in res["deployments"].items():
+        for phase, cpu in f.get("cpu", {}).items():
+            if not cpu:
+                continue
+            cells = [f"{cpu[k]:.2f}" if k in cpu else "" for k in kinds]
+            lines.append(f"| {name} | {phase} | " + " | ".join(cells) + f" | {sum(cpu.values()):.2f} |")
+    return "\n".join(lines)
 
 
 def _load(values: tuple[float, float, float]) -> str:
@@ -312,7 +434,12 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     sizes = QUICK if args.quick else FULL
-    default = REPO / "test-artifacts" / "bench-quick.md" if args.quick else REPO / "bench" / "results.md"
+    if args.quick:
+        default = REPO / "test-artifacts" / "bench-quick.md"
+    elif set(only) != set(ALL):  # a subset would replace every other figure in results.md
+        default = REPO / "test-artifacts" / f"bench-{'-'.join(only)}.md"
+    else:
+        default = REPO / "bench" / "results.md"
     output = args.output or default
     weights = sizes.weights()
     total = sum(w for k, w in weights.items() if k.split("_")[0] in only)
@@ -344,13 +471,17 @@ def main() -> int:
     if "recovery" in only:
         results["recovery"] = recovery.run(sizes.recovery_jobs, sizes.recovery_conversations, progress,
                                            weights["recovery"], sizes.cold_starts)
+    if "scaleout" in only:
+        from bench import scaleout
+
+        results["scaleout"] = scaleout.run(sizes.scaleout_plan(), progress, weights["scaleout"])
     progress.finish()
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()
 
     rows: list[Row] = []
     for name, build in (("turns", turn_rows), ("notify", notify_rows), ("state", state_rows), ("jobs", job_rows),
-                        ("recovery", recovery_rows)):
+                        ("recovery", recovery_rows), ("scaleout", scaleout_rows)):
         if name in results:
             rows += build(results[name])
     summary = table(rows)

@@ -69,7 +69,12 @@ def main() -> int:
     proxy = RoundRobinProxy(sys.argv[1:]).start()
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+
+    def until_stdin_closes() -> None:
+        sys.stdin.read()
+        done.set()
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
     print(f"ready {proxy.base_url}", flush=True)
     while not done.wait(0.5):
         pass

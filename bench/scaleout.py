@@ -5,7 +5,10 @@ Every deployment runs on the same kind of stores, fresh for each: a PostgreSQL d
 the conversation store, by default the SQLite file in one ``DATA_DIR`` shared by every process
 (``--store cosmos``: the Cosmos wire server of ``tests/peers/cosmos.py`` instead). Deployments:
 
-- ``all``: the single process ``app.py --role all`` (the baseline);
+- ``all, no PostgreSQL`` (wake-up phase only): ``--role all`` on its SQLite job store, the
+  default single instance, whose wake-ups stay in the process;
+- ``all``: the single process ``app.py --role all`` on the same stores (the baseline; it wakes
+  its own worker half through NOTIFY too);
 - ``N web``: N ``--role web`` instances + 2 ``--role worker`` (one active, one standby) started
   by ``tests/support/cluster.py``'s BotCluster.
 
@@ -40,13 +43,23 @@ import re
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import (NullProgress, Progress, SignallingConnector, children, cpu_seconds, env_for_bot, fmt_ms,
-                          percentile, quiet_env, tree_cpu_seconds)
+from bench.common import (
+    NullProgress,
+    Progress,
+    SignallingConnector,
+    children,
+    cpu_seconds,
+    env_for_bot,
+    fmt_ms,
+    percentile,
+    quiet_env,
+    tree_cpu_seconds,
+)
 from bench.proxy import ProxyProcess
 from bench.turns import LoadResult, closed_loop
 from tests.peers import postgres as postgres_peer
@@ -56,7 +69,8 @@ from tests.support.cluster import BotCluster
 #: How many conversations the wake-up phase's single sender cycles through (so the per-conversation
 #: pacing of 7 messages/s never delays a reply).
 WAKE_CONVERSATIONS = 10
-_PROBLEM = re.compile(r" (ERROR|CRITICAL) |^Traceback")
+_ERROR = re.compile(r" (ERROR|CRITICAL) |^Traceback")
+_WARNING = re.compile(r" WARNING ")
 
 
 @dataclass
@@ -80,8 +94,7 @@ class Deployment:
     def processes(self) -> list[BotProcess]:
         if self.single is not None:
             return [self.single]
-        assert self.cluster is not None
-        return self.cluster.processes
+        return self.cluster.processes if self.cluster is not None else []
 
     def start(self) -> float:
         """Start the app processes and the proxy; seconds until all answer and a worker is active."""
@@ -117,17 +130,19 @@ class Deployment:
         if self.cluster is not None:
             self.cluster.close()
 
-    def log_problems(self) -> tuple[int, str]:
-        """Lines logged at ERROR or above (and tracebacks) by all processes; the first one."""
-        count, first = 0, ""
+    def log_problems(self) -> dict[str, Any]:
+        """Lines logged at ERROR or above (with tracebacks) and at WARNING by all processes, and the
+        first of each."""
+        out: dict[str, Any] = {"errors": 0, "warnings": 0, "first_error": "", "first_warning": ""}
         for process in self.processes:
             for path in process.log_files:
                 with contextlib.suppress(OSError):
                     for line in path.read_text("utf-8", "replace").splitlines():
-                        if _PROBLEM.search(line):
-                            count += 1
-                            first = first or f"{process.data_dir.name}: {line[:300]}"
-        return count, first
+                        kind = "error" if _ERROR.search(line) else "warning" if _WARNING.search(line) else None
+                        if kind:
+                            out[f"{kind}s"] += 1
+                            out[f"first_{kind}"] = out[f"first_{kind}"] or f"{process.data_dir.name}: {line[:300]}"
+        return out
 
 
 class CpuMeter:
@@ -157,19 +172,11 @@ def _cpu(pid: int) -> float:
         return 0.0
 
 
-def _postmaster() -> int | None:
-    """The PostgreSQL server this process started (a direct child named ``postgres``)."""
+def _child_named(name: str) -> int | None:
+    """A process this one started, by its command name (the PostgreSQL server, the Cosmos server)."""
     for pid in children(os.getpid()):
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() == "postgres":
-                return pid
-    return None
-
-
-def _node_server() -> int | None:
-    for pid in children(os.getpid()):
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/comm").read_text().strip() in ("node", "MainThread"):
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
                 return pid
     return None
 
@@ -188,6 +195,7 @@ def _summary(result: LoadResult, *, ingest: bool = False) -> dict[str, Any]:
         out["after_ack_p50"] = percentile(result.after_ack, 50)
         out["after_ack_p99"] = percentile(result.after_ack, 99)
         out["after_ack_max"] = max(result.after_ack, default=float("nan"))
+        out["after_ack"] = list(result.after_ack)
     return out
 
 
@@ -201,106 +209,125 @@ class Plan:
     ingest_conversations: int = 200
     ingest_senders: int = 100
     store: str = "sqlite"
+    #: Also the wake-up phase of ``--role all`` without PostgreSQL (in-process wake-ups, the default
+    #: single-instance setup).
+    local_wake: bool = True
 
-    def deployments(self) -> list[int]:
-        return [0, *self.webs]
+    def deployments(self) -> list[tuple[str, int, bool]]:
+        """(name, web instances (0: one ``--role all`` process), on PostgreSQL) in running order."""
+        local = [("all, no PostgreSQL", 0, False)] if self.local_wake else []
+        return [*local, ("all", 0, True), *((f"{w} web", w, True) for w in self.webs)]
 
     def seconds(self) -> float:
         """Rough seconds on 2 cores, for the progress bar."""
-        per = 0.5 + self.wake_window + 2 * (self.warmup + self.window) + 3
-        return sum(per + 4 + 2.5 * w for w in self.deployments()) + 3
+        total = 3.0
+        for _, webs, shared in self.deployments():
+            total += 3 + 1.5 * webs + 0.5 + self.wake_window + 1
+            if shared:
+                total += 2 * (self.warmup + self.window)
+        return total
 
 
 def run(plan: Plan, progress: Progress, weight: float) -> dict[str, Any]:
     """Every deployment of ``plan``, one after the other; the figures per deployment."""
-    out: dict[str, Any] = {"plan": plan.__dict__ | {"webs": list(plan.webs)}, "deployments": {}}
+    out: dict[str, Any] = {"plan": {**plan.__dict__, "webs": list(plan.webs)}, "deployments": {}}
     unit = weight / plan.seconds()
     with contextlib.ExitStack() as stack:
         progress.set("scale-out: starting PostgreSQL")
         pg_base = stack.enter_context(postgres_peer.postgres_server())
-        store_env: Callable[[], dict[str, str]] = dict
+        cosmos_endpoint, cosmos_key = "", ""
         trees: dict[str, int] = {}
         if plan.store == "cosmos":
             from tests.peers import cosmos as cosmos_peer
 
-            endpoint = stack.enter_context(cosmos_peer.cosmos_server())
-
-            def store_env() -> dict[str, str]:
-                return {"COSMOS_ENDPOINT": endpoint, "COSMOS_KEY": cosmos_peer.EMULATOR_KEY,
-                        "COSMOS_DATABASE": "bench", "COSMOS_CONTAINER": f"c-{uuid.uuid4().hex[:12]}"}
-
-            if (node := _node_server()) is not None:
+            cosmos_endpoint = stack.enter_context(cosmos_peer.cosmos_server())
+            cosmos_key = cosmos_peer.EMULATOR_KEY
+            if (node := _child_named("node")) is not None:
                 trees["cosmos server"] = node
-        if (postmaster := _postmaster()) is not None:
+        if (postmaster := _child_named("postgres")) is not None:
             trees["postgres"] = postmaster
         connector = stack.enter_context(SignallingConnector())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scaleout-")))
         progress.advance(3 * unit)
-        for webs in plan.deployments():
-            shared = tmp / f"d{webs}"
-            database = postgres_peer.create_database(pg_base)
-            env = env_for_bot(JOB_STORE_URL=database, DATA_DIR=str(shared / "data"), **store_env())
-            deployment = Deployment(webs, shared, env)
-            label = f"scale-out ({plan.store}): {deployment.name}"
+        for n, (name, webs, shared) in enumerate(plan.deployments()):
+            data = tmp / f"d{n}"
+            database = postgres_peer.create_database(pg_base) if shared else ""
+            env = env_for_bot(DATA_DIR=str(data / "data"))
+            if shared:
+                env["JOB_STORE_URL"] = database
+            if cosmos_endpoint:
+                env.update(COSMOS_ENDPOINT=cosmos_endpoint, COSMOS_KEY=cosmos_key, COSMOS_DATABASE="bench",
+                           COSMOS_CONTAINER=f"c-{uuid.uuid4().hex[:12]}")
+            deployment = Deployment(webs, data, env)
+            label = f"scale-out ({plan.store}): {name}"
             progress.set(f"{label}: starting {'1 process' if webs == 0 else f'{webs} web + 2 worker processes'}")
-            figures: dict[str, Any] = {"webs": webs, "cpu": {}}
+            figures: dict[str, Any] = {"webs": webs, "postgres": shared, "cpu": {}}
             try:
                 figures["startup_s"] = deployment.start()
-                progress.advance((4 + 2.5 * webs) * unit)
+                progress.advance((3 + 1.5 * webs) * unit)
                 assert deployment.proxy is not None
                 url = deployment.proxy.base_url + "/api/messages"
                 meter = CpuMeter(deployment.pids(), trees)
-                prefix = f"s{webs}"
+                prefix = f"s{n}"
 
                 progress.set(f"{label}: wake-up latency, one message at a time")
-                figures["cpu"]["wake"] = {}
-                with meter.measure(figures["cpu"]["wake"]):
+                with meter.measure(figures["cpu"].setdefault("wake", {})):
                     wake = asyncio.run(closed_loop(url, connector, WAKE_CONVERSATIONS, 0.5, plan.wake_window,
                                                    prefix=f"{prefix}w", senders=1))
                 figures["wake"] = _summary(wake)
                 progress.advance((0.5 + plan.wake_window) * unit)
+                if shared:
+                    progress.set(f"{label}: end-to-end, {plan.e2e_conversations} conversations")
+                    with meter.measure(figures["cpu"].setdefault("e2e", {})):
+                        e2e = asyncio.run(closed_loop(url, connector, plan.e2e_conversations, plan.warmup,
+                                                      plan.window, prefix=f"{prefix}e"))
+                    figures["e2e"] = _summary(e2e)
+                    progress.advance((plan.warmup + plan.window) * unit)
 
-                progress.set(f"{label}: end-to-end, {plan.e2e_conversations} conversations")
-                figures["cpu"]["e2e"] = {}
-                with meter.measure(figures["cpu"]["e2e"]):
-                    e2e = asyncio.run(closed_loop(url, connector, plan.e2e_conversations, plan.warmup, plan.window,
-                                                  prefix=f"{prefix}e"))
-                figures["e2e"] = _summary(e2e)
-                progress.advance((plan.warmup + plan.window) * unit)
-
-                progress.set(f"{label}: ingest, {plan.ingest_senders} senders over "
-                             f"{plan.ingest_conversations} conversations")
-                figures["cpu"]["ingest"] = {}
-                with meter.measure(figures["cpu"]["ingest"]):
-                    ingest = asyncio.run(closed_loop(url, connector, plan.ingest_conversations, plan.warmup,
-                                                     plan.window, prefix=f"{prefix}i", senders=plan.ingest_senders,
-                                                     await_reply=False))
-                figures["ingest"] = _summary(ingest, ingest=True)
-                progress.advance((plan.warmup + plan.window) * unit)
+                    progress.set(f"{label}: ingest, {plan.ingest_senders} senders over "
+                                 f"{plan.ingest_conversations} conversations")
+                    with meter.measure(figures["cpu"].setdefault("ingest", {})):
+                        ingest = asyncio.run(closed_loop(url, connector, plan.ingest_conversations, plan.warmup,
+                                                         plan.window, prefix=f"{prefix}i",
+                                                         senders=plan.ingest_senders, await_reply=False))
+                    figures["ingest"] = _summary(ingest, ingest=True)
+                    progress.advance((plan.warmup + plan.window) * unit)
                 figures["alive_at_end"] = all(p.alive for p in deployment.processes)
+            except Exception as exc:  # one deployment failing still leaves the others' figures
+                figures["error"] = f"{type(exc).__name__}: {exc}"[:2000]
             finally:
                 deployment.stop()
                 connector.clear()
-                postgres_peer.drop_database(pg_base, database)
-            figures["log_problems"], figures["first_problem"] = deployment.log_problems()
-            progress.advance(3 * unit)
-            out["deployments"][deployment.name] = figures
+                if shared:
+                    postgres_peer.drop_database(pg_base, database)
+            figures["logs"] = deployment.log_problems()
+            progress.advance(1 * unit)
+            out["deployments"][name] = figures
     return out
 
 
 def describe(res: dict[str, Any]) -> str:
-    """A plain-text table of one run (for ``python -m bench.scaleout``)."""
+    """A plain-text summary of one run (for ``python -m bench.scaleout``)."""
     lines = []
     for name, f in res["deployments"].items():
-        w, e, i = f["wake"], f["e2e"], f["ingest"]
-        cpu = ", ".join(f"{k} {v:.2f}" for k, v in f["cpu"]["ingest"].items())
-        lines.append(
-            f"{name:>6}: start {f['startup_s']:.1f} s | wake 2xx→reply p50 {fmt_ms(w['after_ack_p50'])} p99 "
-            f"{fmt_ms(w['after_ack_p99'])} (n={w['samples']}) | e2e {e['per_second']:.1f}/s p50 {fmt_ms(e['p50'])} "
-            f"p99 {fmt_ms(e['p99'])} | ingest {i['per_second']:.1f}/s p50 {fmt_ms(i['answer_p50'])} p99 "
-            f"{fmt_ms(i['answer_p99'])} errors {i['errors']} {i['statuses']} | log problems {f['log_problems']}"
-            f"\n        ingest CPU (cores): {cpu}" + (f"\n        first problem: {f['first_problem']}"
-                                                   if f["first_problem"] else ""))
+        if "error" in f:
+            lines.append(f"{name}: failed: {f['error']}")
+            continue
+        w = f["wake"]
+        line = (f"{name}: start {f['startup_s']:.1f} s | wake 2xx→reply p50 {fmt_ms(w['after_ack_p50'])} p99 "
+                f"{fmt_ms(w['after_ack_p99'])} (n={w['samples']})")
+        if "e2e" in f:
+            e, i = f["e2e"], f["ingest"]
+            line += (f" | e2e {e['per_second']:.1f}/s p50 {fmt_ms(e['p50'])} p99 {fmt_ms(e['p99'])} | ingest "
+                     f"{i['per_second']:.1f}/s p50 {fmt_ms(i['answer_p50'])} p99 {fmt_ms(i['answer_p99'])} errors "
+                     f"{e['errors']}+{i['errors']} {i['statuses']}")
+        line += f" | log errors {f['logs']['errors']}, warnings {f['logs']['warnings']}"
+        for phase, cpu in f["cpu"].items():
+            line += f"\n    {phase} CPU (cores): " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+        for kind in ("error", "warning"):
+            if f["logs"][f"first_{kind}"]:
+                line += f"\n    first {kind}: {f['logs'][f'first_{kind}']}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -315,11 +342,13 @@ def main() -> int:
     parser.add_argument("--ingest-senders", type=int, default=100)
     parser.add_argument("--ingest-conversations", type=int, default=200)
     parser.add_argument("--e2e-conversations", type=int, default=50)
+    parser.add_argument("--no-local-wake", action="store_true")
     args = parser.parse_args()
     quiet_env()
     plan = Plan(webs=tuple(int(w) for w in args.webs.split(",") if w), warmup=args.warmup, window=args.window,
                 wake_window=args.wake_window, e2e_conversations=args.e2e_conversations,
-                ingest_conversations=args.ingest_conversations, ingest_senders=args.ingest_senders, store=args.store)
+                ingest_conversations=args.ingest_conversations, ingest_senders=args.ingest_senders, store=args.store,
+                local_wake=not args.no_local_wake)
     started = time.monotonic()
     res = run(plan, NullProgress(), 1.0)
     print(describe(res))

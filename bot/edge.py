@@ -24,6 +24,7 @@ from botbuilder.integration.aiohttp import (
 )
 from botbuilder.schema import Activity
 
+import tracing
 from bot.auth import (
     AuthRejected,
     AuthUnavailable,
@@ -167,6 +168,7 @@ def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
             activity = Activity().deserialize(body)
         except Exception as exc:
             return problem(400, "not a valid activity", str(exc)[:300])
+        tracing.annotate(**{"activity.type": activity.type or "", "activity.channel_id": activity.channel_id or ""})
         try:
             authenticated = await authenticator.authenticate(activity, request.headers.get("Authorization"))
         except AuthRejected:  # logged with the reason by the authenticator
@@ -190,4 +192,10 @@ def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
             return web.json_response(invoke_response.body, status=invoke_response.status)
         return web.Response(status=201 if activity.type == "message" else 200)
 
-    return handle
+    async def traced(request: web.Request) -> web.Response:
+        with tracing.tracer.start_as_current_span("ingest activity", kind=tracing.SERVER) as span:
+            response = await handle(request)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    return traced

@@ -16,6 +16,7 @@ from botbuilder.core import TurnContext
 from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
+import tracing
 from bot.auth import TenantPolicy
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.keys import conversation_key
@@ -93,7 +94,10 @@ class TeamsBot(TeamsActivityHandler):
             self._wake(key)
             return
         sender = activity.from_property
-        payload = {"text": text, "from": {"id": getattr(sender, "id", None), "name": getattr(sender, "name", None)}}
+        payload: JSON = {"text": text,
+                         "from": {"id": getattr(sender, "id", None), "name": getattr(sender, "name", None)}}
+        if trace_context := tracing.carrier():  # lets the worker's turn span link back to this one
+            payload[tracing.CARRIER_KEY] = trace_context
         if await self._store.append_event(key, InboxEvent(id=event_id, kind="message", payload=payload)):
             self._wake(key)
 

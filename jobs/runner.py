@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 import logs
 import metrics
+import tracing
 from agent.events import JobResult
 from crashpoints import crash_point
 from jobs.context import JobCancelledError, JobContext
@@ -181,9 +182,12 @@ class JobRunner:
             me.add_done_callback(self._runs.discard)
         log.info("job %s (%s) attempt %d/%d started", job.id, job.tool, job.attempt, tool.retry.max_attempts)
         metrics.JOB_ATTEMPTS.labels(job.tool).inc()
+        span = tracing.tracer.start_span("job attempt", attributes={
+            "conversation.key": conversation_key, "job.id": job.id, "job.tool": job.tool, "job.attempt": job.attempt})
         try:
             args = tool.args_model.model_validate(job.arguments)
-            attempt_task = asyncio.ensure_future(tool.run(context, args))
+            with tracing.trace.use_span(span, end_on_exit=False):
+                attempt_task = asyncio.ensure_future(tool.run(context, args))
             self._tasks[job.id] = attempt_task
             result: dict[str, Any] = await asyncio.wait_for(attempt_task, timeout=tool.timeout)
         except JobCancelledError:
@@ -211,6 +215,7 @@ class JobRunner:
         finally:
             self._live.pop(job.id, None)
             self._tasks.pop(job.id, None)
+            span.end()
 
     async def _retry_or_fail(self, job: JobRecord, error: str, max_attempts: int, delay: float) -> None:
         if job.attempt >= max_attempts:

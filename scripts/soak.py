@@ -3,24 +3,36 @@
 A load thread plays the channel: it posts activities and, like the Bot Connector, redelivers
 one (same activity id) until the bot acknowledges it with a 2xx. Every acknowledged message
 goes into a ledger with the reply it must produce; every acknowledged activation also with
-its completion message. A killer thread SIGKILLs the real app process at random moments and
+its completion message. A killer thread SIGKILLs a real app process at random moments and
 starts it again. At the end the ledger is checked against what the recording connector got:
 
     conversations, messages, jobs, kills, lost (must be 0), duplicates (only the window
     between a send and its outbox mark may produce one), unloadable conversations (must be 0)
 
-Usage: ``python scripts/soak.py --kills 60`` (``make soak``); the test suite runs a short form.
+Two deployments, the same load, killer and ledger:
+
+* one process (``--role all``) on SQLite in the data dir: every kill hits it;
+* ``--cluster``: 2 web + 2 worker processes on Cosmos DB (the wire server from tests/peers) and
+  PostgreSQL (a throwaway server), the channel posting through the round-robin proxy. Each kill
+  hits one process: the active worker half of the time (turns, jobs and sends run there), else
+  any other one (the standby or a web instance); the summary says how many hit which.
+
+Usage: ``python scripts/soak.py --kills 60 [--cluster]`` (``make soak [CLUSTER=1]``); the test
+suite runs short forms of both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
+import re
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +40,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from storage.abc import ConversationStore  # noqa: E402
 from storage.sqlite import SqliteStore  # noqa: E402
 from tests.support.activities import message, new_conversation_id  # noqa: E402
-from tests.support.botproc import BotProcess  # noqa: E402
+from tests.support.botproc import BotProcess, HttpEndpoint  # noqa: E402
+from tests.support.cluster import BotCluster  # noqa: E402
 from tests.support.connector import RecordingConnector  # noqa: E402
+
+#: In cluster mode, the share of kills that hit the active worker (the rest: any other process).
+ACTIVE_WORKER_SHARE = 0.5
+#: The kinds of process a kill can hit, in the order the summary lists them.
+KILL_KINDS = ("active worker", "standby", "web")
 
 
 @dataclass
@@ -40,6 +59,8 @@ class Ledger:
     messages: int = 0
     jobs: int = 0
     kills: int = 0
+    kills_by: Counter[str] = field(default_factory=Counter)  # cluster mode: kind of process hit
+    exits: list[str] = field(default_factory=list)  # processes found dead that no kill hit
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -52,21 +73,94 @@ class SoakReport:
     lost: list[tuple[str, str]]
     duplicates: int
     unloadable: list[str]
+    kills_by: dict[str, int] = field(default_factory=dict)
+    exits: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.lost and not self.unloadable
 
     def summary(self) -> str:
-        return (f"conversations={self.conversations} messages={self.messages} jobs={self.jobs} kills={self.kills} "
+        kills = f"kills={self.kills}"
+        if self.kills_by:
+            by_kind = " ".join(f"{kind.replace(' ', '-')}={self.kills_by.get(kind, 0)}" for kind in KILL_KINDS)
+            kills += f" ({by_kind})"
+        text = (f"conversations={self.conversations} messages={self.messages} jobs={self.jobs} {kills} "
                 f"lost={len(self.lost)} duplicates={self.duplicates} unloadable={len(self.unloadable)}")
+        if self.exits:
+            text += f" unexpected_exits={len(self.exits)}"
+        return text
 
 
-def _post_until_acknowledged(bot: BotProcess, activity: dict[str, object], stop: threading.Event) -> bool:
+class SingleBot:
+    """One process of the app (``--role all``) on SQLite in the data dir."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.bot = BotProcess(data_dir, env=env)
+        self.endpoint: HttpEndpoint = self.bot
+        self.processes = [self.bot]
+
+    def start(self) -> None:
+        self.bot.start(timeout=60)
+
+    def victim(self, rng: random.Random) -> tuple[BotProcess, str | None]:
+        return self.bot, None
+
+    def close(self) -> None:
+        self.bot.kill()
+
+    def store(self) -> ConversationStore:
+        return SqliteStore(self.data_dir / "conversations.sqlite3")
+
+
+class Cluster:
+    """2 web + 2 worker processes on the Cosmos DB container and PostgreSQL database of ``store_env``."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str], store_env: dict[str, str]) -> None:
+        self.store_env = store_env
+        self.cluster = BotCluster(data_dir, {**store_env, **env}, webs=2, workers=2)
+        self.endpoint = self.cluster  # posts go through the round-robin proxy
+        self.processes = self.cluster.processes
+
+    def start(self) -> None:
+        self.cluster.start(timeout=60)  # only the ones not running
+
+    def victim(self, rng: random.Random) -> tuple[BotProcess, str | None]:
+        active = self.cluster.active_worker(timeout=30)  # waits for a takeover to settle
+        if rng.random() < ACTIVE_WORKER_SHARE:
+            return active, "active worker"
+        process = rng.choice([p for p in self.processes if p is not active])
+        return process, "web" if any(process is web for web in self.cluster.webs) else "standby"
+
+    def close(self) -> None:
+        self.cluster.close()
+
+    def store(self) -> ConversationStore:
+        from storage.cosmos import CosmosStore
+
+        env = self.store_env
+        return CosmosStore(env["COSMOS_ENDPOINT"], env["COSMOS_KEY"], env["COSMOS_DATABASE"], env["COSMOS_CONTAINER"])
+
+
+Deployment = SingleBot | Cluster
+
+
+def cluster_store_env(cosmos_endpoint: str, postgres_base_url: str) -> dict[str, str]:
+    """Settings for a cluster on running servers: a fresh Cosmos DB container and a fresh PostgreSQL
+    database (``JOB_STORE_URL``; the caller drops it with ``tests.peers.postgres.drop_database``)."""
+    from tests.peers.cosmos import EMULATOR_KEY
+    from tests.peers.postgres import create_database
+
+    return {"COSMOS_ENDPOINT": cosmos_endpoint, "COSMOS_KEY": EMULATOR_KEY, "COSMOS_DATABASE": "soak",
+            "COSMOS_CONTAINER": f"soak-{uuid.uuid4().hex[:12]}", "JOB_STORE_URL": create_database(postgres_base_url)}
+
+
+def _post_until_acknowledged(endpoint: HttpEndpoint, activity: dict[str, object], stop: threading.Event) -> bool:
     """Redeliver like the channel does until a 2xx; False if the soak is stopping."""
     while not stop.is_set():
         try:
-            status, _ = bot.post_activity(activity, timeout=5)
+            status, _ = endpoint.post_activity(activity, timeout=5)
         except OSError:
             status = 0  # the bot is down (being killed or restarting)
         if 200 <= status < 300:
@@ -75,15 +169,25 @@ def _post_until_acknowledged(bot: BotProcess, activity: dict[str, object], stop:
     return False
 
 
+def _note_exits(deployment: Deployment, ledger: Ledger) -> None:
+    """Record processes that died although no kill hit them (start() will bring them back)."""
+    for process in deployment.processes:
+        if process.pid is not None and not process.alive:
+            ledger.exits.append(f"{process.data_dir.name} (pid {process.pid}) exited with {process.returncode}")
+
+
 def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seconds: float = 1.0,
-             progress: bool = True) -> SoakReport:
-    rng = random.Random(seed)
+             progress: bool = True, cluster_env: dict[str, str] | None = None) -> SoakReport:
+    """The soak on one process, or with ``cluster_env`` (see :func:`cluster_store_env`) on a cluster."""
+    rng, kill_rng = random.Random(seed), random.Random(-seed)  # the kills do not depend on the load's pace
     ledger = Ledger()
     convs = [new_conversation_id("soak") for _ in range(conversations)]
     stop_load, stop_all = threading.Event(), threading.Event()
     with RecordingConnector() as conn:
-        bot = BotProcess(data_dir, env={"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": "WARNING"})
-        bot.start()
+        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": "WARNING"}
+        deployment: Deployment = (Cluster(data_dir, env, cluster_env) if cluster_env is not None
+                                  else SingleBot(data_dir, env))
+        endpoint = deployment.endpoint
 
         def load() -> None:
             counter = 0
@@ -93,7 +197,7 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
                 if rng.random() < 0.3:
                     number = f"555-{counter % 10000:04d}"
                     activity = message(f"activate line {number}", conversation_id=conv, service_url=conn.url)
-                    if _post_until_acknowledged(bot, activity, stop_all):
+                    if _post_until_acknowledged(endpoint, activity, stop_all):
                         with ledger.lock:
                             ledger.messages += 1
                             ledger.jobs += 1
@@ -102,20 +206,25 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
                 else:
                     name = f"Soak{counter}"
                     activity = message(f"my name is {name}", conversation_id=conv, service_url=conn.url)
-                    if _post_until_acknowledged(bot, activity, stop_all):
+                    if _post_until_acknowledged(endpoint, activity, stop_all):
                         with ledger.lock:
                             ledger.messages += 1
                             ledger.expected.append((conv, f"Nice to meet you, {name}."))
                 time.sleep(rng.uniform(0.01, 0.08))
 
-        loader = threading.Thread(target=load, daemon=True)
-        loader.start()
         try:
+            deployment.start()
+            loader = threading.Thread(target=load, daemon=True)
+            loader.start()
             for n in range(1, kills + 1):
-                time.sleep(rng.uniform(0.3, 2.5))
-                bot.kill()
+                time.sleep(kill_rng.uniform(0.3, 2.5))
+                process, kind = deployment.victim(kill_rng)
+                _note_exits(deployment, ledger)
+                process.kill()
                 ledger.kills += 1
-                bot.start(timeout=60)
+                if kind is not None:
+                    ledger.kills_by[kind] += 1
+                deployment.start()
                 if progress:
                     bar = "#" * (30 * n // kills)
                     print(f"\rsoak [{bar:<30}] kills {n}/{kills} messages {ledger.messages} jobs {ledger.jobs}",
@@ -134,18 +243,19 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
             time.sleep(1.0)  # let any late repeat arrive before counting duplicates
             # Every expected text is unique (names and line numbers are), so a repeat is a duplicate.
             duplicates = sum(n - 1 for conv in convs for n in Counter(conn.texts(conv)).values() if n > 1)
+            _note_exits(deployment, ledger)
         finally:
             stop_all.set()
             stop_load.set()
-            bot.kill()
+            deployment.close()
         if progress:
             print(file=sys.stderr)
-        unloadable = asyncio.run(_unloadable(data_dir, [f"emulator:{c}" for c in convs]))
-    return SoakReport(conversations, ledger.messages, ledger.jobs, ledger.kills, lost, duplicates, unloadable)
+        unloadable = asyncio.run(_unloadable(deployment.store(), [f"emulator:{c}" for c in convs]))
+    return SoakReport(conversations, ledger.messages, ledger.jobs, ledger.kills, lost, duplicates, unloadable,
+                      dict(ledger.kills_by), list(ledger.exits))
 
 
-async def _unloadable(data_dir: Path, keys: list[str]) -> list[str]:
-    store = SqliteStore(data_dir / "conversations.sqlite3")
+async def _unloadable(store: ConversationStore, keys: list[str]) -> list[str]:
     await store.open()
     bad = []
     try:
@@ -161,16 +271,57 @@ async def _unloadable(data_dir: Path, keys: list[str]) -> list[str]:
     return bad
 
 
+_LOG_PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) (.*)$")
+
+
+def log_problems(data_dir: Path) -> Counter[str]:
+    """ERROR and CRITICAL lines of every bot log under ``data_dir`` (text format), by level and message."""
+    found: Counter[str] = Counter()
+    for path in sorted(data_dir.rglob("bot-*.log")):
+        for line in path.read_text("utf-8", errors="replace").splitlines():
+            if match := _LOG_PROBLEM.match(line):
+                found[f"{match.group(1)} {match.group(2)}"] += 1
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=60)
     parser.add_argument("--conversations", type=int, default=12)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--job-seconds", type=float, default=1.0)
+    parser.add_argument("--cluster", action="store_true",
+                        help="2 web + 2 worker processes on Cosmos DB + PostgreSQL (both started here)")
+    parser.add_argument("--data-dir", type=Path,
+                        help="keep the bots' data and logs here (default: a temporary directory, removed)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
-        report = run_soak(args.kills, args.conversations, args.seed, Path(tmp), args.job_seconds)
+    with contextlib.ExitStack() as stack:
+        cluster_env = None
+        if args.cluster:
+            from tests.peers import cosmos, postgres
+
+            if reason := cosmos.unavailable_reason() or postgres.unavailable_reason():
+                print(f"cannot run the cluster soak: {reason}", file=sys.stderr)
+                return 2
+            endpoint = stack.enter_context(cosmos.cosmos_server())
+            cluster_env = cluster_store_env(endpoint, stack.enter_context(postgres.postgres_server()))
+        if args.data_dir is not None:
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+            data_dir = args.data_dir
+        else:
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
+        started = time.monotonic()
+        report = run_soak(args.kills, args.conversations, args.seed, data_dir, args.job_seconds,
+                          cluster_env=cluster_env)
+        elapsed = time.monotonic() - started
+        problems = log_problems(data_dir)
     print(report.summary())
+    print(f"took {elapsed:.0f} s; bot logs: {sum(problems.values())} ERROR/CRITICAL lines"
+          + (f" (in {data_dir})" if args.data_dir is not None else ""))
+    for line, count in problems.most_common(10):
+        print(f"  {count:4d} x {line[:200]}")
+    for exited in report.exits[:20]:
+        print(f"EXITED {exited}")
     for conv, text in report.lost[:20]:
         print(f"LOST in {conv}: {text!r}")
     for problem in report.unloadable[:20]:

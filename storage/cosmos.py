@@ -236,9 +236,12 @@ class CosmosStore(ConversationStore):
         try:
             database = self._client.get_database_client(self._database_name)
             container = database.get_container_client(self._container_name)
-            try:
-                properties = await container.read()
-            except exceptions.CosmosResourceNotFoundError:
+            for attempt in range(5):
+                try:
+                    properties = await container.read()
+                    break
+                except exceptions.CosmosResourceNotFoundError:
+                    pass
                 try:
                     database = await self._client.create_database_if_not_exists(self._database_name)
                     container = await database.create_container_if_not_exists(
@@ -248,10 +251,12 @@ class CosmosStore(ConversationStore):
                         indexing_policy=INDEXING_POLICY,
                     )
                 except exceptions.CosmosResourceExistsError:
-                    # Another instance starting at the same moment created it between our read and create.
-                    container = self._client.get_database_client(self._database_name).get_container_client(
-                        self._container_name)
-                properties = await container.read()
+                    # Several instances starting at once: another created the database or the
+                    # container between our read and our create. Read again (it may still be creating).
+                    await asyncio.sleep(0.2 * (attempt + 1))
+            else:
+                raise StoreError(f"container {self._container_name!r} could not be read or created (it kept "
+                                 "appearing and disappearing; is something deleting it?)")
         except BaseException:
             await self.close()
             raise

@@ -25,6 +25,7 @@ from tests.support.activities import new_conversation_id
 from tests.support.botproc import BotProcess
 from tests.support.cluster import BotCluster
 from tests.support.connector import RecordingConnector
+from tests.support.otlp import OtlpCollector
 from tests.test_ops import scrape, value
 
 pytestmark = pytest.mark.e2e
@@ -113,8 +114,7 @@ def test_only_the_active_worker_runs_jobs(cluster: BotCluster, conn: RecordingCo
     conversations = [new_conversation_id() for _ in range(4)]
     for n, conv in enumerate(conversations):
         say(cluster, conn, conv, f"activate line 555-01{n:02d}")
-    for conv in conversations:
-        conn.wait_for(lambda c, conv=conv: len(completions(c, conv)) == 1, timeout=30)
+    conn.wait_for(lambda c: all(len(completions(c, conv)) == 1 for conv in conversations), timeout=30)
     active = cluster.active_worker()
     [standby] = [w for w in cluster.workers if w is not active]
     job_ids = [stored.jobs(f"emulator:{conv}")[0]["id"] for conv in conversations]
@@ -134,7 +134,7 @@ def test_a_message_reaches_the_worker_by_notification(tmp_path: Path, backend_en
     with BotCluster(tmp_path, env, webs=1, workers=1) as cluster:
         for n in range(3):
             say(cluster, conn, conv, f"my name is Ada{n}")
-            conn.wait_for(lambda c, n=n: f"Nice to meet you, Ada{n}. I'll remember that." in c.texts(conv), timeout=10)
+            assert conn.wait_for_texts(n + 1, conv)[n] == f"Nice to meet you, Ada{n}. I'll remember that."
         _, samples = scrape(cluster.workers[0])
         assert value(samples, "teams_agent_wakeups_total", source="notify") >= 3
         assert value(samples, "teams_agent_wakeups_total", source="sweep") == 0
@@ -227,3 +227,25 @@ def test_sigterm_on_the_active_worker_hands_over_without_losing_the_job(cluster:
     [job] = stored.jobs(f"emulator:{conv}")
     # Handed back, not interrupted: the standby ran the same attempt again.
     assert (job["status"], job["attempt"], job["interruptions"]) == ("succeeded", 1, 0)
+
+
+def test_traces_link_the_workers_turn_to_the_web_instances_ingest(tmp_path: Path, backend_env: dict[str, str],
+                                                                   conn: RecordingConnector, conv: str) -> None:
+    """OpenTelemetry (optional, on here): spans from both processes reach a collector over OTLP/HTTP,
+    and the worker's turn links to the ingest span of the message it answers."""
+    with OtlpCollector() as collector:
+        env = {**backend_env, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100",
+               "ACTIVATE_LINE_SECONDS": "1"}
+        with BotCluster(tmp_path, env, webs=1, workers=1) as cluster:
+            say(cluster, conn, conv, "activate line 555-0123")
+            conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=15)
+            [ingest] = [s for s in collector.wait_for("ingest activity") if s.attributes["activity.type"] == "message"]
+            turns = collector.wait_for("agent turn", count=2)  # the request, then the job's outcome
+            collector.wait_for("job attempt")
+            collector.wait_for("deliver message", count=3)
+    assert ingest.service == "teams-agent-web" and ingest.attributes["http.response.status_code"] == 201
+    [answer] = [t for t in turns if t.attributes["event.kind"] == "message"]
+    assert answer.service == "teams-agent-worker" and answer.links == ((ingest.trace_id, ingest.span_id),)
+    assert answer.attributes["conversation.key"] == f"emulator:{conv}"
+    # AutoGen's own spans (the agent and its tool call) nest under the turn.
+    assert any(s.parent_span_id == answer.span_id for s in collector.spans())

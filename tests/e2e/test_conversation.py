@@ -8,13 +8,13 @@ import pytest
 
 from tests.e2e.conftest import StoreProbe
 from tests.support.activities import conversation_update, message, teams_channel_mention
-from tests.support.botproc import BotProcess
+from tests.support.botproc import BotProcess, HttpEndpoint
 from tests.support.connector import RecordingConnector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
 
-def say(bot: BotProcess, conn: RecordingConnector, conv: str, text: str, **kwargs: object) -> dict[str, object]:
+def say(bot: HttpEndpoint, conn: RecordingConnector, conv: str, text: str, **kwargs: object) -> dict[str, object]:
     activity = message(text, conversation_id=conv, service_url=conn.url, **kwargs)  # type: ignore[arg-type]
     status, body = bot.post_activity(activity)
     assert status == 201, body

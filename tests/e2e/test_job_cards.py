@@ -211,6 +211,7 @@ def test_the_card_is_posted_once_and_updated_in_place_until_it_succeeds(
         f"{[headline(card_in(u.activity)) for u in updates]})")
 
 
+@pytest.mark.cluster  # the click lands on a web instance, the job runs on the active worker
 def test_cancel_with_action_execute_answers_with_the_refreshed_card(
         bot: BotProcess, conn: RecordingConnector, conv: str, stored: StoreProbe) -> None:
     say(bot, conn, conv, "activate line 555-0100")
@@ -238,6 +239,7 @@ def test_cancel_with_action_execute_answers_with_the_refreshed_card(
     assert len(card_posts(conn, conv)) == 1
 
 
+@pytest.mark.cluster
 def test_cancel_with_the_action_submit_fallback(bot: BotProcess, conn: RecordingConnector, conv: str,
                                                  stored: StoreProbe) -> None:
     say(bot, conn, conv, "activate line 555-0100")
@@ -259,6 +261,7 @@ def test_cancel_with_the_action_submit_fallback(bot: BotProcess, conn: Recording
     assert not any("is active" in t for t in conn.texts(conv))
 
 
+@pytest.mark.cluster
 def test_card_actions_that_cannot_be_done_get_clear_answers(bot: BotProcess, conn: RecordingConnector,
                                                             conv: str) -> None:
     say(bot, conn, conv, "hello")  # the conversation exists; it has no job

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from tests.support.botproc import BotProcess, HttpEndpoint
 from tests.support.roundrobin import RoundRobinProxy
@@ -91,7 +91,7 @@ class BotCluster(HttpEndpoint):
         self.close()
 
     # --- workers ---
-    def readiness(self, process: BotProcess) -> dict[str, object]:
+    def readiness(self, process: BotProcess) -> dict[str, Any]:
         status, body = process.get("/readyz")
         return {"http_status": status, **json.loads(body)}
 
