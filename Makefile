@@ -26,7 +26,7 @@ help: ## list the targets
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
 	@echo
-	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, PYTHON (interpreter for the venv), PIP_QUIET"
+	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, KILLS and CLUSTER (soak), PYTHON (interpreter for the venv), PIP_QUIET"
 
 setup: $(VENV_STAMP) $(NODE_STAMP) chromium postgresql ## create .venv and node_modules (only what changed), install chromium and PostgreSQL
 
@@ -45,8 +45,8 @@ run: setup ## start the bot on http://localhost:3978/api/messages
 test: setup ## run the test suite (pytest)
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
-soak: setup ## crash soak: 60 random SIGKILLs under load, then the ledger (lost must be 0)
-	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60)
+soak: setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledger (lost must be 0); CLUSTER=1 for 2 web + 2 worker
+	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60) $(if $(filter-out 0,$(CLUSTER)),--cluster)
 
 .PHONY: bench bench-quick
 bench: $(VENV_STAMP) $(NODE_STAMP) ## benchmarks vs their baselines (~12 min on 2 cores): table + bench/results.md

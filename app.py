@@ -273,11 +273,25 @@ async def start_worker(services: Services) -> None:
 
 
 async def lead(services: Services, *, wait: bool) -> bool:
-    """Become the active worker (waiting for it if ``wait``) and start the worker's services."""
-    on_wake, on_cancel = services.processor.wake, services.job_runner.apply_cancel
-    if not await services.coordinator.lead(on_wake, on_cancel, wait=wait):
+    """Become the active worker (waiting for it if ``wait``) and start the worker's services.
+
+    Wake-ups start arriving as soon as the lock is ours, before the scheduler runs: they are
+    held until the services are up (a turn must not create a job nobody can schedule yet).
+    """
+    held: set[str] | None = set()
+
+    def on_wake(key: str) -> None:
+        if held is None:
+            services.processor.wake(key)
+        else:
+            held.add(key)
+
+    if not await services.coordinator.lead(on_wake, services.job_runner.apply_cancel, wait=wait):
         return False
     await start_worker(services)
+    early, held = held or set(), None
+    for key in early:
+        services.processor.wake(key)
     return True
 
 

@@ -9,6 +9,10 @@ starts it again. At the end the ledger is checked against what the recording con
     conversations, messages, jobs, kills, lost (must be 0), duplicates (only the window
     between a send and its outbox mark may produce one), unloadable conversations (must be 0)
 
+A reply counts as lost when it has not arrived once no expected reply has arrived for a minute
+after the load stopped; while they still arrive the bot is only behind and the soak waits on
+(the "drain" time it prints says how far behind it was).
+
 Two deployments, the same load, killer and ledger:
 
 * one process (``--role all``) on SQLite in the data dir: every kill hits it;
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import re
 import sys
@@ -51,6 +56,11 @@ from tests.support.connector import RecordingConnector  # noqa: E402
 ACTIVE_WORKER_SHARE = 0.5
 #: The kinds of process a kill can hit, in the order the summary lists them.
 KILL_KINDS = ("active worker", "standby", "web")
+#: After the load stops, a reply that has not arrived when none has for this long (plus three job
+#: durations) is lost. While replies keep arriving the bot is only behind, and the soak waits on,
+#: up to MAX_DRAIN_SECONDS after the load stopped.
+STALL_SECONDS = 60.0
+MAX_DRAIN_SECONDS = 900.0
 
 
 @dataclass
@@ -75,6 +85,8 @@ class SoakReport:
     unloadable: list[str]
     kills_by: dict[str, int] = field(default_factory=dict)
     exits: list[str] = field(default_factory=list)
+    late: list[tuple[str, str]] = field(default_factory=list)  # lost, but arrived in the second after the deadline
+    drain_seconds: float = 0.0  # from the end of the load to the last expected reply (or giving up)
 
     @property
     def ok(self) -> bool:
@@ -177,14 +189,15 @@ def _note_exits(deployment: Deployment, ledger: Ledger) -> None:
 
 
 def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seconds: float = 1.0,
-             progress: bool = True, cluster_env: dict[str, str] | None = None) -> SoakReport:
+             progress: bool = True, cluster_env: dict[str, str] | None = None,
+             log_level: str = "WARNING") -> SoakReport:
     """The soak on one process, or with ``cluster_env`` (see :func:`cluster_store_env`) on a cluster."""
     rng, kill_rng = random.Random(seed), random.Random(-seed)  # the kills do not depend on the load's pace
     ledger = Ledger()
     convs = [new_conversation_id("soak") for _ in range(conversations)]
     stop_load, stop_all = threading.Event(), threading.Event()
     with RecordingConnector() as conn:
-        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": "WARNING"}
+        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": log_level}
         deployment: Deployment = (Cluster(data_dir, env, cluster_env) if cluster_env is not None
                                   else SingleBot(data_dir, env))
         endpoint = deployment.endpoint
@@ -231,16 +244,24 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
                           end="", file=sys.stderr, flush=True)
             stop_load.set()
             loader.join(30)
-            expected = list(ledger.expected)
-            deadline = time.monotonic() + 60 + job_seconds * 3
+            drain_started = time.monotonic()
+            patience = STALL_SECONDS + job_seconds * 3
+            deadline = drain_started + patience
 
-            def missing() -> list[tuple[str, str]]:
+            def missing(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
                 texts = {c: conn.texts(c) for c in convs}
-                return [(c, t) for c, t in expected if not any(t in got for got in texts[c])]
+                return [(c, t) for c, t in items if not any(t in got for got in texts[c])]
 
-            while (lost := missing()) and time.monotonic() < deadline:
+            lost = missing(list(ledger.expected))
+            while lost and time.monotonic() < deadline:
                 time.sleep(0.5)
+                if len(still := missing(lost)) < len(lost):  # replies still arrive: the bot is behind, wait on
+                    deadline = min(time.monotonic() + patience, drain_started + MAX_DRAIN_SECONDS)
+                lost = still
+            drain_seconds = time.monotonic() - drain_started
             time.sleep(1.0)  # let any late repeat arrive before counting duplicates
+            still_missing = set(missing(lost))
+            late = [item for item in lost if item not in still_missing]  # still lost: they missed the deadline
             # Every expected text is unique (names and line numbers are), so a repeat is a duplicate.
             duplicates = sum(n - 1 for conv in convs for n in Counter(conn.texts(conv)).values() if n > 1)
             _note_exits(deployment, ledger)
@@ -252,7 +273,7 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
             print(file=sys.stderr)
         unloadable = asyncio.run(_unloadable(deployment.store(), [f"emulator:{c}" for c in convs]))
     return SoakReport(conversations, ledger.messages, ledger.jobs, ledger.kills, lost, duplicates, unloadable,
-                      dict(ledger.kills_by), list(ledger.exits))
+                      dict(ledger.kills_by), list(ledger.exits), late, drain_seconds)
 
 
 async def _unloadable(store: ConversationStore, keys: list[str]) -> list[str]:
@@ -271,16 +292,27 @@ async def _unloadable(store: ConversationStore, keys: list[str]) -> list[str]:
     return bad
 
 
-_LOG_PROBLEM = re.compile(r"^\S+ \S+ (ERROR|CRITICAL) (.*)$")
+_TEXT_RECORD = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<message>.*)$")
 
 
 def log_problems(data_dir: Path) -> Counter[str]:
-    """ERROR and CRITICAL lines of every bot log under ``data_dir`` (text format), by level and message."""
+    """ERROR and CRITICAL records of every bot log under ``data_dir`` (text or JSON format), by level,
+    logger and message."""
     found: Counter[str] = Counter()
     for path in sorted(data_dir.rglob("bot-*.log")):
         for line in path.read_text("utf-8", errors="replace").splitlines():
-            if match := _LOG_PROBLEM.match(line):
-                found[f"{match.group(1)} {match.group(2)}"] += 1
+            if line.startswith("{"):
+                try:
+                    record = json.loads(line)
+                    level, message = record["level"], f"{record['logger']}: {record['message']}"
+                except (ValueError, KeyError, TypeError):
+                    continue
+            elif match := _TEXT_RECORD.match(line):
+                level, message = match["level"], match["message"]
+            else:
+                continue
+            if level in ("ERROR", "CRITICAL"):
+                found[f"{level} {message}"] += 1
     return found
 
 
@@ -294,6 +326,8 @@ def main() -> int:
                         help="2 web + 2 worker processes on Cosmos DB + PostgreSQL (both started here)")
     parser.add_argument("--data-dir", type=Path,
                         help="keep the bots' data and logs here (default: a temporary directory, removed)")
+    parser.add_argument("--log-level", default="WARNING",
+                        help="the bots' LOG_LEVEL (INFO follows every turn and job; LOG_FORMAT passes through)")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         cluster_env = None
@@ -312,18 +346,20 @@ def main() -> int:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="soak-")))
         started = time.monotonic()
         report = run_soak(args.kills, args.conversations, args.seed, data_dir, args.job_seconds,
-                          cluster_env=cluster_env)
+                          cluster_env=cluster_env, log_level=args.log_level)
         elapsed = time.monotonic() - started
         problems = log_problems(data_dir)
     print(report.summary())
-    print(f"took {elapsed:.0f} s; bot logs: {sum(problems.values())} ERROR/CRITICAL lines"
+    print(f"took {elapsed:.0f} s (the drain after the load {report.drain_seconds:.0f} s); "
+          f"bot logs: {sum(problems.values())} ERROR/CRITICAL lines"
           + (f" (in {data_dir})" if args.data_dir is not None else ""))
     for line, count in problems.most_common(10):
         print(f"  {count:4d} x {line[:200]}")
     for exited in report.exits[:20]:
         print(f"EXITED {exited}")
     for conv, text in report.lost[:20]:
-        print(f"LOST in {conv}: {text!r}")
+        late = " (arrived within a second after the deadline)" if (conv, text) in report.late else ""
+        print(f"LOST in {conv}: {text!r}{late}")
     for problem in report.unloadable[:20]:
         print(f"UNLOADABLE {problem}")
     return 0 if report.ok else 1

@@ -45,5 +45,6 @@ def test_random_sigkills_of_cluster_processes_lose_nothing(tmp_path: Path, cosmo
     finally:
         drop_database(postgres_base_url, store_env["JOB_STORE_URL"])
     assert_nothing_lost(report)
-    assert sum(report.kills_by.values()) == 6 and set(report.kills_by) <= set(soak.KILL_KINDS)
+    # Seed 11 makes the killer hit every kind: the active worker, the standby and a web instance.
+    assert sum(report.kills_by.values()) == 6 and set(report.kills_by) == set(soak.KILL_KINDS), report.kills_by
     assert report.exits == [], report.exits  # no process died that the killer did not hit
