@@ -49,7 +49,7 @@ soak: setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledge
 	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60) $(if $(filter-out 0,$(CLUSTER)),--cluster)
 
 .PHONY: bench bench-quick
-bench: $(VENV_STAMP) $(NODE_STAMP) ## benchmarks vs their baselines (~12 min on 2 cores): table + bench/results.md
+bench: $(VENV_STAMP) $(NODE_STAMP) ## benchmarks vs their baselines (~15 min on 2 cores): table + bench/results.md
 	$(VENV_PY) -m bench
 
 bench-quick: $(VENV_STAMP) $(NODE_STAMP) ## the benchmarks at small sizes (< 2 min), written to test-artifacts/

@@ -73,7 +73,7 @@ FULL = Sizes(levels=(1, 10, 100), warmup=3, window=15, notify_jobs=200, notify_c
              scale_wake_window=8, scale_local_wake=True)
 QUICK = Sizes(levels=(1, 10, 100), warmup=1, window=2.5, notify_jobs=40, notify_conversations=20, notify_rate=10,
               job_seconds=0.5, checkpoints=(10, 100, 200), scale_jobs=500, recovery_jobs=50,
-              recovery_conversations=10, cold_starts=1, scale_webs=(1, 2, 4), scale_warmup=0.5, scale_window=1.5,
+              recovery_conversations=10, cold_starts=1, scale_webs=(1, 4), scale_warmup=0.5, scale_window=1.5,
               scale_wake_window=1, scale_local_wake=False)
 
 
@@ -434,12 +434,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     sizes = QUICK if args.quick else FULL
-    if args.quick:
-        default = REPO / "test-artifacts" / "bench-quick.md"
-    elif set(only) != set(ALL):  # a subset would replace every other figure in results.md
-        default = REPO / "test-artifacts" / f"bench-{'-'.join(only)}.md"
-    else:
-        default = REPO / "bench" / "results.md"
+    # A subset goes to test-artifacts/ (it would replace every other figure in results.md).
+    tag = "-quick" if args.quick else f"-{'-'.join(only)}" if set(only) != set(ALL) else ""
+    default = REPO / "test-artifacts" / f"bench{tag}.md" if tag else REPO / "bench" / "results.md"
     output = args.output or default
     weights = sizes.weights()
     total = sum(w for k, w in weights.items() if k.split("_")[0] in only)
@@ -490,11 +487,14 @@ def main() -> int:
     print(f"\n{'quick ' if args.quick else ''}benchmarks took {elapsed / 60:.1f} min; written to {output}")
 
     m, v = machine(), versions()
-    command = "make bench-quick" if args.quick else "make bench"
+    subset = f" --only {','.join(only)}" if set(only) != set(ALL) else ""
+    command = f"python -m bench{' --quick' if args.quick else ''}{subset}"
+    if not subset:
+        command = f"{'make bench-quick' if args.quick else 'make bench'}` (`{command}"
     doc = [
         "# Benchmarks: results",
         "",
-        f"Written by `{command}` (`python -m bench{' --quick' if args.quick else ''}`) on "
+        f"Written by `{command}` on "
         f"{date:%Y-%m-%d %H:%M} UTC; the whole run took {elapsed / 60:.1f} minutes. Every figure is measured in "
         "the same run as its baseline; *ours/baseline* is the ratio (lower is better, except for throughput). "
         "What each figure means and how it is measured: [README.md](README.md). Where a target is missed, "
@@ -512,7 +512,7 @@ def main() -> int:
     ]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("\n".join(doc), encoding="utf-8")
-    raw = REPO / "test-artifacts" / f"bench{'-quick' if args.quick else ''}-raw.json"
+    raw = REPO / "test-artifacts" / f"bench{tag}-raw.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(_jsonable(results), indent=1, default=str), encoding="utf-8")
     return 0

@@ -124,7 +124,9 @@ class PostgresCoordinator:
         while True:
             await self._kick.wait()
             self._kick.clear()
+            # Taken out before sending: a wake-up for the same key arriving meanwhile goes in the next batch.
             batch = list(self._outgoing)
+            self._outgoing.clear()
             try:
                 if self._notify_conn is None or self._notify_conn.closed:
                     self._notify_conn = await self._connect("notify")
@@ -135,6 +137,7 @@ class PostgresCoordinator:
             except (psycopg.Error, OSError) as exc:
                 log.warning("could not notify the active worker of %d item(s) (%s); retrying in %.1f s", len(batch),
                             exc, delay)
+                self._outgoing = dict.fromkeys(batch) | self._outgoing
                 with contextlib.suppress(Exception):
                     if self._notify_conn is not None:
                         await self._notify_conn.close()
@@ -144,8 +147,6 @@ class PostgresCoordinator:
                 delay = min(delay * 2, 10.0)
                 continue
             delay = 0.5
-            for item in batch:
-                self._outgoing.pop(item, None)
 
     # --- leading (workers) ---
     async def lead(self, on_wake: OnWake, on_cancel: OnCancel, *, wait: bool = True) -> bool:
