@@ -19,13 +19,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopServer
 
 __all__ = ["Recorded", "RecordingConnector"]
 
@@ -62,7 +61,7 @@ class _Fault:
     headers: dict[str, str]
 
 
-class RecordingConnector:
+class RecordingConnector(LoopServer):
     """Fake Connector service that records every activity the bot delivers.
 
     Use as ``with RecordingConnector() as connector:`` and pass
@@ -70,65 +69,18 @@ class RecordingConnector:
     """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self._host = host
-        self._port: int | None = None
+        super().__init__(host)
         self._lock = threading.Lock()
         self._requests: list[Recorded] = []
         self._failed: list[Recorded] = []
         self._delivered: list[Recorded] = []
         self._fault: _Fault | None = None
         self._delay = 0.0
-        self._loop_thread = LoopThread("RecordingConnector")
-        self._runner: web.AppRunner | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self, timeout: float = 10.0) -> RecordingConnector:
-        """Start serving on a free port; returns self once the socket is bound."""
-        self._loop_thread.start(self._serve, timeout)
-        return self
-
-    async def _serve(self) -> None:
-        """Bind the aiohttp app (runs on the background loop)."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        self._runner = runner
-        site = web.TCPSite(runner, self._host, 0)
-        await site.start()
-        self._port = int(runner.addresses[0][1])
-
-    def stop(self) -> None:
-        """Shut the server down and join the thread; safe to call twice."""
-        runner = self._runner
-        self._loop_thread.stop(runner.cleanup if runner is not None else None)
-        self._runner = None
-        self._port = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        """Port the server listens on (only valid while started)."""
-        if self._port is None:
-            raise RuntimeError("RecordingConnector is not running")
-        return self._port
 
     @property
     def url(self) -> str:
         """Base URL to use as ``serviceUrl`` (with trailing slash)."""
-        return f"http://{self._host}:{self.port}/"
+        return f"{self.base_url}/"
 
     # ------------------------------------------------------------------ faults
 

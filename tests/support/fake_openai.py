@@ -26,19 +26,17 @@ answers a bot process, a synchronous test and an async test on pytest's loop ali
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopServer
 
 __all__ = [
     "ChatRequest",
@@ -220,64 +218,24 @@ def _unparseable_tool_arguments(messages: list[JSON]) -> str | None:
     return None
 
 
-class FakeOpenAI:
+class FakeOpenAI(LoopServer):
     """The fake server. ``with FakeOpenAI() as fake:``; ``fake.openai_base_url`` / ``fake.azure_endpoint``."""
 
+    shutdown_timeout = 2.0
+
     def __init__(self, host: str = "127.0.0.1") -> None:
-        self._host = host
-        self._port: int | None = None
+        super().__init__(host)
         self._lock = threading.Lock()
         self._queue: list[Reply] = []
         self._responder: Responder = echo_responder
         self._requests: list[ChatRequest] = []
         self._auth: tuple[str, str] | None = None  # (header, expected value)
         self.strict_history = True
-        self._loop_thread = LoopThread("FakeOpenAI")
-        self._runner: web.AppRunner | None = None
-        self._stopping: asyncio.Event | None = None
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self, timeout: float = 10.0) -> Self:
-        self._loop_thread.start(self._serve, timeout)
-        return self
-
-    async def _serve(self) -> None:
-        self._stopping = asyncio.Event()
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-        await runner.setup()
-        self._runner = runner
-        site = web.TCPSite(runner, self._host, 0)
-        await site.start()
-        self._port = int(runner.addresses[0][1])
-
-    def stop(self) -> None:
-        if self._stopping is not None:
-            self._loop_thread.call_soon(self._stopping.set)  # ends pending delays at once
-        runner = self._runner
-        self._loop_thread.stop(runner.cleanup if runner is not None else None)
-        self._runner = None
-        self._port = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise RuntimeError("FakeOpenAI is not running")
-        return self._port
 
     @property
     def url(self) -> str:
         """``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return f"http://{self._host}:{self.port}"
+        return self.base_url
 
     @property
     def openai_base_url(self) -> str:
@@ -343,10 +301,7 @@ class FakeOpenAI:
             auth = self._auth
 
         reply = self._choose(entry, auth)
-        if reply.delay:
-            assert self._stopping is not None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), reply.delay)
+        await self._sleep(reply.delay)  # stop() ends pending delays at once
         with self._lock:
             self._requests[index] = ChatRequest(**{**entry.__dict__, "status": reply.status})
         if reply.raw is not None:

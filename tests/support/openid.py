@@ -22,7 +22,6 @@ Like the RecordingConnector, the server runs in a background thread with its own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -32,7 +31,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import jwt
@@ -43,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import RSAAlgorithm
 
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopServer
 
 __all__ = ["CHANNEL_ISSUER", "EMULATOR_ISSUER_V1", "EMULATOR_ISSUER_V2", "OpenIdServer", "TokenRequest"]
 
@@ -115,19 +113,21 @@ class TokenRequest:
     access_token: str | None
 
 
-class OpenIdServer:
+class OpenIdServer(LoopServer):
     """OpenID metadata + JWKS for the channel and the Emulator, and an MSAL token endpoint.
 
     Use as ``with OpenIdServer(tmp_dir, app_id=..., app_password=...) as idp:``.
     """
 
     TENANT = "botframework.com"
+    scheme = "https"
+    shutdown_timeout = 2.0
 
     def __init__(self, directory: Path, *, app_id: str, app_password: str, host: str = "127.0.0.1",
                  endorsements: tuple[str, ...] = DEFAULT_ENDORSEMENTS) -> None:
         self.app_id = app_id
         self.app_password = app_password
-        self._host = host
+        super().__init__(host)
         self._directory = Path(directory)
         self._endorsements = list(endorsements)
         self.signing_key = _rsa_key()
@@ -139,25 +139,20 @@ class OpenIdServer:
         self._metadata_hits = 0
         self._metadata_delay = 0.0
         self._token_delay = 0.0
-        self._port: int | None = None
-        self._loop_thread = LoopThread("OpenIdServer")
-        self._runner: web.AppRunner | None = None
-        self._release: asyncio.Event | None = None  # set on stop: delayed answers go out at once
         self._server: asyncio.Server | None = None
+        self._context: ssl.SSLContext | None = None
         self.ca_file: Path | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    def start(self, timeout: float = 10.0) -> OpenIdServer:
+    def start(self, timeout: float = 10.0) -> Self:
         ca, cert, key = write_tls_material(self._directory)
         self.ca_file = ca
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        self._loop_thread.start(lambda: self._serve(context), timeout)
-        return self
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(cert, key)
+        return super().start(timeout)
 
-    async def _serve(self, context: ssl.SSLContext) -> None:
-        self._release = asyncio.Event()
+    def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/botframework/v1/.well-known/openidconfiguration", self._channel_metadata)
         app.router.add_get("/botframework/v1/keys", self._channel_keys)
@@ -165,29 +160,21 @@ class OpenIdServer:
         app.router.add_get("/common/discovery/v2.0/keys", self._emulator_keys)
         app.router.add_get("/{tenant}/v2.0/.well-known/openid-configuration", self._tenant_metadata)
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
-        await runner.setup()
-        self._runner = runner
+        return app
+
+    async def _listen(self, runner: web.AppRunner) -> int:
         assert runner.server is not None
         # Our own listener rather than a TCPSite, for a short TLS shutdown timeout: a client that keeps
         # an idle connection (MSAL's requests session does) must not leave a half-closed TLS transport
         # behind (a ResourceWarning in the tests) when the server stops.
         self._server = await asyncio.get_running_loop().create_server(
-            runner.server, self._host, 0, ssl=context, ssl_shutdown_timeout=0.2)
-        self._port = int(self._server.sockets[0].getsockname()[1])
+            runner.server, self._host, self._bind_port, ssl=self._context, ssl_shutdown_timeout=0.2)
+        return int(self._server.sockets[0].getsockname()[1])
 
-    def stop(self) -> None:
-        if self._release is not None:
-            self._loop_thread.call_soon(self._release.set)
-        runner = self._runner
-        self._loop_thread.stop((lambda: self._shutdown(runner)) if runner is not None else None)
-        self._runner = self._server = None
-        self._port = None
-
-    async def _shutdown(self, runner: web.AppRunner) -> None:
+    async def _shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
-        await runner.cleanup()
+        await super()._shutdown()
         await asyncio.sleep(0.3)  # > ssl_shutdown_timeout: closing TLS transports are gone by now
         # Whatever is left (a handshake in progress, a peer that never closes ...): the selector loop
         # keeps every socket transport it runs (a private but long-standing attribute).
@@ -196,21 +183,7 @@ class OpenIdServer:
                 transport.abort()
         await asyncio.sleep(0.05)
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
     # ------------------------------------------------------------------ addresses
-
-    @property
-    def base_url(self) -> str:
-        if self._port is None:
-            raise RuntimeError("OpenIdServer is not running")
-        return f"https://{self._host}:{self._port}"
 
     @property
     def channel_metadata_url(self) -> str:
@@ -305,17 +278,11 @@ class OpenIdServer:
 
     # ------------------------------------------------------------------ handlers
 
-
-    async def _wait(self, delay: float) -> None:
-        if delay and self._release is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release.wait(), delay)
-
     async def _metadata_delay_wait(self) -> None:
         with self._lock:
             self._metadata_hits += 1
             delay = self._metadata_delay
-        await self._wait(delay)
+        await self._sleep(delay)  # stop() ends it at once
 
     async def _channel_metadata(self, request: web.Request) -> web.Response:
         await self._metadata_delay_wait()
@@ -354,7 +321,7 @@ class OpenIdServer:
     async def _token(self, request: web.Request) -> web.Response:
         with self._lock:
             delay = self._token_delay
-        await self._wait(delay)
+        await self._sleep(delay)
         form = await request.post()
         tenant = request.match_info["tenant"]
         client_id = str(form.get("client_id", ""))

@@ -9,8 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -18,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopServer
 
 
 @dataclass(frozen=True)
@@ -32,31 +30,21 @@ class Span:
     attributes: dict[str, object]
 
 
-class OtlpCollector:
+class OtlpCollector(LoopServer):
     def __init__(self) -> None:
+        super().__init__()
         self._spans: list[Span] = []
         self._lock = threading.Lock()
-        self._loop_thread = LoopThread("OtlpCollector")
-        self._runner: web.AppRunner | None = None
-        self._port = 0
 
     @property
     def endpoint(self) -> str:
         """For ``OTEL_EXPORTER_OTLP_ENDPOINT`` (the exporter appends ``/v1/traces``)."""
-        return f"http://127.0.0.1:{self._port}"
+        return self.base_url
 
-    def start(self) -> Self:
-        self._loop_thread.start(self._serve)
-        return self
-
-    async def _serve(self) -> None:
+    def _app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/traces", self._export)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self._port = int(self._runner.addresses[0][1])
+        return app
 
     async def _export(self, request: web.Request) -> web.Response:
         export = ExportTraceServiceRequest.FromString(await request.read())
@@ -90,14 +78,3 @@ class OtlpCollector:
                                      f"{sorted({s.name for s in self.spans()})}")
             time.sleep(0.05)
         return found
-
-    def stop(self) -> None:
-        runner = self._runner
-        self._loop_thread.stop(runner.cleanup if runner is not None else None)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from types import TracebackType
-from typing import Self
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopServer
 
 __all__ = ["RoundRobinProxy"]
 
@@ -47,7 +45,7 @@ def _forwardable(headers: MultiMapping[str], drop: set[str]) -> CIMultiDict[str]
     return CIMultiDict((key, value) for key, value in headers.items() if key.lower() not in skip)
 
 
-class RoundRobinProxy:
+class RoundRobinProxy(LoopServer):
     """Round-robin reverse proxy on ``http://127.0.0.1:PORT`` in front of ``backends``.
 
     ``backends`` are base URLs such as ``http://127.0.0.1:3978`` (a path prefix is kept: the
@@ -55,23 +53,17 @@ class RoundRobinProxy:
     requests to ``proxy.base_url``.
     """
 
+    client_max_size = 64 * 1024 * 1024
+
     def __init__(self, backends: list[str], host: str = "127.0.0.1") -> None:
-        self._host = host
+        super().__init__(host)
         self._lock = threading.Lock()
         self._backends = [b.rstrip("/") for b in backends]
         self._next = 0
         self._counts: dict[str, int] = {}
-        self._port: int | None = None
-        self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._loop_thread = LoopThread("RoundRobinProxy")
 
     # ------------------------------------------------------------------ lifecycle
-
-    def start(self, timeout: float = 10.0) -> RoundRobinProxy:
-        """Start serving on a free port; returns self once the socket is bound."""
-        self._loop_thread.start(self._serve, timeout)
-        return self
 
     async def _serve(self) -> None:
         # No keep-alive to the backends: tests kill and restart them, and a pooled connection to a
@@ -83,53 +75,15 @@ class RoundRobinProxy:
             trust_env=False,
             skip_auto_headers=_NO_AUTO_HEADERS,
         )
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        self._runner = runner
-        site = web.TCPSite(runner, self._host, 0)
-        await site.start()
-        self._port = int(runner.addresses[0][1])
+        await super()._serve()
 
-    async def _cleanup(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+    async def _shutdown(self) -> None:
+        await super()._shutdown()
         if self._session is not None:
             await self._session.close()
+            self._session = None
 
-    def stop(self) -> None:
-        """Shut the proxy down and join its thread; safe to call twice."""
-        self._loop_thread.stop(self._cleanup)
-        self._runner = None
-        self._session = None
-        self._port = None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def port(self) -> int:
-        """Port the proxy listens on (only valid while started)."""
-        if self._port is None:
-            raise RuntimeError("RoundRobinProxy is not running")
-        return self._port
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:PORT`` without trailing slash."""
-        return f"http://{self._host}:{self.port}"
+    # ------------------------------------------------------------------ backends
 
     @property
     def backends(self) -> list[str]:
