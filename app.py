@@ -247,7 +247,7 @@ async def sweep_periodically(processor: ConversationProcessor, every: float) -> 
     while True:
         await asyncio.sleep(every)
         try:
-            found = await processor.recover(quiet=True)
+            found = await processor.recover(sweep=True)
             if found:
                 metrics.WAKEUPS.labels("sweep").inc(found)
         except Exception as exc:

@@ -118,20 +118,20 @@ class ConversationProcessor:
             return
         self._tasks[key] = asyncio.get_running_loop().create_task(self._drain(key), name=f"conversation:{key}")
 
-    async def recover(self, *, quiet: bool = False) -> int:
+    async def recover(self, *, sweep: bool = False) -> int:
         """Start-up (and the periodic sweep): process pending inboxes, re-send unsent messages.
 
-        ``quiet`` (the sweep): wake only conversations no drain is running for, and log them.
+        ``sweep``: wake only conversations no drain is running for (what a lost wake-up left).
         Returns how many were woken.
         """
         keys = await self._store.conversations_with_work()
-        if quiet:
+        if sweep:
             keys = [key for key in keys if key not in self._tasks]
         for key in keys:
             self.wake(key)
         if keys:
             log.info("%s %d conversation(s) with pending events or unsent messages",
-                     "found work left behind in" if quiet else "recovering", len(keys))
+                     "found work left behind in" if sweep else "recovering", len(keys))
         return len(keys)
 
     async def idle(self) -> None:

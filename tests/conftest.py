@@ -8,6 +8,7 @@ import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
 from tests.peers import postgres as postgres_peer
+from tests.support.fake_openai import FakeOpenAI
 
 
 @pytest.fixture
@@ -45,3 +46,18 @@ def postgres_url(postgres_base_url: str) -> Iterator[str]:
     url = postgres_peer.create_database(postgres_base_url)
     yield url
     postgres_peer.drop_database(postgres_base_url, url)
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[FakeOpenAI]:
+    """The local chat-completions server (tests/support/fake_openai.py), one per session."""
+    with FakeOpenAI() as server:
+        yield server
+
+
+@pytest.fixture
+def fake(model_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
+    """The model server with nothing queued or recorded from another test."""
+    model_server.reset()
+    yield model_server
+    model_server.reset()

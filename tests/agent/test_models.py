@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +48,6 @@ def _lazy_imports_done() -> None:
     create_model_client(Settings(openai_api_key="sk-test"))
     create_model_client(Settings(azure_openai_endpoint="https://x", azure_openai_deployment="d",
                                  azure_openai_api_key="k"))
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(server: FakeOpenAI) -> Iterator[FakeOpenAI]:
-    server.reset()
-    yield server
-    server.reset()
 
 
 class Clients:

@@ -24,6 +24,7 @@ from tests.support.activities import new_conversation_id
 from tests.support.botproc import BotProcess
 from tests.support.cluster import BotCluster
 from tests.support.connector import RecordingConnector
+from tests.support.playground import Playground
 
 T = TypeVar("T")
 
@@ -189,3 +190,16 @@ class StoreProbe:
 @pytest.fixture
 def stored(tmp_path: Path, backend_env: dict[str, str]) -> StoreProbe:
     return StoreProbe(tmp_path, backend_env)
+
+
+@pytest.fixture
+def pg(bot: BotProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Playground]:
+    """A Microsoft 365 Agents Playground pointed at the bot; fails the test if any exchange between
+    them got an HTTP error (and prints the Playground's log if the test failed)."""
+    with Playground(bot.messages_url, log_dir=tmp_path / "playground") as playground:
+        yield playground
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(playground.log_tail(100))
+        else:
+            assert playground.failed_exchanges() == [], "an exchange between Playground and bot failed"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,6 @@ DEPLOYMENT = "e2e-deploy"
 def backend() -> str:
     """The model paths do not depend on the store: SQLite only."""
     return "sqlite"
-
-
-@pytest.fixture(scope="session")
-def model_server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
-@pytest.fixture
-def fake(model_server: FakeOpenAI) -> Iterator[FakeOpenAI]:
-    model_server.reset()
-    yield model_server
-    model_server.reset()
 
 
 @pytest.fixture

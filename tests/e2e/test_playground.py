@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.support.botproc import BotProcess
 from tests.support.playground import Playground, message_text, playground_available
 
 pytestmark = pytest.mark.e2e
@@ -30,18 +27,6 @@ if _UNAVAILABLE is not None:
 def bot_env() -> dict[str, str]:
     """Overrides conftest's: the background job of ``activate line`` takes 3 seconds."""
     return {"ACTIVATE_LINE_SECONDS": "3"}
-
-
-@pytest.fixture
-def pg(bot: BotProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Playground]:
-    """A Playground pointed at the bot; fails the test if any exchange got an HTTP error."""
-    with Playground(bot.messages_url, log_dir=tmp_path / "playground") as playground:
-        yield playground
-        failed = request.node.rep_call.failed if hasattr(request.node, "rep_call") else False
-        if failed:
-            print(playground.log_tail(100))
-        else:
-            assert playground.failed_exchanges() == [], "an exchange between Playground and bot failed"
 
 
 def quiet_then_texts(pg: Playground, conversation_id: str, settle: float = 0.5) -> list[str]:

@@ -10,12 +10,10 @@ compose box would. Screenshots land in ``test-artifacts/`` (git-ignored) for a h
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.botproc import BotProcess
 from tests.support.browser import ARTIFACTS_DIR, PlaygroundPage, browser_unavailable, png_size
 from tests.support.playground import Playground, playground_available
 
@@ -39,16 +37,6 @@ def backend(request: pytest.FixtureRequest) -> str:
 def bot_env() -> dict[str, str]:
     """The job runs long enough for the page to show it Running before it succeeds."""
     return {"ACTIVATE_LINE_SECONDS": "4"}
-
-
-@pytest.fixture
-def pg(bot: BotProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Playground]:
-    with Playground(bot.messages_url, log_dir=tmp_path / "playground") as playground:
-        yield playground
-        if hasattr(request.node, "rep_call") and request.node.rep_call.failed:
-            print(playground.log_tail(100))
-        else:
-            assert playground.failed_exchanges() == [], "an exchange between Playground and bot failed"
 
 
 def test_the_job_card_renders_live_in_the_playground_web_ui(pg: Playground, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,17 +116,22 @@ def _backend_params() -> list[object]:
     return backend_params()
 
 
+@asynccontextmanager
+async def opened(store: ConversationStore) -> AsyncIterator[ConversationStore]:
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 @pytest_asyncio.fixture(params=_backend_params())
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ConversationStore]:
     """An opened store of each implementation, closed after the test."""
     backend: Backend = request.param
     peer = request.getfixturevalue(backend.peer_fixture) if backend.peer_fixture else None
-    instance = backend.factory(tmp_path, peer)
-    await instance.open()
-    try:
+    async with opened(backend.factory(tmp_path, peer)) as instance:
         yield instance
-    finally:
-        await instance.close()
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ from jobs.registry import JobRegistry
 from jobs.runner import JobRunner, finished_event
 from storage.abc import JSON, ConversationStore, InboxEvent, JobRecord
 from storage.sqlite import SqliteStore
-from tests.storage.conftest import Backend, CosmosPeer, backend_params
+from tests.storage.conftest import Backend, CosmosPeer, backend_params, opened
 
 TURNS = 2000
 BATCH = 10
@@ -83,12 +83,8 @@ async def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> Async
     peer = request.getfixturevalue(backend.peer_fixture) if backend.peer_fixture else None
     if isinstance(peer, CosmosPeer) and not os.environ.get("COSMOS_TEST_ENDPOINT"):
         peer = replace(peer, container=f"growth-{uuid.uuid4().hex[:12]}")
-    store = backend.factory(tmp_path, peer)
-    await store.open()
-    try:
+    async with opened(backend.factory(tmp_path, peer)) as store:
         yield store
-    finally:
-        await store.close()
 
 
 async def stored_size(store: ConversationStore, key: str) -> int:

@@ -59,11 +59,10 @@ class BotCluster(HttpEndpoint):
                 future.result()
         return self
 
-    def kill(self) -> int | None:
+    def kill(self) -> None:
         """SIGKILL every process."""
         for process in self.processes:
             process.kill()
-        return -9
 
     def terminate(self, timeout: float = 15.0) -> int | None:
         """SIGTERM all processes at once; the first non-zero exit status, else 0."""
