@@ -13,6 +13,45 @@ from dataclasses import dataclass
 from typing import Any
 
 JOB_RESULT_SOURCE = "background_job"
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who sent a message, as the edge authenticated it: the channel account id, the display name,
+    the Entra ID (AAD) object id and tenant when the channel gives them (Teams does), and the kind
+    of conversation (``personal``, ``groupChat``, ``channel``; empty when the channel says none)."""
+
+    id: str = ""
+    name: str = ""
+    aad_object_id: str = ""
+    tenant_id: str = ""
+    conversation_type: str = ""
+
+    @property
+    def shared_conversation(self) -> bool:
+        """A group chat or a channel: other people see what the bot says and can click its cards."""
+        return self.conversation_type in ("groupChat", "channel")
+
+    @property
+    def label(self) -> str:
+        """How to name this person to others: the display name, else the id."""
+        return self.name or self.aad_object_id or self.id or "someone"
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "aadObjectId": self.aad_object_id, "tenantId": self.tenant_id,
+                "conversationType": self.conversation_type}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Requester:
+        """From :meth:`to_json` (or an older payload's ``{"id", "name"}``); anything else is nobody."""
+        if not isinstance(data, dict):
+            return cls()
+
+        def text(name: str) -> str:
+            value = data.get(name)
+            return value if isinstance(value, str) else ""
+
+        return cls(text("id"), text("name"), text("aadObjectId"), text("tenantId"), text("conversationType"))
 _HEADER = "Background job finished. Tell the user the outcome of their request."
 
 

@@ -21,7 +21,7 @@ from typing import Protocol
 import logs
 import metrics
 import tracing
-from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
+from agent.events import JOB_RESULT_SOURCE, JobResult, Requester, format_job_result
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
 from crashpoints import crash_point
 from storage.abc import (
@@ -258,7 +258,8 @@ class ConversationProcessor:
     def _agent_input(event: InboxEvent) -> AgentInput | None:
         if event.kind == "message":
             text = str(event.payload.get("text") or "").strip()
-            return AgentInput(text=text or "(an empty message)")
+            return AgentInput(text=text or "(an empty message)",
+                              requester=Requester.from_json(event.payload.get("from")))
         if event.kind == "job_finished":
             return AgentInput(text=format_job_result(JobResult(**event.payload)), source=JOB_RESULT_SOURCE)
         return None

@@ -19,6 +19,7 @@ from autogen_core.models import ChatCompletionClient
 from autogen_core.tools import BaseTool
 
 from agent.context import BoundedChatCompletionContext
+from agent.events import Requester
 from agent.models import UNKNOWN as UNKNOWN_PROVIDER
 from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tools import TurnScope
@@ -222,6 +223,8 @@ def _root(error: BaseException) -> str:
 class AgentInput:
     text: str
     source: str = "user"
+    #: Who asked (a user message); None for a job result or when unknown.
+    requester: Requester | None = None
 
 
 @dataclass
@@ -263,7 +266,7 @@ class AgentTurnRunner:
 
     async def run(self, conversation_key: str, state: JSON | None, inputs: Sequence[AgentInput]) -> TurnOutcome:
         """Run the inputs one after the other (each gets its own reply) and return the new state."""
-        scope = TurnScope(conversation_key)
+        scope = TurnScope(conversation_key, requester=next((i.requester for i in inputs if i.requester), None))
         model = ModelCallRecorder(self._model_client)  # keeps the model's own exception for AgentError
         team = self._team(scope, model)
         replies: list[str] = []

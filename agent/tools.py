@@ -18,6 +18,7 @@ from autogen_core import CancellationToken
 from autogen_core.tools import BaseTool, FunctionTool
 from pydantic import BaseModel, ValidationError
 
+from agent.events import Requester
 from jobs.registry import JobRegistry, LongRunningTool
 from jobs.runner import JobRunner
 from storage.abc import ConversationStore, JobNotFoundError, JobRecord
@@ -28,6 +29,8 @@ class TurnScope:
     """What one turn's tool calls produced, to be committed with the turn."""
 
     conversation_key: str
+    #: Who sent the message this turn answers (None: a job result, or unknown).
+    requester: Requester | None = None
     new_jobs: list[JobRecord] = field(default_factory=list)
 
 

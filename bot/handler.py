@@ -17,7 +17,8 @@ from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
 import tracing
-from bot.auth import TenantPolicy
+from agent.events import Requester
+from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.keys import conversation_key
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
@@ -41,6 +42,20 @@ def message_text(activity: Activity) -> str:
         if isinstance(mentioned, dict) and mentioned.get("id") == bot_id and isinstance(mention_text, str):
             text = text.replace(mention_text, "")
     return " ".join(text.split())
+
+
+def requester(activity: Activity) -> Requester:
+    """Who sent this activity (the edge has authenticated the channel that vouches for it)."""
+    sender = activity.from_property
+    tenants = sorted(activity_tenants(activity))
+    conversation_type = getattr(activity.conversation, "conversation_type", None)
+    return Requester(
+        id=str(getattr(sender, "id", None) or ""),
+        name=str(getattr(sender, "name", None) or ""),
+        aad_object_id=str(getattr(sender, "aad_object_id", None) or ""),
+        tenant_id=tenants[0] if tenants else "",
+        conversation_type=conversation_type if isinstance(conversation_type, str) else "",
+    )
 
 
 class TeamsBot(TeamsActivityHandler):
@@ -93,9 +108,7 @@ class TeamsBot(TeamsActivityHandler):
             await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"text": text}))
             self._wake(key)
             return
-        sender = activity.from_property
-        payload: JSON = {"text": text,
-                         "from": {"id": getattr(sender, "id", None), "name": getattr(sender, "name", None)}}
+        payload: JSON = {"text": text, "from": requester(activity).to_json()}
         if trace_context := tracing.carrier():  # lets the worker's turn span link back to this one
             payload[tracing.CARRIER_KEY] = trace_context
         if await self._store.append_event(key, InboxEvent(id=event_id, kind="message", payload=payload)):
