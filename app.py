@@ -43,6 +43,7 @@ from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot
 from bot.job_cards import JobCardUpdater
 from bot.sender import ProactiveSender
+from bot.service_urls import ServiceUrlPolicy
 from cluster import Coordinator, LocalCoordinator
 from config import ConfigError, Settings
 from dialogs.commands import CommandDialogs
@@ -120,7 +121,9 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
     mcp_hub = McpHub(load_mcp_config(settings.mcp_config))
     adapter = create_adapter(settings)
-    sender = ProactiveSender(adapter, settings.app_id, timeout=settings.connector_timeout_seconds)
+    service_urls = ServiceUrlPolicy.from_settings(settings)  # TRUSTED_SERVICE_URLS: edge, handler and sender
+    sender = ProactiveSender(adapter, settings.app_id, service_urls=service_urls,
+                             timeout=settings.connector_timeout_seconds)
 
     processor_ref: list[ConversationProcessor] = []
 
@@ -155,14 +158,15 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
                               list_jobs=store.list_jobs, cancel_job=cancel_job)
-    bot = TeamsBot(store, coordinator.wake, commands, cancel_job, tenants=TenantPolicy(settings.allowed_tenants))
+    bot = TeamsBot(store, coordinator.wake, commands, cancel_job, service_urls=service_urls,
+                   tenants=TenantPolicy(settings.allowed_tenants))
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, model_client,
                              card_updater, coordinator)
     if settings.serves_web:  # a worker answers only health, readiness and metrics
-        app.router.add_post("/api/messages", messages_handler(adapter, bot))
+        app.router.add_post("/api/messages", messages_handler(adapter, bot, service_urls=service_urls))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or settings.port
     try:
         app = create_app(settings)
-    except McpConfigError as exc:
+    except (McpConfigError, ConfigError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     web.run_app(app, host=settings.host, port=port, print=None)

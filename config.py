@@ -190,6 +190,9 @@ class Settings:
     bot_framework_endpoints: tuple[tuple[str, str], ...] = ()
     #: VALIDATE_AUTHORITY: let MSAL check a custom TO_CHANNEL_FROM_BOT_LOGIN_URL with Microsoft.
     validate_authority: bool = True
+    # --- service URLs (bot/service_urls.py) ---
+    #: TRUSTED_SERVICE_URLS: the Bot Connector URLs replies may go to (patterns); empty = the mode's default.
+    trusted_service_urls: tuple[str, ...] = ()
 
     @property
     def local_mode(self) -> bool:
@@ -282,4 +285,6 @@ class Settings:
                 if (value := (_https_url(e, name) if name.endswith("_URL") else e.get(name, "").strip()))
             ),
             validate_authority=_bool(e, "VALIDATE_AUTHORITY", True),
+            # --- service URLs ---
+            trusted_service_urls=tuple(p.strip() for p in e.get("TRUSTED_SERVICE_URLS", "").split(",") if p.strip()),
         )

@@ -60,6 +60,9 @@ DELIVERY_RETRIES = Counter(f"{PREFIX}delivery_retries", "Outbox rounds postponed
                            registry=REGISTRY)
 CONNECTOR_ERRORS = Counter(f"{PREFIX}connector_errors", "Failed calls to the Bot Connector (each attempt), by "
                            "reason: an HTTP status, timeout, unreachable or error", ["reason"], registry=REGISTRY)
+UNTRUSTED_SERVICE_URLS = Counter(f"{PREFIX}untrusted_service_urls", "serviceUrls refused (TRUSTED_SERVICE_URLS), "
+                                 "by where: edge (activity refused, 403), store (reference not stored), send (a "
+                                 "stored reference not sent to)", ["where"], registry=REGISTRY)
 
 # --- background jobs (jobs/runner.py) ---
 JOBS = Gauge(f"{PREFIX}jobs", "Unfinished jobs in the store by state (queued, running), read at each scrape",

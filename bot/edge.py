@@ -33,6 +33,7 @@ from bot.auth import (
     endpoint_settings,
     preparing_ingest,
 )
+from bot.service_urls import ServiceUrlPolicy
 from config import Settings
 from storage.abc import StoreError
 
@@ -144,10 +145,13 @@ def problem(status: int, title: str, detail: list[str] | str | None = None, **he
     return web.json_response(payload, status=status, headers=headers or None)
 
 
-def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
+def messages_handler(adapter: CloudAdapter, bot: Bot, *, service_urls: ServiceUrlPolicy | None = None) -> Any:
     # An adapter not made by create_adapter gets a strict authenticator (tokens always required).
     authenticator = adapter.authenticator if isinstance(adapter, EdgeAdapter) else \
         RequestAuthenticator(adapter.bot_framework_authentication, auth_disabled=False)
+    # Not given: the mode's default (Microsoft's hosts over https; loopback in local mode).
+    if service_urls is None:
+        service_urls = ServiceUrlPolicy(["loopback" if authenticator.auth_disabled else "microsoft"])
 
     async def handle(request: web.Request) -> web.Response:
         if request.content_type != "application/json":
@@ -177,6 +181,11 @@ def messages_handler(adapter: CloudAdapter, bot: Bot) -> Any:
         except AuthUnavailable:
             return problem(503, "temporarily unavailable", "cannot validate tokens right now; please retry",
                            **{"Retry-After": "5"})
+        # Before botbuilder answers anything to activity.serviceUrl (bot/service_urls.py).
+        if not service_urls.check(activity.service_url, where="edge",
+                                  consequence="refused the activity (403); nothing stored or sent"):
+            return problem(403, "untrusted serviceUrl", "this bot does not send to the serviceUrl the activity "
+                           "names; its operator can allow it with TRUSTED_SERVICE_URLS")
         try:
             with preparing_ingest() as turn_started:  # ingest does not wait for an outbound token
 

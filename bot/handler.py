@@ -21,6 +21,7 @@ from agent.events import Requester
 from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.keys import conversation_key
+from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
 
@@ -66,8 +67,10 @@ class TeamsBot(TeamsActivityHandler):
         commands: CommandDialogs,
         cancel_job: CancelJob,
         *,
+        service_urls: ServiceUrlPolicy,
         tenants: TenantPolicy | None = None,
     ) -> None:
+        self._service_urls = service_urls
         self._tenants = tenants or TenantPolicy()
         self._store = store
         self._wake = wake
@@ -79,6 +82,10 @@ class TeamsBot(TeamsActivityHandler):
         activity = turn_context.activity
         if not self._tenants.allows(activity):  # ALLOWED_TENANTS: a polite no, and nothing stored
             await self._tenants.refuse(turn_context)
+            return
+        # The edge refused it already; never let a reference naming another connector replace the stored one.
+        if not self._service_urls.check(activity.service_url, where="store",
+                                        consequence="the activity is ignored and its reference not stored"):
             return
         key = conversation_key(activity)
         reference = TurnContext.get_conversation_reference(activity).serialize()

@@ -16,6 +16,7 @@ from botbuilder.schema import Activity, ActivityTypes, ConversationReference
 
 import metrics
 from agent.processor import DeliveryError
+from bot.service_urls import ServiceUrlPolicy
 from storage.abc import JSON
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ class ProactiveSender:
     processor retry later. 4xx other than 429 are permanent.
     """
 
-    def __init__(self, adapter: CloudAdapter, app_id: str, *, attempts: int = 4, base_delay: float = 0.5,
-                 max_delay: float = 30.0, per_conversation_per_second: int = 7, timeout: float = 30.0) -> None:
+    def __init__(self, adapter: CloudAdapter, app_id: str, *, service_urls: ServiceUrlPolicy, attempts: int = 4,
+                 base_delay: float = 0.5, max_delay: float = 30.0, per_conversation_per_second: int = 7,
+                 timeout: float = 30.0) -> None:
         self._adapter = adapter
+        self._service_urls = service_urls
         self._app_id = app_id
         self._attempts = attempts
         self._base_delay = base_delay
@@ -100,6 +103,12 @@ class ProactiveSender:
         await self._send_once(reference, {"type": ActivityTypes.typing}, None)
 
     async def _send_once(self, reference: JSON, activity: JSON, update_id: str | None) -> str | None:
+        # A reference stored before TRUSTED_SERVICE_URLS, or by whoever can write the store: no connection,
+        # and so never the bot's token, to a connector the policy does not trust.
+        if not self._service_urls.check(reference.get("serviceUrl"), where="send",
+                                        consequence="not sending to the conversation's stored reference"):
+            raise DeliveryError("the stored conversation reference names an untrusted serviceUrl "
+                                "(TRUSTED_SERVICE_URLS)", permanent=True)
         conversation_reference = ConversationReference().deserialize(reference)
         outgoing = Activity().deserialize(activity)
         outcome: dict[str, Any] = {}
