@@ -211,6 +211,9 @@ class OpenIdServer(LoopServer):
             # MSAL validates unknown authorities against login.microsoftonline.com unless told not to.
             "VALIDATE_AUTHORITY": "false",
             "REQUESTS_CA_BUNDLE": str(self.ca_file),
+            # The RecordingConnector serves plain http on 127.0.0.1; authenticated mode trusts only
+            # Microsoft's https hosts unless told otherwise (bot/service_urls.py).
+            "TRUSTED_SERVICE_URLS": "http://127.0.0.1:*",
         }
 
     # ------------------------------------------------------------------ faults / observations
