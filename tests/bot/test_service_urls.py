@@ -6,9 +6,17 @@ Pure policy tests: nothing here opens a connection.
 from __future__ import annotations
 
 import pytest
+from botbuilder.core import TurnContext
+from botbuilder.core.adapters import TestAdapter
+from botbuilder.schema import Activity
 
+from agent.processor import DeliveryError
+from bot.handler import TeamsBot
+from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
 from config import ConfigError, Settings
+from storage.memory import MemoryStore
+from tests.support.activities import message
 
 MICROSOFT = ServiceUrlPolicy(["microsoft"])
 LOOPBACK = ServiceUrlPolicy(["loopback"])
@@ -142,3 +150,43 @@ def test_a_refusal_is_logged_once_with_the_setting_and_no_raw_control_characters
     text = record.getMessage()
     assert "TRUSTED_SERVICE_URLS" in text and "refused" in text and "\n" not in text
     assert LOOPBACK.check("http://127.0.0.1:1/", where="edge", consequence="refused")
+
+
+# ------------------------------------------------------------------ the handler and the sender (in-process)
+
+
+class NoAdapter:
+    """Stands in for the CloudAdapter: records every attempt to open a connection."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    async def continue_conversation(self, *args: object) -> None:
+        self.calls.append(args)
+
+
+@pytest.mark.parametrize("operation", ["send", "update", "typing"])
+async def test_the_sender_never_connects_to_an_untrusted_stored_reference(operation: str) -> None:
+    adapter = NoAdapter()
+    sender = ProactiveSender(adapter, "app", service_urls=MICROSOFT)  # type: ignore[arg-type]
+    reference = {"serviceUrl": "http://127.0.0.1:9/", "conversation": {"id": "c1"}, "channelId": "msteams"}
+    with pytest.raises(DeliveryError) as caught:
+        if operation == "send":
+            await sender.send(reference, {"type": "message", "text": "hi"})
+        elif operation == "update":
+            await sender.update(reference, "activity-1", {"type": "message", "text": "hi"})
+        else:
+            await sender.typing(reference)
+    assert caught.value.permanent
+    assert adapter.calls == []
+
+
+async def test_the_handler_never_stores_a_reference_naming_an_untrusted_url() -> None:
+    store = MemoryStore()
+    await store.open()
+    bot = TeamsBot(store, lambda key: None, commands=None, cancel_job=None,  # type: ignore[arg-type]
+                   service_urls=LOOPBACK)
+    activity = Activity().deserialize(message("hi", conversation_id="c1", service_url="https://evil.example/"))
+    await bot.on_turn(TurnContext(TestAdapter(), activity))
+    assert await store.get_reference("emulator:c1") is None
+    assert not await store.has_event("emulator:c1", str(activity.id))

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from storage.abc import ConversationStore, InboxEvent
-from tests.e2e.conftest import Launch, StoreProbe
-from tests.e2e.test_auth import log_text, stored_rows, wait_for_log
+from tests.e2e.conftest import Deployment, Launch, StoreProbe
+from tests.e2e.test_auth import stored_rows
 from tests.e2e.test_conversation import say
 from tests.support.activities import conversation_update, message, new_conversation_id
 from tests.support.botproc import BotProcess, BotStartError
@@ -53,7 +53,19 @@ def only(conn: RecordingConnector) -> str:
     return f"http://127.0.0.1:{conn.port}"
 
 
-def refusal_lines(bot: BotProcess) -> list[str]:
+def log_text(bot: Deployment) -> str:
+    return "\n".join(path.read_text("utf-8", "replace") for path in bot.log_files)
+
+
+def wait_for_log(bot: Deployment, needle: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in log_text(bot):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in the bot's log:\n{bot.log_tail(40)}")
+        time.sleep(0.05)
+
+
+def refusal_lines(bot: Deployment) -> list[str]:
     return [line for line in log_text(bot).splitlines() if "untrusted serviceUrl" in line]
 
 
@@ -115,8 +127,8 @@ def test_a_stored_reference_naming_an_untrusted_url_is_never_sent_to(
 
     stored.run(plant)
     bot = launch({"TRUSTED_SERVICE_URLS": only(conn)})
-    wait_for_log(bot, "not sending to the conversation's stored reference", timeout=15)
-    wait_for_log(bot, "dropping message", timeout=15)
+    wait_for_log(bot, "not sending to the conversation's stored reference")
+    wait_for_log(bot, "dropping message")
     time.sleep(0.5)
     assert attacker.requests() == [], "the bot connected to the untrusted serviceUrl of a stored reference"
 
