@@ -13,7 +13,6 @@ import logging
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 from aiohttp import web
 from botbuilder.core import Bot, TurnContext
@@ -33,7 +32,7 @@ from bot.auth import (
     endpoint_settings,
     preparing_ingest,
 )
-from bot.service_urls import ServiceUrlPolicy
+from bot.service_urls import ServiceUrlPolicy, is_http_url
 from config import Settings
 from storage.abc import StoreError
 
@@ -119,8 +118,7 @@ def validate_activity(body: Any) -> list[str]:
     if not isinstance(conversation, dict) or not isinstance(conversation.get("id"), str) or not conversation["id"]:
         problems.append("'conversation.id' is required and must be a non-empty string")
     service_url = body.get("serviceUrl")
-    if not isinstance(service_url, str) or urlparse(service_url).scheme not in ("http", "https") \
-            or not urlparse(service_url).netloc:
+    if not is_http_url(service_url):
         problems.append("'serviceUrl' is required and must be an http(s) URL")
     channel = body.get("channelId")
     if not isinstance(channel, str) or not channel:

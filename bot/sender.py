@@ -100,6 +100,8 @@ class ProactiveSender:
         raise last
 
     async def typing(self, reference: JSON) -> None:
+        if not self._service_urls.allows(reference.get("serviceUrl")):
+            return  # best effort, every 3 s: the turn's messages say (once each) why nothing is sent
         await self._send_once(reference, {"type": ActivityTypes.typing}, None)
 
     async def _send_once(self, reference: JSON, activity: JSON, update_id: str | None) -> str | None:

@@ -83,7 +83,10 @@ def endpoint(url: object) -> Endpoint | str:
         return "it contains spaces, control or non-ASCII characters (use the punycode xn-- form of a host name)"
     if "\\" in url:
         return "it contains a backslash"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. a bracketed host that is no IP address
+        return "it is not a well-formed URL"
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         return "not an http(s) URL"
@@ -106,6 +109,17 @@ def endpoint(url: object) -> Endpoint | str:
             or (other.port or DEFAULT_PORTS[scheme]) != port:
         return "the HTTP client reads another host or port in it"
     return Endpoint(scheme, host, port)
+
+
+def is_http_url(url: object) -> bool:
+    """An http(s) URL with a host at all (whether it is trusted is :meth:`ServiceUrlPolicy.refusal`'s question)."""
+    if not isinstance(url, str):
+        return False
+    try:  # urlsplit raises on some hosts, e.g. "http://[x]/"
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in DEFAULT_PORTS and bool(parts.netloc)
 
 
 def _normal_host(host: str, *, bracketed: bool) -> str | None:
@@ -204,7 +218,17 @@ class ServiceUrlPolicy:
     def from_settings(cls, settings: Settings) -> ServiceUrlPolicy:
         """TRUSTED_SERVICE_URLS, or the mode's default: ``microsoft`` (authenticated), ``loopback`` (local)."""
         default = ("loopback",) if settings.local_mode else ("microsoft",)
-        return cls(settings.trusted_service_urls or default)
+        policy = cls(settings.trusted_service_urls or default)
+        if settings.trusted_service_urls:
+            log.info("replies go only to service URLs matching %s=%s", SETTING, policy.description)
+            if not settings.local_mode and policy.allows_plain_http:
+                log.warning("%s lets the bot send its Bot Framework token over plain http (%s): for tests only",
+                            SETTING, policy.description)
+        return policy
+
+    @property
+    def allows_plain_http(self) -> bool:
+        return any(rule.loopback or rule.scheme == "http" for rule in self._rules)
 
     @property
     def description(self) -> str:

@@ -213,3 +213,10 @@ def test_a_bad_trusted_service_urls_pattern_stops_the_start_with_a_clear_message
     with pytest.raises(BotStartError):
         bot.start(timeout=15)
     assert "configuration error: TRUSTED_SERVICE_URLS" in bot.log_tail()
+
+
+def test_a_service_url_python_cannot_even_parse_is_a_400_not_a_500(bot: Deployment, conv: str) -> None:
+    for url in ("http://[x]/", "https://[smba.trafficmanager.net]/"):
+        status, body = bot.post_activity(message("hello", conversation_id=conv, service_url=url))
+        assert status == 400, body
+        assert "serviceUrl" in body
