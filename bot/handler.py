@@ -83,7 +83,8 @@ class TeamsBot(TeamsActivityHandler):
         if not self._tenants.allows(activity):  # ALLOWED_TENANTS: a polite no, and nothing stored
             await self._tenants.refuse(turn_context)
             return
-        # The edge refused it already; never let a reference naming another connector replace the stored one.
+        # Defence in depth (the edge refuses these first): a reference naming an untrusted connector never
+        # replaces the stored one.
         if not self._service_urls.check(activity.service_url, where="store",
                                         consequence="the activity is ignored and its reference not stored"):
             return
