@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
-from dataclasses import replace
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from storage.abc import (
