@@ -39,6 +39,7 @@ from storage.abc import (
     new_id,
     translate_errors,
 )
+from storage.private_files import ensure_private_file, tighten_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class SqliteStore(ConversationStore):
         return self._path
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(ensure_private_file, self._path)  # 0600 in a 0700 directory, whatever the umask
         db = await aiosqlite.connect(self._path, isolation_level=None, timeout=30)
         # WAL lets readers run during a write; FULL makes an acknowledged ingest survive
         # power loss, not only a process crash.
@@ -191,6 +192,7 @@ class SqliteStore(ConversationStore):
         await db.executescript(_SCHEMA)
         await _add_updated_at(db)
         await db.executescript(_RETENTION_INDEXES)
+        await asyncio.to_thread(tighten_sidecars, self._path)  # files an older version left too open
         self._db = db
 
     async def close(self) -> None:
