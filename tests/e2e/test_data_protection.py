@@ -73,6 +73,7 @@ def test_reset_forgets_what_was_said(launch: Launch, conn: RecordingConnector, c
     marker = f"Quillon{uuid.uuid4().hex[:10]}"
     key, dialog_key = f"emulator:{conv}", f"dialog/emulator/conversations/{conv}"
     bot = launch({"ACTIVATE_LINE_SECONDS": "60", **({"CRASH_AT": crash_at} if crash_at else {})})
+    assert isinstance(bot, BotProcess)
     named = say(bot, conn, conv, f"my name is {marker}")
     assert conn.wait_for_texts(1, conv) == [f"Nice to meet you, {marker}. I'll remember that."]
     say(bot, conn, conv, "activate line 555-0199")  # still running at the reset: its job stays
