@@ -154,8 +154,9 @@ def test_a_code_payload_in_stored_dialog_state_is_not_run(bot: BotProcess, conn:
 
     stored.run(plant)
     say(bot, conn, conv, "hello there")
-    assert "offline model" in conn.wait_for_texts(1, conv)[0]
+    answer = conn.wait_for_texts(1, conv)[0]
     assert not planted.exists(), "the stored payload ran code in the bot"
+    assert "offline model" in answer
     assert "ignoring the stored dialog state" in bot.log_tail()
     say(bot, conn, conv, "reset")
     assert "Reset?" in conn.wait_for_texts(2, conv)[1]
