@@ -24,7 +24,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # An unprivileged user owns only the data directory; the code stays root-owned and read-only to it.
 RUN groupadd --system --gid 10001 bot \
     && useradd --system --uid 10001 --gid bot --home-dir /home/bot --create-home --shell /usr/sbin/nologin bot \
-    && mkdir /data \
+    && mkdir -m 0700 /data \
     && chown bot:bot /data
 
 WORKDIR /app

@@ -22,6 +22,7 @@ import logs
 import metrics
 import tracing
 from agent.events import JOB_RESULT_SOURCE, JobResult, Requester, format_job_result
+from agent.forgetting import Forgetter, reset_confirmation
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
 from crashpoints import crash_point
 from storage.abc import (
@@ -106,6 +107,7 @@ class ConversationProcessor:
         self._max_delivery_failures = max_delivery_failures
         self._again: set[str] = set()
         self._closing = False
+        self._forgetter = Forgetter(store)  # a reset forgets the old texts before it is confirmed
 
     # --- waking ---
     def wake(self, key: str) -> None:
@@ -211,7 +213,7 @@ class ConversationProcessor:
                 replies.append(self._welcome())
             elif event.kind == "reset":
                 state = None
-                replies.append(text_activity("Done: I've forgotten this conversation. Let's start afresh."))
+                replies.append(text_activity(reset_confirmation(event.payload)))
             elif event.kind == "command":
                 pass  # answered inline by a dialog; recorded only so a redelivery is ignored
             elif (item := self._agent_input(event)) is not None:
@@ -283,6 +285,7 @@ class ConversationProcessor:
         metrics.outbox_backlog(record.key, len(record.outbox))
         if not record.outbox:
             return None
+        await self._forgetter.before_sending(record)
         reference = await self._store.get_reference(record.key)
         if reference is None:
             log.error("conversation %s has %d unsent message(s) but no conversation reference; dropping them",

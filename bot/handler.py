@@ -18,8 +18,10 @@ from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCard
 
 import tracing
 from agent.events import Requester
+from agent.forgetting import RESET_EVENT_PREFIX, reset_payload
 from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
+from bot.dialog_storage import dialog_item_key
 from bot.keys import conversation_key
 from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
@@ -160,7 +162,9 @@ class TeamsBot(TeamsActivityHandler):
 
     async def request_reset(self, turn_context: TurnContext) -> None:
         """Called by the reset dialog once the user confirmed."""
-        key = conversation_key(turn_context.activity)
-        event_id = f"reset:{turn_context.activity.id or uuid.uuid4().hex}"
-        if await self._store.append_event(key, InboxEvent(id=event_id, kind="reset", payload={})):
+        activity = turn_context.activity
+        key = conversation_key(activity)
+        event_id = f"{RESET_EVENT_PREFIX}{activity.id or uuid.uuid4().hex}"
+        payload = reset_payload(requester(activity), [dialog_item_key(activity)])
+        if await self._store.append_event(key, InboxEvent(id=event_id, kind="reset", payload=payload)):
             self._wake(key)

@@ -39,6 +39,8 @@ COMMANDS = {
 OnReset = Callable[[TurnContext], Awaitable[None]]
 CancelJob = Callable[[str, str], Awaitable[CancelResult]]
 ListJobs = Callable[[str], Awaitable[list[JobRecord]]]
+#: turn_state flag: this turn confirmed a reset, so the dialog state is deleted, not saved.
+RESET_CONFIRMED = "reset_confirmed"
 _CANCEL = re.compile(r"^cancel\s+(?:job\s+)?`?(?P<id>[0-9a-f]{12})`?$")
 
 
@@ -76,6 +78,7 @@ class ResetDialog(ComponentDialog):
 
     async def _act(self, step: WaterfallStepContext) -> DialogTurnResult:
         if step.result:
+            step.context.turn_state[RESET_CONFIRMED] = True
             await self._on_reset(step.context)
         else:
             await step.context.send_activity("OK, I kept everything.")
@@ -125,4 +128,7 @@ class CommandDialogs:
                 return True
             return False
         finally:
-            await self._state.save_changes(turn_context)
+            if turn_context.turn_state.get(RESET_CONFIRMED):  # forget the dialog state too (finding 12)
+                await self._state.delete(turn_context)
+            else:
+                await self._state.save_changes(turn_context)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from apscheduler.executors.asyncio import AsyncIOExecutor
@@ -22,6 +23,7 @@ from apscheduler.schedulers.base import STATE_STOPPED
 
 from jobs.runner import JobRunner
 from storage.abc import ConversationStore, JobRecord
+from storage.private_files import ensure_private_file, tighten_sidecars
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,14 @@ async def run_scheduled_job(conversation_key: str, job_id: str) -> None:
         await _runner.run(conversation_key, job_id)
     except asyncio.CancelledError:  # a graceful stop: the runner handed the attempt back already
         log.info("job %s stopped by shutdown", job_id)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///<path>`` job store URL (None: another database, or in memory)."""
+    prefix, _, path = url.partition(":///")
+    if prefix.split("+")[0] != "sqlite" or not path or path == ":memory:":
+        return None
+    return Path(path.split("?")[0])
 
 
 class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
@@ -125,6 +135,8 @@ class JobScheduler:
 
         def create_and_start() -> AsyncIOScheduler:
             # Creating the engine and the table is file I/O: keep it off the loop too.
+            if database := sqlite_file(self._url):  # 0600 in a 0700 directory, created if missing
+                ensure_private_file(database)
             scheduler = _OffLoopAsyncIOScheduler(
                 jobstores={"default": SQLAlchemyJobStore(url=self._url)},
                 job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
@@ -132,6 +144,8 @@ class JobScheduler:
                 event_loop=loop,
             )
             scheduler.start()
+            if database:
+                tighten_sidecars(database)
             return scheduler
 
         self._scheduler = await asyncio.to_thread(create_and_start)

@@ -227,6 +227,25 @@ class ConversationStore(ABC):
     @abstractmethod
     async def delete_items(self, keys: Iterable[str]) -> None: ...
 
+    # --- forgetting (a confirmed reset) ---
+    @abstractmethod
+    async def forget_conversation(self, key: str, *, item_keys: Iterable[str] = ()) -> int:
+        """Forget what was said in a conversation; idempotent (run again after a crash). Returns how many
+        entries it changed.
+
+        * **processed inbox events** keep their id and kind (redelivery dedupe stays sound) but lose
+          their payload (message texts, job results and arguments), except the ``job:<id>`` event of
+          a job that is still queued or running (the job runner reads it to recover from a crash).
+        * **finished job records** are deleted; queued and running jobs stay until they finish
+          (their finish is announced in the fresh conversation).
+        * the key/value items ``item_keys`` (the conversation's dialog state) are deleted.
+
+        Untouched: pending events (said after the reset), the record (the reset turn's commit
+        cleared its agent state; its outbox holds the reset confirmation) and the conversation
+        reference (needed to send; it holds ids, display names and the service URL, no message
+        text). A store whose files keep deleted bytes must make them unrecoverable.
+        """
+
     # --- retention ---
     async def purge_expired(self, older_than: float) -> int:
         """Delete what has not changed since ``older_than`` (a unix time); return how many entries went.

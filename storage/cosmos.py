@@ -597,6 +597,45 @@ class CosmosStore(ConversationStore):
         ]
         return sorted((JobRecord.from_json(d) for d in docs), key=lambda j: (j.created_at, j.conversation_key, j.id))
 
+    # --- forgetting ---
+    async def forget_conversation(self, key: str, *, item_keys: Iterable[str] = ()) -> int:
+        """See :meth:`ConversationStore.forget_conversation`. Several writes, each idempotent: a crash
+        part-way leaves some of it for the next call. Events go last, so the reset event that names
+        the items to delete keeps its payload until they are gone."""
+        pk = self.partition(key)
+        conversation = await self._read(pk, CONVERSATION_ID)
+        intents = {j["id"] for j in conversation.get("job_intents", ())} if conversation else set()
+        processed = set(conversation.get("processed", ())) if conversation else set()
+
+        async def delete(pk: str, item_id: str) -> int:
+            try:
+                await self.container.delete_item(item_id, partition_key=pk)
+            except exceptions.CosmosResourceNotFoundError:
+                return 0
+            return 1
+
+        changed = sum(await self._map(lambda k: delete(self._item_pk(k), ITEM_ID), dict.fromkeys(item_keys)))
+        jobs = await self._query("SELECT c.job_id, c.status FROM c WHERE c.pk = @pk AND c.type = 'job'", pk=pk)
+        unfinished = intents | {j["job_id"] for j in jobs if j["status"] in _UNFINISHED}
+        finished = [j["job_id"] for j in jobs if j["job_id"] not in unfinished]
+        changed += sum(await self._map(lambda i: delete(pk, cosmos_id(JOB_PREFIX, i)), finished))
+        events = await self._query(
+            "SELECT c.event_id, c.processed, c.redacted FROM c WHERE c.pk = @pk AND c.type = 'event'", pk=pk)
+        redact = [e["event_id"] for e in events
+                  if (e.get("processed") or e["event_id"] in processed) and not e.get("redacted")
+                  and e["event_id"] not in {f"job:{i}" for i in unfinished}]
+
+        async def redact_one(event_id: str) -> int:
+            try:
+                await self.container.patch_item(cosmos_id(EVENT_PREFIX, event_id), partition_key=pk,
+                                                patch_operations=[{"op": "set", "path": "/payload", "value": {}},
+                                                                  {"op": "set", "path": "/redacted", "value": True}])
+            except exceptions.CosmosResourceNotFoundError:
+                return 0  # expired meanwhile
+            return 1
+
+        return changed + sum(await self._map(redact_one, redact))
+
     # --- small key/value items ---
     @staticmethod
     def _item_pk(key: str) -> str:

@@ -9,6 +9,7 @@ import asyncio
 import copy
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from storage.abc import (
@@ -137,6 +138,27 @@ class MemoryStore(ConversationStore):
         for k in keys:
             self._items.pop(k, None)
             self._item_written.pop(k, None)
+
+    async def forget_conversation(self, key: str, *, item_keys: Iterable[str] = ()) -> int:
+        """See :meth:`ConversationStore.forget_conversation`."""
+        async with self._lock:
+            changed = 0
+            jobs = self._jobs.get(key, {})
+            unfinished = {f"job:{i}" for i, j in jobs.items() if not j.finished}
+            events = self._events.get(key, {})
+            for event_id, (event, done) in list(events.items()):
+                if done and event.payload and event_id not in unfinished:
+                    events[event_id] = (replace(event, payload={}), True)
+                    changed += 1
+            for job_id in [i for i, j in jobs.items() if j.finished]:
+                del jobs[job_id]
+                self._job_written.pop((key, job_id), None)
+                changed += 1
+            for item_key in item_keys:
+                if self._items.pop(item_key, None) is not None:
+                    self._item_written.pop(item_key, None)
+                    changed += 1
+            return changed
 
     async def purge_expired(self, older_than: float) -> int:
         """See :meth:`ConversationStore.purge_expired`."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -38,6 +39,9 @@ from storage.abc import (
     new_id,
     translate_errors,
 )
+from storage.private_files import ensure_private_file, tighten_sidecars
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -175,16 +179,20 @@ class SqliteStore(ConversationStore):
         return self._path
 
     async def open(self) -> None:
-        await asyncio.to_thread(self._path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(ensure_private_file, self._path)  # 0600 in a 0700 directory, whatever the umask
         db = await aiosqlite.connect(self._path, isolation_level=None, timeout=30)
         # WAL lets readers run during a write; FULL makes an acknowledged ingest survive
         # power loss, not only a process crash.
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=FULL")
         await db.execute("PRAGMA busy_timeout=30000")
+        # Deleted and overwritten content is zeroed, not left in free pages (a reset must really
+        # forget; see forget_conversation for the WAL file).
+        await db.execute("PRAGMA secure_delete=ON")
         await db.executescript(_SCHEMA)
         await _add_updated_at(db)
         await db.executescript(_RETENTION_INDEXES)
+        await asyncio.to_thread(tighten_sidecars, self._path)  # files an older version left too open
         self._db = db
 
     async def close(self) -> None:
@@ -365,6 +373,48 @@ class SqliteStore(ConversationStore):
         async with self._lock:
             await self.db.executemany("DELETE FROM items WHERE key = ?", [(k,) for k in keys])
 
+    # --- forgetting ---
+    async def forget_conversation(self, key: str, *, item_keys: Iterable[str] = ()) -> int:
+        """See :meth:`ConversationStore.forget_conversation`: one transaction, then a checkpoint.
+
+        ``secure_delete`` zeroes what the transaction frees in the database pages, but in WAL
+        mode the old page images (with the texts) stay in the ``-wal`` file until a checkpoint
+        copies the new ones back: ``wal_checkpoint(TRUNCATE)`` does that and empties the file.
+        """
+        keys = [(k,) for k in dict.fromkeys(item_keys)]
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = 0
+                async with db.execute(
+                    "UPDATE events SET payload = '{}' WHERE key = ? AND processed = 1 AND payload != '{}' "
+                    "AND NOT EXISTS (SELECT 1 FROM jobs WHERE substr(events.id, 1, 4) = 'job:' "
+                    f"AND jobs.key = events.key AND jobs.id = substr(events.id, 5) AND jobs.status IN {_UNFINISHED})",
+                    (key,),
+                ) as cur:
+                    changed += cur.rowcount
+                async with db.execute(f"DELETE FROM jobs WHERE key = ? AND status IN {_FINISHED}", (key,)) as cur:
+                    changed += cur.rowcount
+                if keys:
+                    async with db.executemany("DELETE FROM items WHERE key = ?", keys) as cur:
+                        changed += cur.rowcount
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await self._checkpoint(f"forgetting {key}")
+        return changed
+
+    async def _checkpoint(self, why: str) -> None:
+        """Copy the WAL into the database and empty it (the caller holds the lock), so the page
+        images a deletion replaced are gone from the ``-wal`` file too."""
+        async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
+            row = await cur.fetchone()
+        if row is not None and row[0]:  # another connection is reading: the old frames go at the next one
+            log.warning("%s: the WAL checkpoint was blocked by a reader; deleted content stays in the -wal "
+                        "file until the next checkpoint", why)
+
     # --- retention ---
     async def purge_expired(self, older_than: float) -> int:
         """See :meth:`ConversationStore.purge_expired`; one ``BEGIN IMMEDIATE`` transaction."""
@@ -393,4 +443,6 @@ class SqliteStore(ConversationStore):
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
+            if deleted:
+                await self._checkpoint("retention")
         return deleted

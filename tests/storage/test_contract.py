@@ -614,3 +614,62 @@ async def test_concurrent_patches_of_different_fields_all_survive(store: Convers
     )
     job = await store.get_job(key, "p2")
     assert job.cancel_requested and job.card_activity_id == "card-1" and job.progress is not None
+
+
+# --- forgetting a conversation (a confirmed reset) ---
+
+
+async def _said_and_done(store: ConversationStore, key: str) -> None:
+    """A conversation with processed messages, a pending one, a finished job (event processed), a
+    running job, and one running whose finish event is in (a crash before its record was marked)."""
+    await store.save_reference(key, {"serviceUrl": "https://x.example/"})
+    for event_id in ("m1", "m2"):
+        await store.append_event(key, _event(event_id, text=f"secret {event_id}"))
+    jobs = [_job(key, "done", status="queued"), _job(key, "running", status="queued"),
+            _job(key, "crashed", status="queued")]
+    await store.commit(await store.load(key), processed=["m1", "m2"], new_jobs=jobs)
+    await store.patch_job(key, "done", {"status": "succeeded", "result": {"secret": "result"}})
+    await store.patch_job(key, "running", {"status": "running"})
+    await store.patch_job(key, "crashed", {"status": "running"})
+    for job_id, status in (("done", "succeeded"), ("crashed", "succeeded")):
+        await store.append_event(key, _event(f"job:{job_id}", kind="job_finished", status=status))
+    await store.commit(await store.load(key), processed=["job:done", "job:crashed"])
+    await store.append_event(key, _event("m3", text="said after the reset"))
+
+
+async def test_forget_redacts_processed_events_and_drops_finished_jobs(store: ConversationStore, make_key: MakeKey,
+                                                                       ) -> None:
+    key, other = make_key("forget"), make_key("other")
+    for k in (key, other):
+        await _said_and_done(store, k)
+    dialog, other_dialog = f"dialog/{key}", f"dialog/{other}"
+    await store.write_items({dialog: {"v": 1}, other_dialog: {"v": 2}})
+    record = await store.load(key)
+
+    assert await store.forget_conversation(key, item_keys=[dialog]) == 5  # m1, m2, job:done; job done; item
+
+    for event_id in ("m1", "m2", "job:done"):
+        event = await store.get_event(key, event_id)
+        assert event is not None and event.payload == {}, event_id  # the id stays: redelivery is still a no-op
+        assert await store.append_event(key, _event(event_id)) is False
+    crashed = await store.get_event(key, "job:crashed")  # the runner's crash recovery reads it
+    assert crashed is not None and crashed.payload == {"status": "succeeded"}
+    assert [(e.id, e.payload) for e in await store.pending_events(key)] == [("m3", {"text": "said after the reset"})]
+    assert sorted((j.id, j.status) for j in await store.list_jobs(key)) == [("crashed", "running"),
+                                                                             ("running", "running")]
+    with pytest.raises(JobNotFoundError):
+        await store.get_job(key, "done")
+    assert await store.read_items([dialog, other_dialog]) == {other_dialog: {"v": 2}}
+    assert await store.get_reference(key) == {"serviceUrl": "https://x.example/"}
+    assert await store.load(key) == record
+    # Another conversation is untouched.
+    assert (await store.get_event(other, "m1")).payload == {"text": "secret m1"}  # type: ignore[union-attr]
+    assert len(await store.list_jobs(other)) == 3
+
+
+async def test_forget_is_idempotent(store: ConversationStore, key: str) -> None:
+    await _said_and_done(store, key)
+    await store.write_items({f"dialog/{key}": {"v": 1}})
+    assert await store.forget_conversation(key, item_keys=[f"dialog/{key}"]) == 5
+    assert await store.forget_conversation(key, item_keys=[f"dialog/{key}"]) == 0
+    assert await store.forget_conversation(make_unknown := f"{key}-never-seen") == 0, make_unknown

@@ -169,3 +169,26 @@ async def test_event_loop_is_not_blocked_while_waiting_for_the_file_lock(tmp_pat
 
     assert waited >= hold * 0.5  # the commit really did wait for the lock
     assert lag.max_gap < MAX_LOOP_GAP, f"event loop blocked for {lag.max_gap:.3f}s"
+
+
+def _files_containing(directory: Path, marker: bytes) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.is_file() and marker in p.read_bytes())
+
+
+async def test_forgotten_text_is_not_left_in_the_database_files(tmp_path: Path) -> None:
+    """Redacted and deleted text must not stay in free pages or in the -wal file (read while the store
+    is open, as a running bot keeps it: closing checkpoints the WAL anyway)."""
+    short, long = b"forget-me-short-7f3a", b"forget-me-long-91c2"
+    async with opened(tmp_path / "c.sqlite3") as store:
+        await store.append_event(KEY, InboxEvent(id="m1", kind="message", payload={"text": short.decode()}))
+        await store.append_event(KEY, InboxEvent(id="m2", kind="message",
+                                                 payload={"text": long.decode() * 2000}))  # overflow pages
+        await store.commit(ConversationRecord(key=KEY, agent_state={"said": short.decode()}), processed=["m1", "m2"],
+                           new_jobs=[JobRecord(id="j1", conversation_key=KEY, tool="t",
+                                               arguments={"line": short.decode()}, status="succeeded")])
+        await store.write_items({f"dialog/{KEY}": {"text": short.decode()}})
+        assert await asyncio.to_thread(_files_containing, tmp_path, short)  # the check can see it
+        await store.commit((await store.load(KEY)).evolve(agent_state=None))  # what the reset turn commits
+        await store.forget_conversation(KEY, item_keys=[f"dialog/{KEY}"])
+        found = await asyncio.to_thread(lambda: (_files_containing(tmp_path, short), _files_containing(tmp_path, long)))
+        assert found == ([], []), found
