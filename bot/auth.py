@@ -9,6 +9,10 @@ Inbound (``POST /api/messages``)
     botbuilder fetches the OpenID metadata with synchronous ``requests`` calls without a timeout
     (on the first request and once a day), so validation runs on a short-lived daemon thread
     with its own event loop and a deadline: the bot's loop never waits on the network.
+    Before any of that, :meth:`RequestAuthenticator.check_header` refuses a header that cannot hold
+    a token (none, not ``Bearer``, not three base64url segments) before the body is read, and tokens
+    issued to the Bot Framework Emulator are refused unless ``ALLOW_EMULATOR_TOKENS``: they carry
+    no ``serviceurl`` claim, so nothing ties such an activity to the Bot Connector it names.
 
 Outbound (replies, proactive messages)
     botbuilder creates a new ``MicrosoftAppCredentials`` (and so a new MSAL app with an empty token
