@@ -75,7 +75,7 @@ def test_host_defaults_to_loopback_in_local_mode_and_everywhere_when_authenticat
     assert settings().listen_host == "127.0.0.1"
     assert settings(MicrosoftAppId="app").listen_host == "0.0.0.0"
     assert settings(MicrosoftAppId="app", HOST="10.0.0.4").listen_host == "10.0.0.4"
-    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
         assert settings(HOST=loopback).listen_host == loopback
         assert settings(HOST=loopback).security_warnings == []
 
