@@ -11,12 +11,15 @@
 
 FROM python:3.11-slim
 
+# The image listens on every interface, so it never runs unauthenticated: REQUIRE_AUTHENTICATION
+# makes a start without MicrosoftAppId a configuration error (exit status 2), whatever else is set.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PORT=3978 \
     HOST=0.0.0.0 \
+    REQUIRE_AUTHENTICATION=true \
     DATA_DIR=/data \
     LOG_FORMAT=json \
     ROLE=all

@@ -29,6 +29,7 @@ from botbuilder.core import ConversationState
 
 import logs
 import metrics
+import ops
 import tracing
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
@@ -166,11 +167,15 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, model_client,
                              card_updater, coordinator)
     if settings.serves_web:  # a worker answers only health, readiness and metrics
-        app.router.add_post("/api/messages", messages_handler(adapter, bot, service_urls=service_urls))
+        app.router.add_post("/api/messages", messages_handler(
+            adapter, bot, service_urls=service_urls, body_read_timeout=settings.body_read_timeout_seconds,
+            max_json_depth=settings.max_json_depth))
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_endpoint)
     app.cleanup_ctx.append(lifecycle)
+    # After lifecycle: a separate ops listener starts once the stores are open. OPS_TOKEN / OPS_PORT.
+    ops.serve_ops_endpoints(app, {"/readyz": readyz, "/metrics": metrics_endpoint}, healthz=healthz,
+                            token=settings.ops_token, host=settings.ops_host, port=settings.ops_port,
+                            shared={SERVICES: app[SERVICES]})
     return app
 
 
@@ -330,8 +335,8 @@ async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         waiting.add_done_callback(stop_if_takeover_failed)
         services.tasks.append(waiting)
     log.info(
-        "ready on port %d as %s%s: %s store, %s job store, %s, %s mode",
-        settings.port, settings.role, standby, type(services.store).__name__,
+        "ready on port %d (host %s) as %s%s: %s store, %s job store, %s, %s mode",
+        settings.port, settings.listen_host, settings.role, standby, type(services.store).__name__,
         "PostgreSQL" if settings.shared_job_store else "SQLite", settings.model_description,
         "local (no auth)" if settings.local_mode else "authenticated",
     )
@@ -361,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.log_level, settings.log_format)
+    for warning in settings.security_warnings:
+        log.warning(warning)
     tracing.setup(settings.role)
     for noisy in ("apscheduler", "msrest", "azure", "httpx", "autogen_agentchat"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -372,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     except (McpConfigError, ConfigError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=settings.host, port=port, print=None)
+    web.run_app(app, host=settings.listen_host, port=port, print=None)
     return 0
 
 

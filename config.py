@@ -6,6 +6,7 @@ same environment works for this bot, the samples and the Azure portal's app sett
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -109,6 +110,56 @@ def _log_format(env: Mapping[str, str]) -> str:
     return raw
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1); a host name is never assumed to be one."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _exposure(env: Mapping[str, str]) -> bool:
+    """Refuse to run without authentication where others can reach the bot; ALLOW_UNAUTHENTICATED_NETWORK."""
+    local = not env.get("MicrosoftAppId", "").strip()
+    allowed = _bool(env, "ALLOW_UNAUTHENTICATED_NETWORK", False)
+    if local and _bool(env, "REQUIRE_AUTHENTICATION", False):
+        raise ConfigError("REQUIRE_AUTHENTICATION is set but MicrosoftAppId is not: set MicrosoftAppId and "
+                          "MicrosoftAppPassword (this bot does not run without authentication here)")
+    host = env.get("HOST", "").strip()
+    if local and host and not is_loopback(host) and not allowed:
+        raise ConfigError(f"HOST={host} without MicrosoftAppId would let anyone who reaches it talk to the bot "
+                          "without a token: leave HOST blank (loopback), set MicrosoftAppId/MicrosoftAppPassword, "
+                          "or set ALLOW_UNAUTHENTICATED_NETWORK=true to accept that")
+    return allowed
+
+
+def _at_least(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    value = _int(env, name, default)
+    if value < minimum:
+        raise ConfigError(f"{name} must be {minimum} or more, got {env.get(name)!r}")
+    return value
+
+
+def _ops_token(env: Mapping[str, str]) -> str:
+    token = env.get("OPS_TOKEN", "").strip()
+    if token and len(token) < 16:
+        raise ConfigError("OPS_TOKEN must be at least 16 characters: use a long random value, e.g. the output of "
+                          "python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return token
+
+
+def _ops_port(env: Mapping[str, str]) -> int:
+    port = _int(env, "OPS_PORT", 0)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"OPS_PORT must be a TCP port (1-65535; 0 or blank: the main port), got {port}")
+    if port and port == _int(env, "PORT", 3978):
+        raise ConfigError(f"OPS_PORT must differ from PORT ({port}); leave it blank to serve /readyz and /metrics "
+                          "on the main port")
+    return port
+
+
 ROLES = ("all", "web", "worker")
 
 
@@ -150,7 +201,8 @@ BOT_FRAMEWORK_ENDPOINT_SETTINGS = (
 @dataclass(frozen=True)
 class Settings:
     port: int = 3978
-    host: str = "0.0.0.0"
+    #: HOST as given; blank = loopback in local mode, every interface when authenticated (see listen_host).
+    host: str = ""
     app_id: str = ""
     app_password: str = ""
     app_type: str = "MultiTenant"
@@ -193,11 +245,48 @@ class Settings:
     # --- service URLs (bot/service_urls.py) ---
     #: TRUSTED_SERVICE_URLS: the Bot Connector URLs replies may go to (patterns); empty = the mode's default.
     trusted_service_urls: tuple[str, ...] = ()
+    # --- edge security (issue 13: exposure, Emulator tokens, request limits, ops endpoints) ---
+    #: ALLOW_UNAUTHENTICATED_NETWORK: local mode (no MicrosoftAppId) may listen on a non-loopback HOST.
+    allow_unauthenticated_network: bool = False
+    #: REQUIRE_AUTHENTICATION: refuse to start in local mode at all (the Docker image sets it).
+    require_authentication: bool = False
+    #: ALLOW_EMULATOR_TOKENS: accept tokens the Bot Framework Emulator obtains, in authenticated mode.
+    allow_emulator_tokens: bool = False
+    #: BODY_READ_TIMEOUT_SECONDS: how long the body of a POST /api/messages may take to arrive (then 408).
+    body_read_timeout_seconds: float = 10.0
+    #: MAX_JSON_DEPTH: deepest nesting of arrays/objects accepted in an activity (deeper: 400).
+    max_json_depth: int = 64
+    #: OPS_TOKEN: when set, /readyz and /metrics need ``Authorization: Bearer <OPS_TOKEN>``.
+    ops_token: str = ""
+    #: OPS_PORT: when set (not 0), /readyz and /metrics are served on this port only, at OPS_HOST.
+    ops_port: int = 0
+    ops_host: str = "127.0.0.1"
 
     @property
     def local_mode(self) -> bool:
         """No app id: the Emulator / Agents Playground talk to us without tokens."""
         return not self.app_id
+
+    @property
+    def listen_host(self) -> str:
+        """Where the main port listens: HOST, or by default loopback in local mode (nobody else can
+        reach an unauthenticated bot) and every interface in authenticated mode."""
+        return self.host or ("127.0.0.1" if self.local_mode else "0.0.0.0")
+
+    @property
+    def security_warnings(self) -> list[str]:
+        """Risky but allowed choices, logged as warnings at every start."""
+        warnings = []
+        if self.local_mode and not is_loopback(self.listen_host):
+            warnings.append(f"local mode (no MicrosoftAppId) listening on HOST={self.listen_host}: anyone who can "
+                            "reach this address can talk to the bot without a token (ALLOW_UNAUTHENTICATED_NETWORK"
+                            "=true)")
+        if not self.local_mode and self.allow_emulator_tokens:
+            warnings.append("ALLOW_EMULATOR_TOKENS=true: tokens the Bot Framework Emulator obtains are accepted; "
+                            "for testing only, never in a tenant")
+        if not self.local_mode and not self.ops_token and not self.ops_port and not is_loopback(self.listen_host):
+            warnings.append("/readyz and /metrics are open to whoever reaches the port: set OPS_TOKEN or OPS_PORT")
+        return warnings
 
     @property
     def sqlite_path(self) -> Path:
@@ -248,7 +337,7 @@ class Settings:
                               "the choice of the active worker)")
         return cls(
             port=_int(e, "PORT", 3978),
-            host=e.get("HOST", "0.0.0.0") or "0.0.0.0",
+            host=e.get("HOST", "").strip(),
             app_id=e.get("MicrosoftAppId", "").strip(),
             app_password=e.get("MicrosoftAppPassword", ""),
             app_type=e.get("MicrosoftAppType", "") or "MultiTenant",
@@ -287,4 +376,13 @@ class Settings:
             validate_authority=_bool(e, "VALIDATE_AUTHORITY", True),
             # --- service URLs ---
             trusted_service_urls=tuple(p.strip() for p in e.get("TRUSTED_SERVICE_URLS", "").split(",") if p.strip()),
+            # --- edge security (issue 13) ---
+            allow_unauthenticated_network=_exposure(e),
+            require_authentication=_bool(e, "REQUIRE_AUTHENTICATION", False),
+            allow_emulator_tokens=_bool(e, "ALLOW_EMULATOR_TOKENS", False),
+            body_read_timeout_seconds=_positive(e, "BODY_READ_TIMEOUT_SECONDS", 10.0),
+            max_json_depth=_at_least(e, "MAX_JSON_DEPTH", 64, minimum=8),
+            ops_token=_ops_token(e),
+            ops_port=_ops_port(e),
+            ops_host=e.get("OPS_HOST", "").strip() or "127.0.0.1",
         )

@@ -7,12 +7,18 @@ each conversation's task, the job runner sets ``conversation_key`` and ``job_id`
 runs. asyncio copies the context into every task it creates, so lines logged by anything those
 tasks call (stores, the sender, tools) carry the ids too. In JSON they are fields of their own;
 the text format leaves them out (its messages already name what they are about).
+
+Log lines cannot be forged: messages carry text from users, channels and tools (a conversation id,
+a tool's error), so the text format escapes control characters in them (``\\n``, ``\\x1b`` ...: a
+newline cannot start a fake record, an ANSI sequence cannot recolour or erase the terminal) and
+indents the lines of a traceback under ``  | ``. JSON output escapes them too (one object per line).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
@@ -20,6 +26,26 @@ from typing import Any, TextIO
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+#: Characters that must not reach a log line raw: C0 controls (newline, CR, ESC ...), DEL, C1 controls,
+#: Unicode line/paragraph separators and the bidirectional overrides (which reorder what a reader sees).
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: What JSON output still carries raw after json.dumps(ensure_ascii=False): C0 controls are escaped by it.
+_JSON_UNESCAPED = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: Prefix of every line of a traceback in the text format, so none of them can pass for a record.
+CONTINUATION = "  | "
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_control_characters(text: str) -> str:
+    """``text`` on one line, control characters written as escapes (``\\n``, ``\\x1b``, ``\\u2028``)."""
+    return CONTROL_CHARACTERS.sub(_escape, text)
+
 
 _conversation_key: ContextVar[str | None] = ContextVar("log_conversation_key", default=None)
 _job_id: ContextVar[str | None] = ContextVar("log_job_id", default=None)
@@ -81,13 +107,39 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        return _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(entry, ensure_ascii=False,
+                                                                                  default=str))
+
+
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, one record per line whatever the message holds (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        message = record.message
+        record.message = escape_control_characters(message)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = message
+
+    def formatException(self, ei: Any) -> str:
+        return self._indent(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return self._indent(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indent(text: str) -> str:
+        return "\n".join(CONTINUATION + escape_control_characters(line) for line in text.split("\n"))
 
 
 def make_formatter(fmt: str) -> logging.Formatter:
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if fmt == "json" else TextFormatter()
 
 
 def setup(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> logging.Handler:

@@ -41,6 +41,12 @@ WAKEUPS = Counter(f"{PREFIX}wakeups", "Conversations woken on the active worker,
                   "process), notify (PostgreSQL NOTIFY from another instance), sweep (found by the periodic "
                   "look for missed work)", ["source"], registry=REGISTRY)
 
+# --- the edge (bot/edge.py) ---
+ACTIVITIES_REJECTED = Counter(f"{PREFIX}activities_rejected", "POST /api/messages answered 4xx, by status: 400 "
+                              "(not JSON, nested too deeply, not a valid activity), 401 (no or bad token), 408 (the "
+                              "body did not arrive in time), 413 (too large), 415 (not JSON)", ["status"],
+                              registry=REGISTRY)
+
 # --- agent turns (agent/processor.py) ---
 TURNS = Counter(f"{PREFIX}turns", "Agent turns run (one per user message or job result the model answered), "
                 "by outcome: ok, or failed (the model or a tool failed; the user was told)",

@@ -9,6 +9,10 @@ Inbound (``POST /api/messages``)
     botbuilder fetches the OpenID metadata with synchronous ``requests`` calls without a timeout
     (on the first request and once a day), so validation runs on a short-lived daemon thread
     with its own event loop and a deadline: the bot's loop never waits on the network.
+    Before any of that, :meth:`RequestAuthenticator.check_header` refuses a header that cannot hold
+    a token (none, not ``Bearer``, not three base64url segments) before the body is read, and tokens
+    issued to the Bot Framework Emulator are refused unless ``ALLOW_EMULATOR_TOKENS``: they carry
+    no ``serviceurl`` claim, so nothing ties such an activity to the Bot Connector it names.
 
 Outbound (replies, proactive messages)
     botbuilder creates a new ``MicrosoftAppCredentials`` (and so a new MSAL app with an empty token
@@ -42,6 +46,7 @@ from botframework.connector.auth import (
     AuthenticateRequestResult,
     AuthenticationConstants,
     BotFrameworkAuthentication,
+    EmulatorValidation,
     MicrosoftAppCredentials,
     ServiceClientCredentialsFactory,
 )
@@ -202,18 +207,60 @@ def _clip(value: object, limit: int = 120) -> str:
     return repr(str(value)[:limit]) if value is not None else "None"
 
 
+#: A compact JWS: three base64url segments (the signature may be empty: ``alg: none``, refused later
+#: with its own reason).
+_JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def _header_problem(authorization: str | None) -> str | None:
+    """What makes this ``Authorization`` header unable to carry a Bot Framework token (None: nothing)."""
+    header = (authorization or "").strip()
+    if not header:
+        return ("no Authorization header, and MicrosoftAppId is set: every request must carry a Bot Framework "
+                "token (is something other than Azure Bot Service calling?)")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme != "Bearer" or not token or " " in token:
+        return "the Authorization header is not of the form 'Bearer <token>'"
+    if not _JWT_SHAPE.fullmatch(token):
+        return "the token is not a well-formed JWT (three base64url segments)"
+    return None
+
+
+def issued_to_the_emulator(token: str) -> bool:
+    """Whether the token's issuer is one botbuilder routes to its Emulator validation (the AAD tenants
+    the Emulator gets its tokens from). Such tokens carry no ``serviceurl`` claim, so they do not tie
+    an activity to the Bot Connector it names. Read without verifying: only used to refuse."""
+    try:
+        issuer = jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except Exception:
+        return False  # botbuilder's validation says what is wrong with it
+    return issuer in EmulatorValidation.TO_BOT_FROM_EMULATOR_TOKEN_VALIDATION_PARAMETERS.issuer
+
+
 class RequestAuthenticator:
     """Authenticates one incoming activity; see the module docstring."""
 
     def __init__(self, auth: BotFrameworkAuthentication, *, auth_disabled: bool,
-                 timeout: float = AUTH_TIMEOUT_SECONDS) -> None:
+                 timeout: float = AUTH_TIMEOUT_SECONDS, allow_emulator_tokens: bool = False) -> None:
         self._auth = auth
         self._auth_disabled = auth_disabled
         self._timeout = timeout
+        self._allow_emulator_tokens = allow_emulator_tokens
 
     @property
     def auth_disabled(self) -> bool:
         return self._auth_disabled
+
+    def check_header(self, authorization: str | None, remote: str | None) -> None:
+        """Refuse, before the body is even read, a request whose ``Authorization`` header cannot hold
+        a valid token (authenticated mode): unauthenticated callers must not cost JSON parsing."""
+        if self._auth_disabled:
+            return  # local mode: a token is refused after parsing, with a message saying why
+        reason = _header_problem(authorization)
+        if reason is not None:
+            log.warning("401 for a request from %s, before reading its body: %s", _clip(remote, 60), reason)
+            raise AuthRejected(reason)
 
     async def authenticate(self, activity: Activity, authorization: str | None) -> AuthenticateRequestResult:
         where = f"channel={_clip(activity.channel_id)} serviceUrl={_clip(activity.service_url)}"
@@ -235,13 +282,14 @@ class RequestAuthenticator:
                                    "Framework token; set MicrosoftAppId/MicrosoftAppPassword, or send no "
                                    "Authorization header (Emulator/Agents Playground without credentials)")
             return await self._auth.authenticate_request(activity, None)  # anonymous: no I/O
-        if not header:
-            raise AuthRejected("no Authorization header, and MicrosoftAppId is set: every request must carry a "
-                               "Bot Framework token (is something other than Azure Bot Service calling?)")
-        scheme, _, token = header.partition(" ")
-        if scheme != "Bearer" or not token.strip() or " " in token.strip():
-            raise AuthRejected("the Authorization header is not of the form 'Bearer <token>'")
-        header = f"Bearer {token.strip()}"
+        if (reason := _header_problem(header)) is not None:
+            raise AuthRejected(reason)
+        token = header.partition(" ")[2].strip()
+        if not self._allow_emulator_tokens and issued_to_the_emulator(token):
+            raise AuthRejected("the token was issued to the Bot Framework Emulator, which this bot does not accept "
+                               "in authenticated mode (to test a registered bot in the Emulator, set "
+                               "ALLOW_EMULATOR_TOKENS=true)")
+        header = f"Bearer {token}"
 
         def validate() -> AuthenticateRequestResult:
             return asyncio.run(self._auth.authenticate_request(activity, header))

@@ -1,9 +1,12 @@
 """The HTTP edge: ``POST /api/messages`` through botbuilder's CloudAdapter, with clear 4xx answers.
 
-botbuilder as shipped turns a non-JSON body, a bad token or a store outage into a 500. Here
-the body is checked first (400/413/415 with a message saying what is wrong), then the token
-(bot/auth.py: 401 for every kind of bad or missing token, 503 when the signing keys cannot be
-fetched), and an unavailable store is 503 with Retry-After so the channel redelivers.
+botbuilder as shipped turns a non-JSON body, a bad token or a store outage into a 500. Here,
+in authenticated mode, a missing or malformed ``Authorization`` header is 401 before the body is
+read; the body is then read within bounds (bot/request_body.py: 413 too large, 408 too slow, 400
+not JSON or nested too deeply) and checked (400/415 with a message saying what is wrong, ids with
+control characters included), then the token (bot/auth.py: 401 for every kind of bad or missing
+token, 503 when the signing keys cannot be fetched), and an unavailable store is 503 with
+Retry-After so the channel redelivers.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from botbuilder.integration.aiohttp import (
 )
 from botbuilder.schema import Activity
 
+import metrics
 import tracing
 from bot.auth import (
     AuthRejected,
@@ -32,8 +36,10 @@ from bot.auth import (
     endpoint_settings,
     preparing_ingest,
 )
+from bot.request_body import BodyRejected, read_json_body
 from bot.service_urls import ServiceUrlPolicy, is_http_url
 from config import Settings
+from logs import CONTROL_CHARACTERS
 from storage.abc import StoreError
 
 log = logging.getLogger(__name__)
@@ -62,9 +68,11 @@ class AdapterConfig:
 class EdgeAdapter(CloudAdapter):
     """botbuilder's CloudAdapter plus the authenticator the messages endpoint runs before it."""
 
-    def __init__(self, auth: ConfigurationBotFrameworkAuthentication, *, auth_disabled: bool) -> None:
+    def __init__(self, auth: ConfigurationBotFrameworkAuthentication, *, auth_disabled: bool,
+                 allow_emulator_tokens: bool = False) -> None:
         super().__init__(auth)
-        self.authenticator = RequestAuthenticator(auth, auth_disabled=auth_disabled)
+        self.authenticator = RequestAuthenticator(auth, auth_disabled=auth_disabled,
+                                                  allow_emulator_tokens=allow_emulator_tokens)
 
 
 def _speed_up_msrest_retry_policy() -> None:
@@ -86,7 +94,7 @@ def create_adapter(settings: Settings) -> EdgeAdapter:
                  ", ".join(f"{name}={value}" for name, value in dict(settings.bot_framework_endpoints).items()))
     credentials = CachingCredentialFactory(ConfigurationServiceClientCredentialFactory(config))
     adapter = EdgeAdapter(ConfigurationBotFrameworkAuthentication(config, credentials_factory=credentials),
-                          auth_disabled=settings.local_mode)
+                          auth_disabled=settings.local_mode, allow_emulator_tokens=settings.allow_emulator_tokens)
 
     async def on_turn_error(turn_context: TurnContext, error: Exception) -> None:
         # Store outages propagate so the edge can answer 503 and the channel redelivers.
@@ -133,7 +141,21 @@ def validate_activity(body: Any) -> list[str]:
         problems.append("'membersAdded' must be a list")
     if "entities" in body and not isinstance(body["entities"], list | type(None)):
         problems.append("'entities' must be a list")
+    # Ids end up in store keys, log lines and the URLs and headers of every send: a newline in one
+    # forges log lines and makes each later send fail.
+    for name, value in _ids(body):
+        if isinstance(value, str) and CONTROL_CHARACTERS.search(value):
+            problems.append(f"'{name}' must not contain control characters (newlines, escapes)")
     return problems
+
+
+def _ids(body: dict[str, Any]) -> list[tuple[str, Any]]:
+    found = [(name, body.get(name)) for name in ("id", "channelId", "replyToId", "serviceUrl")]
+    for parent, fields in (("conversation", ("id", "tenantId")), ("from", ("id", "aadObjectId")),
+                           ("recipient", ("id",))):
+        if isinstance(body.get(parent), dict):
+            found.extend((f"{parent}.{name}", body[parent].get(name)) for name in fields)
+    return found
 
 
 def problem(status: int, title: str, detail: list[str] | str | None = None, **headers: str) -> web.Response:
@@ -143,7 +165,8 @@ def problem(status: int, title: str, detail: list[str] | str | None = None, **he
     return web.json_response(payload, status=status, headers=headers or None)
 
 
-def messages_handler(adapter: CloudAdapter, bot: Bot, *, service_urls: ServiceUrlPolicy | None = None) -> Any:
+def messages_handler(adapter: CloudAdapter, bot: Bot, *, service_urls: ServiceUrlPolicy | None = None,
+                     body_read_timeout: float = 10.0, max_json_depth: int = 64) -> Any:
     # An adapter not made by create_adapter gets a strict authenticator (tokens always required).
     authenticator = adapter.authenticator if isinstance(adapter, EdgeAdapter) else \
         RequestAuthenticator(adapter.bot_framework_authentication, auth_disabled=False)
@@ -152,19 +175,29 @@ def messages_handler(adapter: CloudAdapter, bot: Bot, *, service_urls: ServiceUr
         service_urls = ServiceUrlPolicy(["loopback" if authenticator.auth_disabled else "microsoft"])
 
     async def handle(request: web.Request) -> web.Response:
+        try:
+            authenticator.check_header(request.headers.get("Authorization"), request.remote)
+        except AuthRejected:  # before the body is read: the connection is not reused
+            refused = problem(401, "unauthorized", "a valid Bot Framework token is required",
+                              **{"WWW-Authenticate": "Bearer"})
+            refused.force_close()
+            return refused
         if request.content_type != "application/json":
             return problem(415, "unsupported media type", "send the activity as application/json")
-        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            return problem(413, "activity too large", f"the limit is {MAX_BODY_BYTES} bytes")
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return problem(413, "activity too large", f"the limit is {MAX_BODY_BYTES} bytes")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            return problem(400, "the body is not valid JSON")
+            body = await read_json_body(request, max_bytes=MAX_BODY_BYTES, timeout=body_read_timeout,
+                                        max_depth=max_json_depth)
+        except BodyRejected as exc:
+            rejected = problem(exc.status, exc.title, exc.detail)
+            if exc.status != 400:  # the body was not read to its end
+                rejected.force_close()
+            return rejected
         if problems := validate_activity(body):
+            conversation = body.get("conversation") if isinstance(body, dict) else None
+            # Logged as sent (clipped): the log formatter escapes control characters.
+            log.info("400 for an activity in conversation %s: %s",
+                     str(conversation.get("id") if isinstance(conversation, dict) else None)[:200],
+                     "; ".join(problems))
             return problem(400, "not a valid activity", problems)
         try:
             activity = Activity().deserialize(body)
@@ -203,6 +236,8 @@ def messages_handler(adapter: CloudAdapter, bot: Bot, *, service_urls: ServiceUr
         with tracing.tracer.start_as_current_span("ingest activity", kind=tracing.SERVER) as span:
             response = await handle(request)
             span.set_attribute("http.response.status_code", response.status)
+            if 400 <= response.status < 500:
+                metrics.ACTIVITIES_REJECTED.labels(str(response.status)).inc()
             return response
 
     return traced
