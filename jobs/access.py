@@ -59,8 +59,7 @@ class JobAccess:
         if owner is None or self.is_admin(requester) or (requester is not None and same_person(owner, requester)):
             return None
         admins = " or a bot admin" if self.admins else ""
-        return (f"Only {owner.label}, who started job `{job.id}`{admins}, can cancel it. "
-                "Nothing was changed.")
+        return f"Only {owner.label}, who started job `{job.id}`,{admins} can cancel it. Nothing was changed."
 
     def check_cancel(self, job: JobRecord, requester: Requester | None) -> None:
         """Raises :class:`CancelRefusedError` if ``requester`` may not cancel ``job``."""
