@@ -121,6 +121,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     coordinator = coordinator or build_coordinator(settings)
     model_client = create_model_client(settings, offline_run_phrase=settings.local_mode)
     tool_policy = ToolPolicy.from_settings(settings.enabled_tools, settings.disabled_tools, settings.tool_policy_file)
+    if tool_policy != ToolPolicy():
+        log.info("tool policy: %s", tool_policy.describe())
     job_access = JobAccess(settings.admins)
     job_caps = JobCaps(settings.max_active_jobs_per_conversation, settings.max_active_jobs_per_user)
     offline = isinstance(model_client, OfflineChatCompletionClient)

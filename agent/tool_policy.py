@@ -96,6 +96,14 @@ class ToolPolicy:
         """The tools to offer in a turn of ``requester``, each checking the policy again when called."""
         return [PolicedTool(tool, self, requester) for tool in tools if self.refusal(tool.name, requester) is None]
 
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        rules = "; ".join(f"{r.pattern}: " + ", ".join(
+            f"{len(ids)} {kind}" for kind, ids in (("tenant(s)", r.tenants), ("user(s)", r.users)) if ids is not None)
+            for r in self.rules)
+        return (f"enabled {', '.join(self.enabled)}; disabled {', '.join(self.disabled) or 'none'}; "
+                f"restricted {rules or 'none'}")
+
     @classmethod
     def from_settings(cls, enabled: Sequence[str], disabled: Sequence[str], policy_file: str) -> ToolPolicy:
         return cls(tuple(enabled) or ("*",), tuple(disabled), load_rules(Path(policy_file)) if policy_file else ())

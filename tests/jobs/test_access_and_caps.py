@@ -83,7 +83,7 @@ async def test_caps_count_the_conversation_the_person_and_this_turns_jobs() -> N
     assert refused is not None and refused[0] == "user_cap" and "MAX_ACTIVE_JOBS_PER_USER = 2" in refused[1]
     assert await caps.refusal(store, KEY, BOB) is None
     earlier = [job("b1", BOB)]  # recorded this turn, not stored yet
-    refused = await caps.refusal(store, KEY, BOB, earlier + [job("b2", BOB)])
+    refused = await caps.refusal(store, KEY, BOB, [*earlier, job("b2", BOB)])
     assert refused is not None and refused[0] == "conversation_cap"
     assert await JobCaps(0, 0).refusal(store, KEY, ADA) is None  # 0: no cap
 
