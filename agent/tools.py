@@ -197,5 +197,6 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner,
 
 def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner,
                caps: JobCaps | None = None, access: JobAccess | None = None) -> Sequence[BaseTool[Any, Any]]:
-    return ([ScheduleJobTool(spec, scope, store, caps or JobCaps()) for spec in registry]
+    """The turn's job tools and job helper tools; ``caps`` None: no caps (the app passes its settings')."""
+    return ([ScheduleJobTool(spec, scope, store, caps) for spec in registry]
             + job_tools(scope, store, runner, access))
