@@ -31,11 +31,13 @@ import logs
 import metrics
 import ops
 import tracing
+from agent.events import Requester
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
 from agent.processor import ConversationProcessor
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
+from agent.tool_policy import ToolPolicy, ToolPolicyError
 from agent.tools import turn_tools
 from bot.auth import TenantPolicy
 from bot.cards import job_card_activity, welcome_activity
@@ -48,7 +50,9 @@ from bot.service_urls import ServiceUrlPolicy
 from cluster import Coordinator, LocalCoordinator
 from config import ConfigError, Settings
 from dialogs.commands import CommandDialogs
+from jobs.access import CancelRefusedError, JobAccess
 from jobs.activate_line import make_activate_line_tool
+from jobs.caps import JobCaps
 from jobs.registry import JobRegistry
 from jobs.runner import CancelResult, JobRunner
 from jobs.scheduler import JobScheduler
@@ -117,7 +121,12 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     override the configured ones (tests)."""
     store = store or build_store(settings)
     coordinator = coordinator or build_coordinator(settings)
-    model_client = create_model_client(settings)
+    model_client = create_model_client(settings, offline_run_phrase=settings.local_mode)
+    tool_policy = ToolPolicy.from_settings(settings.enabled_tools, settings.disabled_tools, settings.tool_policy_file)
+    if tool_policy != ToolPolicy():
+        log.info("tool policy: %s", tool_policy.describe())
+    job_access = JobAccess(settings.admins)
+    job_caps = JobCaps(settings.max_active_jobs_per_conversation, settings.max_active_jobs_per_user)
     offline = isinstance(model_client, OfflineChatCompletionClient)
     registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
     mcp_hub = McpHub(load_mcp_config(settings.mcp_config))
@@ -136,7 +145,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
     runner = AgentTurnRunner(
         model_client,
-        lambda scope: [*turn_tools(scope, registry, store, job_runner), *mcp_hub.agent_tools()],
+        lambda scope: tool_policy.tools_for(scope.requester, [
+            *turn_tools(scope, registry, store, job_runner, job_caps, job_access), *mcp_hub.agent_tools()]),
         context_messages=settings.context_messages,
         system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
     )
@@ -146,8 +156,14 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     )
     processor_ref.append(processor)
 
-    async def cancel_job(key: str, job_id: str) -> CancelResult:
-        """A user's cancel, taken by any instance: recorded in the store, carried out by the active worker."""
+    async def cancel_job(key: str, job_id: str, requester: Requester) -> CancelResult:
+        """A user's cancel, taken by any instance: recorded in the store, carried out by the active worker.
+        Only the job's starter or an admin may (else CancelRefusedError, and nothing changes)."""
+        try:
+            job_access.check_cancel(await store.get_job(key, job_id), requester)
+        except CancelRefusedError:
+            metrics.CANCELS_REFUSED.inc()
+            raise
         result = await job_runner.request_cancel(key, job_id)
         if result.already_finished:
             return result
@@ -376,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or settings.port
     try:
         app = create_app(settings)
-    except (McpConfigError, ConfigError) as exc:
+    except (McpConfigError, ConfigError, ToolPolicyError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     web.run_app(app, host=settings.listen_host, port=port, print=None)

@@ -186,6 +186,11 @@ def _csv(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(part.strip().lower() for part in env.get(name, "").split(",") if part.strip())
 
 
+def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated names or globs, as written (tool names are case-sensitive)."""
+    return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+
+
 #: Bot Framework endpoint overrides, under the names botbuilder reads (sovereign/private clouds, tests).
 #: Blank: the public Azure values. See bot/auth.py ``endpoint_settings``.
 BOT_FRAMEWORK_ENDPOINT_SETTINGS = (
@@ -261,6 +266,18 @@ class Settings:
     #: OPS_PORT: when set (not 0), /readyz and /metrics are served on this port only, at OPS_HOST.
     ops_port: int = 0
     ops_host: str = "127.0.0.1"
+    # --- tool policy, job ownership and job caps (agent/tool_policy.py, jobs/access.py, jobs/caps.py) ---
+    #: ENABLED_TOOLS: tool names or globs the agent may use (default every tool).
+    enabled_tools: tuple[str, ...] = ("*",)
+    #: DISABLED_TOOLS: tool names or globs no one may use, whatever ENABLED_TOOLS says.
+    disabled_tools: tuple[str, ...] = ()
+    #: TOOL_POLICY_FILE: JSON restricting tools to tenants / AAD object ids; read at start-up.
+    tool_policy_file: str = ""
+    #: ADMINS: lower-case AAD object ids that may cancel anyone's job.
+    admins: frozenset[str] = frozenset()
+    #: MAX_ACTIVE_JOBS_PER_CONVERSATION / _PER_USER: queued or running jobs allowed (0 = no cap).
+    max_active_jobs_per_conversation: int = 10
+    max_active_jobs_per_user: int = 5
 
     @property
     def local_mode(self) -> bool:
@@ -385,4 +402,11 @@ class Settings:
             ops_token=_ops_token(e),
             ops_port=_ops_port(e),
             ops_host=e.get("OPS_HOST", "").strip() or "127.0.0.1",
+            # tool policy, job ownership and job caps
+            enabled_tools=_names(e, "ENABLED_TOOLS") or ("*",),
+            disabled_tools=_names(e, "DISABLED_TOOLS"),
+            tool_policy_file=e.get("TOOL_POLICY_FILE", "").strip(),
+            admins=_csv(e, "ADMINS"),
+            max_active_jobs_per_conversation=_non_negative(e, "MAX_ACTIVE_JOBS_PER_CONVERSATION", 10),
+            max_active_jobs_per_user=_non_negative(e, "MAX_ACTIVE_JOBS_PER_USER", 5),
         )

@@ -82,6 +82,15 @@ JOB_SECONDS = Histogram(f"{PREFIX}job_duration_seconds", "From a job's first sta
                         "restarts included), by tool and status", ["tool", "status"],
                         buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400), registry=REGISTRY)
 
+# --- tool policy, job ownership and job caps (agent/tool_policy.py, jobs/access.py, jobs/caps.py) ---
+TOOL_CALLS_REFUSED = Counter(f"{PREFIX}tool_calls_refused", "Tool calls refused before anything ran, by reason: "
+                             "disabled (ENABLED_TOOLS / DISABLED_TOOLS), not_allowed (TOOL_POLICY_FILE), run_phrase "
+                             "(the offline model's run phrase outside local mode), no_requester (a job-result turn "
+                             "tried to start a job), conversation_cap / user_cap (MAX_ACTIVE_JOBS_PER_*)",
+                             ["reason"], registry=REGISTRY)
+CANCELS_REFUSED = Counter(f"{PREFIX}job_cancels_refused", "Job cancels refused because the requester neither "
+                          "started the job nor is in ADMINS", registry=REGISTRY)
+
 UNFINISHED_STATES = ("queued", "running")
 
 _backlog: dict[str, int] = {}

@@ -107,14 +107,16 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
-def create_model_client(settings: Settings, *, azure_credential: Any = None) -> ChatCompletionClient:
+def create_model_client(settings: Settings, *, azure_credential: Any = None,
+                        offline_run_phrase: bool = False) -> ChatCompletionClient:
     """The client for the configured provider. ``azure_credential`` (an ``azure.core`` async token
-    credential) replaces ``DefaultAzureCredential`` for Entra ID auth (tests, custom identities)."""
+    credential) replaces ``DefaultAzureCredential`` for Entra ID auth (tests, custom identities);
+    ``offline_run_phrase`` lets the offline model's ``run <tool> {json}`` call tools (local mode)."""
     if settings.azure_openai_endpoint:
         return _azure_client(settings, azure_credential)
     if settings.openai_api_key or settings.openai_base_url:
         return _openai_client(settings)
-    return OfflineChatCompletionClient()
+    return OfflineChatCompletionClient(run_phrase=offline_run_phrase)
 
 
 def _azure_client(settings: Settings, credential: Any) -> AzureOpenAIChatCompletionClient:

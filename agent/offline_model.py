@@ -12,8 +12,12 @@ pipeline (tools, jobs, durable state, proactive messages) runs with no network. 
 ``my name is <name>`` / ``what is my name``  remembers from the conversation's context
 ``think for <n> seconds``                 answers after n seconds (a slow model, for trying crashes)
 ``time in <zone>``                        ``get_current_time(timezone)`` (the MCP time server)
-``run <tool> [json arguments]``           any tool, e.g. an MCP server's
+``run <tool> [json arguments]``           any tool, e.g. an MCP server's (local mode only)
 ========================================  ============================================
+
+``run`` calls a tool by name with arguments the user typed: a testing aid, so the app enables it
+(``run_phrase=True``) only in local mode; elsewhere the phrase is refused and calls nothing.
+Every call still passes the tool policy (agent/tool_policy.py).
 
 Anything else gets a plain answer that this is the offline model and how to set a real one.
 """
@@ -44,6 +48,7 @@ from autogen_core.models import (
 from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel
 
+import metrics
 from agent.events import JOB_RESULT_SOURCE, parse_job_result
 
 CONFIGURE_HINT = (
@@ -60,7 +65,7 @@ HELP_TEXT = (
     "- `my name is Ada` / `what is my name?`: I remember this conversation, even across restarts\n"
     "- `think for 5 seconds`: a slow answer (to try stopping me mid-turn)\n"
     "- `time in Europe/Paris`: asks the MCP time server, if one is configured in `mcp.json`\n"
-    "- `run <tool> {json arguments}`: calls any tool I have, e.g. one from an MCP server\n"
+    "- `run <tool> {json arguments}`: calls any tool I have, e.g. one from an MCP server (local mode only)\n"
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
 )
 
@@ -126,8 +131,10 @@ def describe_tool_result(name: str, content: str, is_error: bool) -> str:
 class OfflineChatCompletionClient(ChatCompletionClient):
     """Deterministic stand-in for an LLM; see the module docstring for the phrases."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, run_phrase: bool = False) -> None:
         self._usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
+        #: Whether ``run <tool> {json}`` calls the tool (local mode) or is refused.
+        self._run_phrase = run_phrase
 
     async def create(
         self,
@@ -166,7 +173,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
     def _answer_user(self, text: str, history: list[LLMMessage], tools: set[str]) -> str | list[FunctionCall]:
         def call(name: str, **arguments: Any) -> str | list[FunctionCall]:
             if name not in tools:
-                return f"The `{name}` tool is not available right now."
+                return f"The `{name}` tool is not available to you right now."
             return [FunctionCall(id=f"call_{uuid.uuid4().hex[:12]}", name=name, arguments=json.dumps(arguments))]
 
         if _HELP.match(text):
@@ -179,6 +186,10 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         if m := _TIME_IN.match(text):
             return call("get_current_time", timezone=m.group("zone"))
         if m := _RUN.match(text):
+            if not self._run_phrase:
+                metrics.TOOL_CALLS_REFUSED.labels("run_phrase").inc()
+                return (f"You are not allowed to use `run {m.group('tool')}` here: calling tools by name works only "
+                        "in local mode. Nothing was started; ask in plain words instead.")
             try:
                 arguments = json.loads(m.group("args") or "{}")
             except ValueError:

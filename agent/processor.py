@@ -224,7 +224,7 @@ class ConversationProcessor:
                                                               attributes={"conversation.key": record.key,
                                                                           "event.kind": event.kind,
                                                                           "event.id": event.id}):
-                        outcome = await self._runner.run(record.key, state, [item])
+                        outcome = await self._runner.run(record.key, state, [item], earlier_jobs=new_jobs)
                 except AgentError as exc:  # the state stays as it was; the user is told why, briefly
                     metrics.turn_done("failed", time.perf_counter() - started)
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,

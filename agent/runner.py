@@ -19,7 +19,7 @@ from autogen_core.models import ChatCompletionClient
 from autogen_core.tools import BaseTool
 
 from agent.context import BoundedChatCompletionContext
-from agent.events import Requester
+from agent.events import JOB_RESULT_SOURCE, Requester
 from agent.models import UNKNOWN as UNKNOWN_PROVIDER
 from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tools import TurnScope
@@ -47,7 +47,10 @@ the job failed, say so honestly and offer to try again; do not retry on your own
 
 Use get_job_status, list_jobs and cancel_job when the user asks about jobs; never guess a job's state. If \
 a tool answers with an error (for example invalid arguments), fix the arguments if you can, otherwise \
-explain the problem to the user and ask for what is missing. Do not invent tools, job ids or results.\
+explain the problem to the user and ask for what is missing. Do not invent tools, job ids or results.
+
+If a tool answers that the user is not allowed to use it, may not cancel a job, or has reached a job limit, \
+tell the user that plainly in your own words, with the reason it gave; do not try again or work around it.\
 """
 
 
@@ -264,9 +267,14 @@ class AgentTurnRunner:
         )
         return RoundRobinGroupChat([agent], max_turns=1)
 
-    async def run(self, conversation_key: str, state: JSON | None, inputs: Sequence[AgentInput]) -> TurnOutcome:
-        """Run the inputs one after the other (each gets its own reply) and return the new state."""
-        scope = TurnScope(conversation_key, requester=next((i.requester for i in inputs if i.requester), None))
+    async def run(self, conversation_key: str, state: JSON | None, inputs: Sequence[AgentInput], *,
+                  earlier_jobs: Sequence[JobRecord] = ()) -> TurnOutcome:
+        """Run the inputs one after the other (each gets its own reply) and return the new state.
+        ``earlier_jobs``: jobs recorded by earlier turns of the same commit (counted by the job caps)."""
+        requester = next((i.requester for i in inputs if i.requester), None)
+        if requester is None and any(i.source != JOB_RESULT_SOURCE for i in inputs):
+            requester = Requester()  # someone asked, unknown who; only a job-result turn has nobody (None)
+        scope = TurnScope(conversation_key, requester=requester, earlier_jobs=earlier_jobs)
         model = ModelCallRecorder(self._model_client)  # keeps the model's own exception for AgentError
         team = self._team(scope, model)
         replies: list[str] = []

@@ -18,7 +18,10 @@ from autogen_core import CancellationToken
 from autogen_core.tools import BaseTool, FunctionTool
 from pydantic import BaseModel, ValidationError
 
+import metrics
 from agent.events import Requester
+from jobs.access import JobAccess, public_view, shows_arguments, started_by_label
+from jobs.caps import JobCaps
 from jobs.registry import JobRegistry, LongRunningTool
 from jobs.runner import JobRunner
 from storage.abc import ConversationStore, JobNotFoundError, JobRecord
@@ -29,9 +32,11 @@ class TurnScope:
     """What one turn's tool calls produced, to be committed with the turn."""
 
     conversation_key: str
-    #: Who sent the message this turn answers (None: a job result, or unknown).
+    #: Who sent the message this turn answers (None: a job result, which nobody sent).
     requester: Requester | None = None
     new_jobs: list[JobRecord] = field(default_factory=list)
+    #: Jobs recorded earlier in the same commit (other events of the batch): not in the store yet.
+    earlier_jobs: Sequence[JobRecord] = ()
 
 
 LIST_JOBS_LIMIT = 10
@@ -51,25 +56,47 @@ def validation_message(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-class ScheduleJobTool(BaseTool[BaseModel, Any]):
-    """Presents a long-running tool to the model; a call records a job and returns its id."""
+NO_REQUESTER = ("A background job's result cannot start another job on its own. Nothing was started: tell the "
+                "user the outcome and let them ask again.")
 
-    def __init__(self, spec: LongRunningTool, scope: TurnScope) -> None:
+
+def refused(reason: str, message: str) -> str:
+    metrics.TOOL_CALLS_REFUSED.labels(reason).inc()
+    return json.dumps({"error": "not_started", "reason": reason, "message": message})
+
+
+class ScheduleJobTool(BaseTool[BaseModel, Any]):
+    """Presents a long-running tool to the model; a call records a job and returns its id.
+
+    A job is recorded only on behalf of the person who asked (a job-result turn, with no
+    requester, starts none) and only within the active-job caps (``jobs/caps.py``)."""
+
+    def __init__(self, spec: LongRunningTool, scope: TurnScope, store: ConversationStore | None = None,
+                 caps: JobCaps | None = None) -> None:
         super().__init__(spec.args_model, str, spec.name, spec.description)
         self._spec = spec
         self._scope = scope
+        self._store = store
+        self._caps = caps
 
     async def run_json(self, args: Any, cancellation_token: CancellationToken, call_id: str | None = None) -> Any:
         try:
             validated = self._spec.args_model.model_validate(args)
         except ValidationError as exc:
             raise ValueError(validation_message(exc)) from None
-        return self._record(validated, call_id)
+        return await self._record(validated, call_id)
 
     async def run(self, args: BaseModel, cancellation_token: CancellationToken) -> str:
-        return self._record(args, None)
+        return await self._record(args, None)
 
-    def _record(self, args: BaseModel, call_id: str | None) -> str:
+    async def _record(self, args: BaseModel, call_id: str | None) -> str:
+        requester = self._scope.requester
+        if requester is None:
+            return refused("no_requester", NO_REQUESTER)
+        if self._caps is not None and self._store is not None:
+            earlier = [*self._scope.earlier_jobs, *self._scope.new_jobs]
+            if (cap := await self._caps.refusal(self._store, self._scope.conversation_key, requester, earlier)):
+                return refused(*cap)
         job = JobRecord(
             call_id=call_id,
             id=new_job_id(),
@@ -77,6 +104,7 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
             tool=self._spec.name,
             arguments=args.model_dump(exclude_unset=True),
             max_attempts=self._spec.retry.max_attempts,
+            started_by=requester.to_json(),
         )
         self._scope.new_jobs.append(job)
         message = (
@@ -87,10 +115,15 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
         return json.dumps({"job_id": job.id, "status": "queued", "message": message})
 
 
-def describe_job(job: JobRecord) -> str:
-    """One line a person can read: what, state, progress, attempts, outcome."""
-    args = ", ".join(str(v) for v in job.arguments.values())
-    head = f"Job `{job.id}` ({job.tool} {args}): **{job.status}**"
+def describe_job(job: JobRecord, *, full: bool = True) -> str:
+    """One line a person can read: what, state, progress, attempts, outcome; who started it when
+    that is recorded. ``full=False`` (someone else's job in a shared conversation): no arguments,
+    no outcome text."""
+    args = ", ".join(str(v) for v in job.arguments.values()) if full else ""
+    by = f", started by {who}" if (who := started_by_label(job)) else ""
+    head = f"Job `{job.id}` ({job.tool}{' ' + args if args else ''}{by}): **{job.status}**"
+    if not full:
+        return head
     details: list[str] = []
     if job.status == "running" and job.progress is not None:
         details.append(f"{job.progress:.0%}" + (f", {job.progress_text}" if job.progress_text else ""))
@@ -110,8 +143,11 @@ def not_found(job_id: str) -> str:
     return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
 
 
-def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> list[BaseTool[Any, Any]]:
+def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner,
+              access: JobAccess | None = None) -> list[BaseTool[Any, Any]]:
     key = scope.conversation_key
+    access = access or JobAccess()
+    viewer = scope.requester
 
     async def get_job_status(job_id: str = "") -> str:
         """Status of a background job in this conversation; an empty job_id means the latest job."""
@@ -125,6 +161,8 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
             if not jobs:
                 return json.dumps({"message": "There are no background jobs in this conversation yet."})
             job = jobs[-1]
+        if not shows_arguments(job, viewer):  # someone else's job in a group chat or channel
+            return json.dumps({"job": public_view(job), "message": describe_job(job, full=False)}, default=str)
         return json.dumps({"job": job.to_json(), "message": describe_job(job)}, default=str)
 
     async def list_jobs() -> str:
@@ -134,13 +172,16 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
             return json.dumps({"jobs": [], "message": "There are no background jobs in this conversation yet."})
         # The result is stored in the agent's state: keep it small however many jobs there are.
         shown = jobs[-LIST_JOBS_LIMIT:]
-        lines = "\n".join(f"- {describe_job(j)}" for j in shown)
+        lines = "\n".join(f"- {describe_job(j, full=shows_arguments(j, viewer))}" for j in shown)
         more = f"\n({len(jobs) - len(shown)} older jobs not shown)" if len(jobs) > len(shown) else ""
         return json.dumps({"jobs": [j.id for j in shown], "message": f"Jobs in this conversation:\n{lines}{more}"})
 
     async def cancel_job(job_id: str) -> str:
         """Cancel a background job of this conversation by its id."""
         try:
+            if (refusal := access.cancel_refusal(await store.get_job(key, job_id), viewer)) is not None:
+                metrics.CANCELS_REFUSED.inc()
+                return json.dumps({"error": "not_allowed", "message": refusal})
             outcome = await runner.cancel(key, job_id)
         except JobNotFoundError:
             return not_found(job_id)
@@ -154,6 +195,8 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner) -> 
     ]
 
 
-def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore,
-               runner: JobRunner) -> Sequence[BaseTool[Any, Any]]:
-    return [ScheduleJobTool(spec, scope) for spec in registry] + job_tools(scope, store, runner)
+def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner,
+               caps: JobCaps | None = None, access: JobAccess | None = None) -> Sequence[BaseTool[Any, Any]]:
+    """The turn's job tools and job helper tools; ``caps`` None: no caps (the app passes its settings')."""
+    return ([ScheduleJobTool(spec, scope, store, caps) for spec in registry]
+            + job_tools(scope, store, runner, access))

@@ -11,6 +11,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.events import Requester
+from jobs.access import shows_arguments, started_by_label
 from storage.abc import JSON, JobRecord
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
@@ -65,13 +67,16 @@ def progress_bar(fraction: float | None, width: int = 10) -> str:
     return "█" * filled + "░" * (width - filled) + f" {fraction:.0%}"
 
 
-def job_card(job: JobRecord, now: float | None = None) -> JSON:
-    """The live card for one job: what, state, progress, times, and Cancel while it can be."""
+def job_card(job: JobRecord, now: float | None = None, *, notice: str | None = None) -> JSON:
+    """The live card for one job: what, who started it, state, progress, times, and Cancel while
+    it can be; ``notice`` (why a cancel was refused) is shown below."""
     now = now or time.time()
     icon, label, color = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
     if job.cancel_requested and not job.finished:
         icon, label, color = "⛔", "Cancelling…", "warning"
     facts = [{"title": "Job", "value": job.id}]
+    if who := started_by_label(job):
+        facts.append({"title": "Started by", "value": who})
     facts += [{"title": name.replace("_", " ").capitalize(), "value": str(value)}
               for name, value in job.arguments.items()]
     facts.append({"title": "Status", "value": f"{icon} {label}"})
@@ -97,6 +102,8 @@ def job_card(job: JobRecord, now: float | None = None) -> JSON:
         body.append({"type": "TextBlock", "text": job.error, "wrap": True, "color": "attention", "size": "Small"})
     if job.status == "succeeded" and isinstance(job.result, dict) and job.result.get("message"):
         body.append({"type": "TextBlock", "text": str(job.result["message"]), "wrap": True})
+    if notice:
+        body.append({"type": "TextBlock", "text": notice, "wrap": True, "color": "attention", "weight": "Bolder"})
     actions = None if job.finished or job.cancel_requested else [cancel_action(job)]
     return _card(body, actions)
 
@@ -117,20 +124,23 @@ def job_card_activity(job: JobRecord) -> JSON:
     return card_activity(job_card(job), summary=f"{tool_title(job.tool)}: {job.status}")
 
 
-def jobs_list_card(jobs: list[JobRecord], now: float | None = None) -> JSON:
+def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: Requester | None = None) -> JSON:
+    """The jobs of a conversation, newest 20. In a group chat or channel, ``viewer`` sees the
+    arguments of their own jobs only; every job shows who started it."""
     if not jobs:
         return _card([{"type": "TextBlock", "text": "No background jobs in this conversation yet.", "wrap": True}])
     rows: list[JSON] = [{"type": "TextBlock", "text": f"Background jobs ({len(jobs)})", "weight": "Bolder",
                          "size": "Medium"}]
     for job in jobs[-20:]:
         icon, label, _ = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
-        detail = ", ".join(str(v) for v in job.arguments.values())
+        detail = ", ".join(str(v) for v in job.arguments.values()) if shows_arguments(job, viewer) else ""
         progress = f" · {progress_bar(job.progress)}" if job.status == "running" else ""
+        by = f" · started by {who}" if (who := started_by_label(job)) else ""
         rows.append({"type": "ColumnSet", "separator": True, "columns": [
             {"type": "Column", "width": "auto", "items": [{"type": "TextBlock", "text": icon}]},
             {"type": "Column", "width": "stretch", "items": [
                 {"type": "TextBlock", "text": f"**{tool_title(job.tool)}** {detail}", "wrap": True},
-                {"type": "TextBlock", "text": f"`{job.id}` · {label}{progress}", "isSubtle": True,
+                {"type": "TextBlock", "text": f"`{job.id}` · {label}{progress}{by}", "isSubtle": True,
                  "spacing": "None", "size": "Small", "wrap": True},
             ]},
         ]})

@@ -25,6 +25,7 @@ from bot.dialog_storage import dialog_item_key
 from bot.keys import conversation_key
 from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
+from jobs.access import CancelRefusedError
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,11 @@ class TeamsBot(TeamsActivityHandler):
             log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
             return
         if (job_id := parse_cancel(activity.value)) is not None:  # Action.Submit fallback of Cancel
-            await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id))
+            await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id, requester(activity)))
             await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"cancel": job_id}))
             return
         text = message_text(activity)
-        if await self._commands.handle(turn_context, text):
+        if await self._commands.handle(turn_context, text, requester(activity)):
             # Record handled commands too, so a redelivered one is not answered twice.
             await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"text": text}))
             self._wake(key)
@@ -136,7 +137,10 @@ class TeamsBot(TeamsActivityHandler):
                                               value={"code": "BadRequest", "message": "unknown card action"})
         key = conversation_key(turn_context.activity)
         try:
-            job = (await self._cancel_job(key, job_id)).job
+            job = (await self._cancel_job(key, job_id, requester(turn_context.activity))).job
+        except CancelRefusedError as refused:  # the card stays as it is, with the reason on top
+            return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE,
+                                              value=job_card(refused.job, notice=str(refused)))
         except JobNotFoundError:
             # A card, not a message: botbuilder 4.17 cannot serialise a plain-text invoke value.
             return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE,

@@ -22,8 +22,10 @@ from botbuilder.dialogs import (
 from botbuilder.dialogs.prompts import ConfirmPrompt, PromptOptions
 from botbuilder.schema import Activity
 
+from agent.events import Requester
 from bot.cards import jobs_list_card
 from bot.keys import conversation_key
+from jobs.access import CancelRefusedError
 from jobs.runner import CancelResult
 from storage.abc import JobNotFoundError, JobRecord
 
@@ -37,19 +39,22 @@ COMMANDS = {
 }
 
 OnReset = Callable[[TurnContext], Awaitable[None]]
-CancelJob = Callable[[str, str], Awaitable[CancelResult]]
+#: (conversation key, job id, who asks): raises JobNotFoundError, or CancelRefusedError if they may not.
+CancelJob = Callable[[str, str, Requester], Awaitable[CancelResult]]
 ListJobs = Callable[[str], Awaitable[list[JobRecord]]]
 #: turn_state flag: this turn confirmed a reset, so the dialog state is deleted, not saved.
 RESET_CONFIRMED = "reset_confirmed"
 _CANCEL = re.compile(r"^cancel\s+(?:job\s+)?`?(?P<id>[0-9a-f]{12})`?$")
 
 
-async def cancel_reply(cancel_job: CancelJob, key: str, job_id: str) -> Activity:
+async def cancel_reply(cancel_job: CancelJob, key: str, job_id: str, requester: Requester) -> Activity:
     """Cancel a job and say what happened, in words a person expects."""
     try:
-        outcome = await cancel_job(key, job_id)
+        outcome = await cancel_job(key, job_id, requester)
     except JobNotFoundError:
         return MessageFactory.text(f"There is no job `{job_id}` in this conversation. Say `jobs` to see them.")
+    except CancelRefusedError as refused:
+        return MessageFactory.text(str(refused))
     return MessageFactory.text(outcome.message())
 
 
@@ -97,7 +102,9 @@ class CommandDialogs:
         self._dialogs = DialogSet(conversation_state.create_property("DialogState"))
         self._dialogs.add(ResetDialog(on_reset))
 
-    async def handle(self, turn_context: TurnContext, text: str) -> bool:
+    async def handle(self, turn_context: TurnContext, text: str, requester: Requester | None = None) -> bool:
+        """``requester``: who sent the message (cancel rights; what the jobs list shows them)."""
+        requester = requester or Requester()
         dialog_context = await self._dialogs.create_context(turn_context)
         try:
             if dialog_context.active_dialog is not None:
@@ -114,11 +121,12 @@ class CommandDialogs:
                 jobs = await self._list_jobs(conversation_key(turn_context.activity))
                 await turn_context.send_activity(Activity(
                     type="message", summary=f"{len(jobs)} background job(s)",
-                    attachments=[CardFactory.adaptive_card(jobs_list_card(jobs))]))
+                    attachments=[CardFactory.adaptive_card(jobs_list_card(jobs, viewer=requester))]))
                 return True
             if match := _CANCEL.match(command):
                 key = conversation_key(turn_context.activity)
-                await turn_context.send_activity(await cancel_reply(self._cancel_job, key, match.group("id")))
+                reply = await cancel_reply(self._cancel_job, key, match.group("id"), requester)
+                await turn_context.send_activity(reply)
                 return True
             if text.strip().startswith("/"):
                 known = ", ".join(f"`{name}`" for name in COMMANDS)

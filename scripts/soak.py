@@ -197,7 +197,9 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
     convs = [new_conversation_id("soak") for _ in range(conversations)]
     stop_load, stop_all = threading.Event(), threading.Event()
     with RecordingConnector() as conn:
-        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": log_level}
+        # One synthetic user starts every job: the active-job caps (MAX_ACTIVE_JOBS_*) are not under test here.
+        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": log_level,
+               "MAX_ACTIVE_JOBS_PER_USER": "0", "MAX_ACTIVE_JOBS_PER_CONVERSATION": "0"}
         deployment: Deployment = (Cluster(data_dir, env, cluster_env) if cluster_env is not None
                                   else SingleBot(data_dir, env))
         endpoint = deployment.endpoint

@@ -97,6 +97,8 @@ class JobRecord:
     finished_at: float | None = None
     announced: bool = False
     card_activity_id: str | None = None
+    #: Who asked for it (``agent.events.Requester.to_json()``); None if not recorded (older jobs).
+    started_by: JSON | None = None
 
     FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 

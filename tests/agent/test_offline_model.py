@@ -69,4 +69,4 @@ async def test_tool_results_and_job_results_are_relayed() -> None:
 async def test_missing_tools_are_explained_not_called() -> None:
     client = OfflineChatCompletionClient()
     result = await client.create([UserMessage(content="list jobs", source="user")], tools=[])
-    assert result.content == "The `list_jobs` tool is not available right now."
+    assert result.content == "The `list_jobs` tool is not available to you right now."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from agent.events import Requester
 from agent.offline_model import OfflineChatCompletionClient
 from agent.runner import AgentInput, AgentTurnRunner
 from agent.tools import turn_tools
@@ -14,6 +15,7 @@ from jobs.runner import JobRunner
 from storage.memory import MemoryStore
 
 KEY = "emulator:c1"
+ADA = Requester(id="user-1", name="Ada", aad_object_id="aad-ada", tenant_id="tenant-1", conversation_type="personal")
 
 
 def make_runner(context_messages: int = 40, thread_messages: int = 20) -> AgentTurnRunner:
@@ -33,10 +35,10 @@ async def test_state_round_trips_through_a_fresh_team() -> None:
 
 
 async def test_a_long_running_tool_call_records_a_job_with_its_call_id() -> None:
-    outcome = await make_runner().run(KEY, None, [AgentInput("activate line 555-0100")])
+    outcome = await make_runner().run(KEY, None, [AgentInput("activate line 555-0100", requester=ADA)])
     [job] = outcome.new_jobs
-    assert (job.tool, job.arguments, job.status, job.conversation_key) == (
-        "activate_new_line", {"phone_number": "555-0100"}, "queued", KEY)
+    assert (job.tool, job.arguments, job.status, job.conversation_key, job.started_by) == (
+        "activate_new_line", {"phone_number": "555-0100"}, "queued", KEY, ADA.to_json())
     messages = outcome.state["agent_states"]["assistant"]["agent_state"]["llm_context"]["messages"]
     [call] = [c for m in messages if m["type"] == "AssistantMessage" and isinstance(m["content"], list)
               for c in m["content"]]

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import StoreProbe
+from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
+from tests.support.activities import message
 from tests.support.botproc import BotProcess, free_port, http_request
 from tests.support.connector import RecordingConnector
 
@@ -121,3 +122,31 @@ def test_an_mcp_server_crashing_mid_call_gets_a_clear_answer_and_restarts(bot: B
     assert conn.wait_for_texts(4, conv, timeout=15)[3] == "Your name is Ada."
     assert any(m.get("source") == "user" and m.get("content") == "run crash"
                for m in stored.agent_messages(f"emulator:{conv}"))
+
+
+def test_the_tool_policy_covers_mcp_tools(launch: Launch, bot_env: dict[str, str], conn: RecordingConnector,
+                                          conv: str, stored: StoreProbe, tmp_path: Path) -> None:
+    """Disabled MCP tools (plain and long-running) and one restricted to a user: refused, nothing runs."""
+    policy = tmp_path / "tool-policy.json"
+    policy.write_text(json.dumps({"tools": {"get_current_*": {"users": ["aad-ada"]}}}))
+    bot = launch({**bot_env, "DISABLED_TOOLS": "echo, trigger-*", "TOOL_POLICY_FILE": str(policy)})
+
+    def say_as(text: str, aad_object_id: str) -> None:
+        activity = message(text, conversation_id=conv, service_url=conn.url)
+        activity["from"]["aadObjectId"] = aad_object_id
+        assert bot.post_activity(activity)[0] == 201
+
+    for n, (text, who) in enumerate([('run echo {"message": "hi"}', "aad-bob"),
+                                     ('run trigger-long-running-operation {"duration": 1, "steps": 1}', "aad-ada"),
+                                     ("time in Europe/Paris", "aad-bob"),
+                                     ("run ping", "aad-bob"),
+                                     ("time in Europe/Paris", "aad-ada")], start=1):
+        say_as(text, who)
+        conn.wait_for_texts(n, conv, timeout=15)
+    refused_echo, refused_job, refused_time, pong, time_for_ada = conn.texts(conv)
+    assert refused_echo == "The `echo` tool is not available to you right now."
+    assert refused_job == "The `trigger-long-running-operation` tool is not available to you right now."
+    assert refused_time == "The `get_current_time` tool is not available to you right now."
+    assert pong == "pong"  # tools the policy does not name still work
+    assert time_for_ada.startswith("It is ") and time_for_ada.endswith(" in Europe/Paris."), time_for_ada
+    assert stored.jobs(f"emulator:{conv}") == []

@@ -33,6 +33,8 @@ def _event(event_id: str, kind: str = "message", **payload: Any) -> InboxEvent:
 
 
 def _job(key: str, job_id: str, **fields: Any) -> JobRecord:
+    fields.setdefault("started_by", {"id": "29:user", "name": "Ada", "aadObjectId": "aad-ada", "tenantId": "t-1",
+                                     "conversationType": "groupChat"})  # who started it persists, on every path
     return JobRecord(id=job_id, conversation_key=key, tool="activate_line", arguments={"line": job_id}, **fields)
 
 
@@ -316,6 +318,8 @@ async def test_job_record_round_trips_all_fields(store: ConversationStore, key: 
         finished_at=1_700_000_099.0625,
         announced=True,
         card_activity_id="1:card-activity",
+        started_by={"id": "29:user", "name": "Ada Lovelace", "aadObjectId": "aad-ada", "tenantId": "tenant-1",
+                    "conversationType": "groupChat"},
     )
     await store.put_job(job)
     assert await store.get_job(key, "j-1") == job
