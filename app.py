@@ -30,6 +30,7 @@ from botbuilder.core import ConversationState
 import logs
 import metrics
 import tracing
+from agent.budget import TokenBudget
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
@@ -42,6 +43,7 @@ from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot
 from bot.job_cards import JobCardUpdater
+from bot.rate_limits import IngestLimits
 from bot.sender import ProactiveSender
 from cluster import Coordinator, LocalCoordinator
 from config import ConfigError, Settings
@@ -99,6 +101,19 @@ def build_coordinator(settings: Settings) -> Coordinator:
     return LocalCoordinator()
 
 
+def build_ingest_limits(settings: Settings, store: ConversationStore) -> IngestLimits:
+    return IngestLimits(store, user_burst=settings.rate_limit_user_burst,
+                        user_per_minute=settings.rate_limit_user_per_minute,
+                        conversation_burst=settings.rate_limit_conversation_burst,
+                        conversation_per_minute=settings.rate_limit_conversation_per_minute,
+                        max_pending_events=settings.max_pending_events)
+
+
+def build_budget(settings: Settings, store: ConversationStore) -> TokenBudget:
+    return TokenBudget(store, per_tenant=settings.daily_token_budget_per_tenant,
+                       per_conversation=settings.daily_token_budget_per_conversation)
+
+
 def help_text(settings: Settings, offline: bool) -> str:
     if offline:
         return HELP_TEXT
@@ -135,6 +150,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         lambda scope: [*turn_tools(scope, registry, store, job_runner), *mcp_hub.agent_tools()],
         context_messages=settings.context_messages,
         system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
+        budget=None if offline else build_budget(settings, store),  # the offline model costs nothing
     )
     processor = ConversationProcessor(
         store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,
@@ -155,7 +171,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
                               list_jobs=store.list_jobs, cancel_job=cancel_job)
-    bot = TeamsBot(store, coordinator.wake, commands, cancel_job, tenants=TenantPolicy(settings.allowed_tenants))
+    bot = TeamsBot(store, coordinator.wake, commands, cancel_job, tenants=TenantPolicy(settings.allowed_tenants),
+                   limits=build_ingest_limits(settings, store))
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)

@@ -73,6 +73,15 @@ JOB_SECONDS = Histogram(f"{PREFIX}job_duration_seconds", "From a job's first sta
                         "restarts included), by tool and status", ["tool", "status"],
                         buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400), registry=REGISTRY)
 
+# --- abuse limits (bot/rate_limits.py, agent/budget.py) ---
+RATE_LIMITED = Counter(f"{PREFIX}rate_limited", "Messages refused at ingest (not stored, not seen by the model), by "
+                       "scope: user (the sender's rate), conversation (the conversation's rate), inbox "
+                       "(MAX_PENDING_EVENTS unprocessed events waiting)", ["scope"], registry=REGISTRY)
+MODEL_TOKENS = Counter(f"{PREFIX}model_tokens", "Tokens the model service reported using, by kind: prompt, "
+                       "completion", ["kind"], registry=REGISTRY)
+BUDGET_EXHAUSTED = Counter(f"{PREFIX}budget_exhausted", "Turns answered without the model because a daily token "
+                           "budget was spent, by scope: tenant, conversation", ["scope"], registry=REGISTRY)
+
 UNFINISHED_STATES = ("queued", "running")
 
 _backlog: dict[str, int] = {}

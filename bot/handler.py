@@ -21,6 +21,7 @@ from agent.events import Requester
 from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.keys import conversation_key
+from bot.rate_limits import IngestLimits
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
 
@@ -67,8 +68,10 @@ class TeamsBot(TeamsActivityHandler):
         cancel_job: CancelJob,
         *,
         tenants: TenantPolicy | None = None,
+        limits: IngestLimits | None = None,
     ) -> None:
         self._tenants = tenants or TenantPolicy()
+        self._limits = limits  # None: no rate limits, no inbox cap (unit tests)
         self._store = store
         self._wake = wake
         self._commands = commands
@@ -94,6 +97,11 @@ class TeamsBot(TeamsActivityHandler):
     async def on_message_activity(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
         key = conversation_key(activity)
+        # RATE_LIMIT_*, MAX_PENDING_EVENTS: a refused message is not stored; the sender is told once.
+        if self._limits is not None and (refused := await self._limits.refuse(key, requester(activity))):
+            if refused.notice:
+                await turn_context.send_activity(refused.notice)
+            return
         event_id = activity.id or f"noid-{uuid.uuid4().hex}"
         if await self._store.has_event(key, event_id):
             log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
