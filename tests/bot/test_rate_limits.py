@@ -8,6 +8,7 @@ import metrics
 from agent.events import Requester
 from bot import rate_limits
 from bot.rate_limits import IngestLimits, Refusal
+from config import ConfigError, Settings
 from storage.abc import InboxEvent
 from storage.memory import MemoryStore
 
@@ -134,3 +135,14 @@ async def test_refilled_buckets_are_forgotten_so_memory_stays_bounded(monkeypatc
     for n in range(300):
         await limit.refuse(f"more-{n}", Requester(id=f"other-{n}"))
     assert (await limit.refuse(KEY, ADA)) is not None
+
+
+def test_the_settings_have_documented_defaults_and_refuse_negative_numbers() -> None:
+    settings = Settings.from_env({}, dotenv=None)
+    assert (settings.rate_limit_user_burst, settings.rate_limit_user_per_minute) == (10, 20)
+    assert (settings.rate_limit_conversation_burst, settings.rate_limit_conversation_per_minute) == (30, 60)
+    assert settings.max_pending_events == 50
+    assert (settings.daily_token_budget_per_tenant, settings.daily_token_budget_per_conversation) == (0, 200_000)
+    assert Settings.from_env({"RATE_LIMIT_USER_BURST": "0"}, dotenv=None).rate_limit_user_burst == 0
+    with pytest.raises(ConfigError, match="MAX_PENDING_EVENTS"):
+        Settings.from_env({"MAX_PENDING_EVENTS": "-1"}, dotenv=None)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from storage.abc import ConversationStore
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_models import telecom_model
@@ -62,10 +63,14 @@ def notices(conn: RecordingConnector, conv: str, phrase: str) -> list[str]:
 
 def settle(stored: StoreProbe, key: str) -> None:
     """Wait until the agent has folded every accepted message (nothing pending) and its replies went out."""
+
+    async def busy(store: ConversationStore) -> bool:
+        return bool(await store.count_pending_events(key) or (await store.load(key)).outbox)
+
     deadline = time.monotonic() + 60
-    while stored.run(lambda s: s.count_pending_events(key)) and time.monotonic() < deadline:
+    while stored.run(busy) and time.monotonic() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(0.5)
 
 
 def stored_messages(data_dir: Path, key: str) -> int:
