@@ -31,6 +31,7 @@ import logs
 import metrics
 import ops
 import tracing
+from agent.budget import TokenBudget
 from agent.events import Requester
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
@@ -45,6 +46,7 @@ from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot
 from bot.job_cards import JobCardUpdater
+from bot.rate_limits import IngestLimits
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
 from cluster import Coordinator, LocalCoordinator
@@ -105,6 +107,19 @@ def build_coordinator(settings: Settings) -> Coordinator:
     return LocalCoordinator()
 
 
+def build_ingest_limits(settings: Settings, store: ConversationStore) -> IngestLimits:
+    return IngestLimits(store, user_burst=settings.rate_limit_user_burst,
+                        user_per_minute=settings.rate_limit_user_per_minute,
+                        conversation_burst=settings.rate_limit_conversation_burst,
+                        conversation_per_minute=settings.rate_limit_conversation_per_minute,
+                        max_pending_events=settings.max_pending_events)
+
+
+def build_budget(settings: Settings, store: ConversationStore) -> TokenBudget:
+    return TokenBudget(store, per_tenant=settings.daily_token_budget_per_tenant,
+                       per_conversation=settings.daily_token_budget_per_conversation)
+
+
 def help_text(settings: Settings, offline: bool) -> str:
     if offline:
         return HELP_TEXT
@@ -149,6 +164,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
             *turn_tools(scope, registry, store, job_runner, job_caps, job_access), *mcp_hub.agent_tools()]),
         context_messages=settings.context_messages,
         system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
+        budget=None if offline else build_budget(settings, store),  # the offline model costs nothing
     )
     processor = ConversationProcessor(
         store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,
@@ -176,7 +192,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
                               list_jobs=store.list_jobs, cancel_job=cancel_job)
     bot = TeamsBot(store, coordinator.wake, commands, cancel_job, service_urls=service_urls,
-                   tenants=TenantPolicy(settings.allowed_tenants))
+                   tenants=TenantPolicy(settings.allowed_tenants), limits=build_ingest_limits(settings, store))
     bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)

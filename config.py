@@ -278,6 +278,18 @@ class Settings:
     #: MAX_ACTIVE_JOBS_PER_CONVERSATION / _PER_USER: queued or running jobs allowed (0 = no cap).
     max_active_jobs_per_conversation: int = 10
     max_active_jobs_per_user: int = 5
+    # --- abuse limits (bot/rate_limits.py, agent/budget.py); 0 turns a limit off ---
+    #: RATE_LIMIT_USER_BURST / _PER_MINUTE: messages one sender may send at once / sustained (all conversations).
+    rate_limit_user_burst: int = 10
+    rate_limit_user_per_minute: int = 20
+    #: RATE_LIMIT_CONVERSATION_BURST / _PER_MINUTE: the same for one conversation, all senders together.
+    rate_limit_conversation_burst: int = 30
+    rate_limit_conversation_per_minute: int = 60
+    #: MAX_PENDING_EVENTS: unprocessed inbox events a conversation may hold before messages are refused.
+    max_pending_events: int = 50
+    #: DAILY_TOKEN_BUDGET_PER_TENANT / _PER_CONVERSATION: model tokens (prompt + completion) per UTC day.
+    daily_token_budget_per_tenant: int = 0
+    daily_token_budget_per_conversation: int = 200_000
 
     @property
     def local_mode(self) -> bool:
@@ -409,4 +421,12 @@ class Settings:
             admins=_csv(e, "ADMINS"),
             max_active_jobs_per_conversation=_non_negative(e, "MAX_ACTIVE_JOBS_PER_CONVERSATION", 10),
             max_active_jobs_per_user=_non_negative(e, "MAX_ACTIVE_JOBS_PER_USER", 5),
+            # abuse limits
+            rate_limit_user_burst=_non_negative(e, "RATE_LIMIT_USER_BURST", 10),
+            rate_limit_user_per_minute=_non_negative(e, "RATE_LIMIT_USER_PER_MINUTE", 20),
+            rate_limit_conversation_burst=_non_negative(e, "RATE_LIMIT_CONVERSATION_BURST", 30),
+            rate_limit_conversation_per_minute=_non_negative(e, "RATE_LIMIT_CONVERSATION_PER_MINUTE", 60),
+            max_pending_events=_non_negative(e, "MAX_PENDING_EVENTS", 50),
+            daily_token_budget_per_tenant=_non_negative(e, "DAILY_TOKEN_BUDGET_PER_TENANT", 0),
+            daily_token_budget_per_conversation=_non_negative(e, "DAILY_TOKEN_BUDGET_PER_CONVERSATION", 200_000),
         )

@@ -90,6 +90,14 @@ TOOL_CALLS_REFUSED = Counter(f"{PREFIX}tool_calls_refused", "Tool calls refused 
                              ["reason"], registry=REGISTRY)
 CANCELS_REFUSED = Counter(f"{PREFIX}job_cancels_refused", "Job cancels refused because the requester neither "
                           "started the job nor is in ADMINS", registry=REGISTRY)
+# --- abuse limits (bot/rate_limits.py, agent/budget.py) ---
+RATE_LIMITED = Counter(f"{PREFIX}rate_limited", "Messages refused at ingest (not stored, not seen by the model), by "
+                       "scope: user (the sender's rate), conversation (the conversation's rate), inbox "
+                       "(MAX_PENDING_EVENTS unprocessed events waiting)", ["scope"], registry=REGISTRY)
+MODEL_TOKENS = Counter(f"{PREFIX}model_tokens", "Tokens the model service reported using, by kind: prompt, "
+                       "completion", ["kind"], registry=REGISTRY)
+BUDGET_EXHAUSTED = Counter(f"{PREFIX}budget_exhausted", "Turns answered without the model because a daily token "
+                           "budget was spent, by scope: tenant, conversation", ["scope"], registry=REGISTRY)
 
 UNFINISHED_STATES = ("queued", "running")
 

@@ -205,6 +205,14 @@ class ModelCallRecorder(ChatCompletionClient):
     def __init__(self, inner: ChatCompletionClient) -> None:
         self.inner = inner
         self.error: Exception | None = None
+        #: What the model service reported using over this turn's calls (agent/budget.py counts it).
+        self.usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
+
+    def _add_usage(self, result: CreateResult) -> CreateResult:
+        used = result.usage
+        self.usage = RequestUsage(prompt_tokens=self.usage.prompt_tokens + max(0, used.prompt_tokens or 0),
+                                  completion_tokens=self.usage.completion_tokens + max(0, used.completion_tokens or 0))
+        return result
 
     async def create(
         self,
@@ -217,9 +225,9 @@ class ModelCallRecorder(ChatCompletionClient):
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult:
         try:
-            return _checked(await self.inner.create(
+            return _checked(self._add_usage(await self.inner.create(
                 _json_object_arguments(messages), tools=tools, tool_choice=tool_choice, json_output=json_output,
-                extra_create_args=extra_create_args, cancellation_token=cancellation_token))
+                extra_create_args=extra_create_args, cancellation_token=cancellation_token)))
         except Exception as exc:
             self.error = exc
             raise
@@ -239,7 +247,7 @@ class ModelCallRecorder(ChatCompletionClient):
                     _json_object_arguments(messages), tools=tools, tool_choice=tool_choice, json_output=json_output,
                     extra_create_args=extra_create_args, cancellation_token=cancellation_token):
                 if isinstance(item, CreateResult):
-                    item = _checked(item)
+                    item = _checked(self._add_usage(item))
                 yield item
         except Exception as exc:
             self.error = exc

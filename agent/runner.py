@@ -18,6 +18,7 @@ from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core.models import ChatCompletionClient
 from autogen_core.tools import BaseTool
 
+from agent.budget import TokenBudget, count_tokens
 from agent.context import BoundedChatCompletionContext
 from agent.events import JOB_RESULT_SOURCE, Requester
 from agent.models import UNKNOWN as UNKNOWN_PROVIDER
@@ -60,7 +61,8 @@ class AgentError(Exception):
     ``str(error)`` is the operator's log line (what failed, in the service's own words),
     ``user_message`` what the user is told, ``cause`` a short key (``timeout``, ``auth``,
     ``rate_limited``, ``quota``, ``server_error``, ``unreachable``, ``content_filter``, ``not_found``,
-    ``context_length``, ``bad_request``, ``unknown``) and ``log_level`` how loudly to log it.
+    ``context_length``, ``bad_request``, ``budget`` (a daily token budget is spent: agent/budget.py),
+    ``unknown``) and ``log_level`` how loudly to log it.
     """
 
     def __init__(self, message: str, *, cause: str = "unknown", user_message: str | None = None,
@@ -249,7 +251,10 @@ class AgentTurnRunner:
         system_message: str = DEFAULT_SYSTEM_MESSAGE,
         context_messages: int = 40,
         thread_messages: int = 20,
+        budget: TokenBudget | None = None,
     ) -> None:
+        """``budget``: the daily token budgets checked before and charged after each turn (None: none)."""
+        self._budget = budget
         self._model_client = model_client
         self._tools_factory = tools_factory
         self._system_message = system_message
@@ -275,7 +280,30 @@ class AgentTurnRunner:
         if requester is None and any(i.source != JOB_RESULT_SOURCE for i in inputs):
             requester = Requester()  # someone asked, unknown who; only a job-result turn has nobody (None)
         scope = TurnScope(conversation_key, requester=requester, earlier_jobs=earlier_jobs)
+        tenant_id = scope.requester.tenant_id if scope.requester else ""
+        if self._budget is not None and (spent := await self._budget.exhausted(conversation_key, tenant_id)):
+            job_results = all(i.source == JOB_RESULT_SOURCE for i in inputs)
+            raise AgentError(spent.log_line, cause="budget", log_level=logging.INFO,
+                             user_message=spent.job_result_message if job_results else spent.user_message)
         model = ModelCallRecorder(self._model_client)  # keeps the model's own exception for AgentError
+        try:
+            return await self._run(scope, model, state, inputs)
+        finally:  # charged whether the turn succeeded or not: its model calls cost either way
+            await self._charge(conversation_key, tenant_id, model)
+
+    async def _charge(self, conversation_key: str, tenant_id: str, model: ModelCallRecorder) -> None:
+        prompt, completion = model.usage.prompt_tokens, model.usage.completion_tokens
+        count_tokens(prompt, completion)
+        if self._budget is None:
+            return
+        try:
+            await self._budget.spend(conversation_key, tenant_id, prompt, completion)
+        except Exception as exc:  # the turn's outcome stands; the store's trouble shows at the commit
+            log.warning("could not charge %d token(s) to the budgets of %s: %s", prompt + completion,
+                        conversation_key, exc)
+
+    async def _run(self, scope: TurnScope, model: ModelCallRecorder, state: JSON | None,
+                   inputs: Sequence[AgentInput]) -> TurnOutcome:
         team = self._team(scope, model)
         replies: list[str] = []
         try:

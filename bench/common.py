@@ -216,6 +216,8 @@ def env_for_bot(**extra: str) -> dict[str, Any]:
     env = {name: "" for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AZURE_OPENAI_ENDPOINT",
                                  "AZURE_OPENAI_DEPLOYMENT", "MicrosoftAppId", "MicrosoftAppPassword",
                                  "COSMOS_ENDPOINT")}
+    # Throughput, not abuse: one user floods many conversations, so the ingest limits are off.
+    env.update({"RATE_LIMIT_USER_BURST": "0", "RATE_LIMIT_CONVERSATION_BURST": "0", "MAX_PENDING_EVENTS": "0"})
     env.update(extra)
     return env
 

@@ -23,6 +23,7 @@ from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.dialog_storage import dialog_item_key
 from bot.keys import conversation_key
+from bot.rate_limits import IngestLimits
 from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from jobs.access import CancelRefusedError
@@ -72,9 +73,11 @@ class TeamsBot(TeamsActivityHandler):
         *,
         service_urls: ServiceUrlPolicy,
         tenants: TenantPolicy | None = None,
+        limits: IngestLimits | None = None,
     ) -> None:
         self._service_urls = service_urls
         self._tenants = tenants or TenantPolicy()
+        self._limits = limits  # None: no rate limits, no inbox cap (unit tests)
         self._store = store
         self._wake = wake
         self._commands = commands
@@ -105,6 +108,14 @@ class TeamsBot(TeamsActivityHandler):
     async def on_message_activity(self, turn_context: TurnContext) -> None:
         activity = turn_context.activity
         key = conversation_key(activity)
+        # RATE_LIMIT_*, MAX_PENDING_EVENTS: a refused message is not stored; the sender is told once.
+        if self._limits is not None and (refused := await self._limits.refuse(key, requester(activity))):
+            if refused.notice:
+                try:  # a notice is a courtesy: a connector failure must not fail the request
+                    await turn_context.send_activity(refused.notice)
+                except Exception as exc:
+                    log.warning("could not send the rate-limit notice to %s: %s", key, exc)
+            return
         event_id = activity.id or f"noid-{uuid.uuid4().hex}"
         if await self._store.has_event(key, event_id):
             log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)

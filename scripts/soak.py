@@ -197,8 +197,10 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
     convs = [new_conversation_id("soak") for _ in range(conversations)]
     stop_load, stop_all = threading.Event(), threading.Event()
     with RecordingConnector() as conn:
-        # One synthetic user starts every job: the active-job caps (MAX_ACTIVE_JOBS_*) are not under test here.
-        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": log_level,
+        # One synthetic user floods 4 conversations (~20 messages a second), starts every job, and every
+        # message must be answered: the rate limits, the inbox cap and the active-job caps are off here.
+        env = {"ACTIVATE_LINE_SECONDS": str(job_seconds), "LOG_LEVEL": log_level, "RATE_LIMIT_USER_BURST": "0",
+               "RATE_LIMIT_CONVERSATION_BURST": "0", "MAX_PENDING_EVENTS": "0",
                "MAX_ACTIVE_JOBS_PER_USER": "0", "MAX_ACTIVE_JOBS_PER_CONVERSATION": "0"}
         deployment: Deployment = (Cluster(data_dir, env, cluster_env) if cluster_env is not None
                                   else SingleBot(data_dir, env))

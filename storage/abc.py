@@ -169,6 +169,11 @@ class ConversationStore(ABC):
     async def pending_events(self, key: str) -> list[InboxEvent]:
         """Unprocessed events of the conversation, oldest first."""
 
+    async def count_pending_events(self, key: str) -> int:
+        """How many events of the conversation are unprocessed (the ingest's inbox cap reads it
+        for every message: stores override it with a count that does not read the payloads)."""
+        return len(await self.pending_events(key))
+
     # --- the conversation record ---
     @abstractmethod
     async def load(self, key: str) -> ConversationRecord:

@@ -383,6 +383,15 @@ class CosmosStore(ConversationStore):
         docs.sort(key=lambda d: (d["arrival"], d["event_id"]))
         return [self._event_from_doc(d) for d in docs]
 
+    async def count_pending_events(self, key: str) -> int:
+        pk = self.partition(key)
+        # As pending_events (the conversation item first), reading only the ids.
+        conversation = await self._read(pk, CONVERSATION_ID)
+        done = set(conversation.get("processed", ())) if conversation else set()
+        rows = await self._query(
+            "SELECT c.event_id FROM c WHERE c.pk = @pk AND c.type = 'event' AND c.processed = false", pk=pk)
+        return sum(row["event_id"] not in done for row in rows)
+
     async def _event_flags(self, pk: str, event_ids: Iterable[str]) -> dict[str, bool]:
         """event id -> its ``processed`` flag, for the ids whose event item exists."""
         wanted = sorted(set(event_ids))

@@ -67,6 +67,9 @@ class MemoryStore(ConversationStore):
     async def pending_events(self, key: str) -> list[InboxEvent]:
         return [copy.deepcopy(e) for e, done in self._events.get(key, {}).values() if not done]
 
+    async def count_pending_events(self, key: str) -> int:
+        return sum(not done for _, done in self._events.get(key, {}).values())
+
     async def load(self, key: str) -> ConversationRecord:
         return copy.deepcopy(self._records.get(key, ConversationRecord(key=key)))
 

@@ -253,6 +253,10 @@ class SqliteStore(ConversationStore):
         )
         return [InboxEvent(id=r[0], kind=r[1], payload=json.loads(r[2]), created_at=r[3]) for r in rows]
 
+    async def count_pending_events(self, key: str) -> int:
+        row = await self._fetchone("SELECT count(*) FROM events WHERE processed = 0 AND key = ?", (key,))
+        return int(row[0])
+
     # --- record ---
     async def load(self, key: str) -> ConversationRecord:
         row = await self._fetchone("SELECT etag, doc FROM conversations WHERE key = ?", (key,))

@@ -26,7 +26,9 @@ FIELDS = ["type", "id", "text", "from", "recipient", "conversation", "serviceUrl
 
 @pytest.fixture(scope="module")
 def fuzz_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BotProcess, RecordingConnector]]:
-    with RecordingConnector() as conn, BotProcess(tmp_path_factory.mktemp("fuzz"), env={"LOG_LEVEL": "WARNING"}) as bot:
+    # Hundreds of messages from one user: rate limits high enough never to refuse one, yet on (and fuzzed).
+    env = {"LOG_LEVEL": "WARNING", "RATE_LIMIT_USER_BURST": "100000", "RATE_LIMIT_USER_PER_MINUTE": "100000"}
+    with RecordingConnector() as conn, BotProcess(tmp_path_factory.mktemp("fuzz"), env=env) as bot:
         yield bot, conn
 
 

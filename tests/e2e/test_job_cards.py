@@ -409,6 +409,7 @@ def test_playground_cancel_with_the_action_submit_fallback(pg: Playground) -> No
 
 
 @needs_playground
+@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "7", "RATE_LIMIT_USER_BURST": "30"}])  # 18 at once
 def test_playground_job_commands(pg: Playground) -> None:
     """help, jobs and cancel <id> in the personal chat, the group chat and a channel post (with
     an @mention where the Playground needs one), the three conversations side by side."""

@@ -94,7 +94,8 @@ def test_sigkill_between_send_and_mark_repeats_at_most_one_message(launch: Launc
     assert len(conn.texts(conv)) <= 3
 
 
-@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "2", "MAX_ACTIVE_JOBS_PER_USER": "10"}])
+@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "2", "MAX_ACTIVE_JOBS_PER_USER": "10",
+                                      "RATE_LIMIT_USER_BURST": "20"}])  # 12 at once
 @pytest.mark.parametrize("count", [2, 10])
 def test_parallel_jobs_are_each_reported(bot: BotProcess, conn: RecordingConnector, conv: str, stored: StoreProbe,
                                          count: int) -> None:

@@ -128,6 +128,20 @@ async def test_pending_events_of_unknown_conversation_is_empty(store: Conversati
     assert await store.pending_events(key) == []
 
 
+async def test_count_pending_events_counts_only_this_conversations_unprocessed_events(
+        store: ConversationStore, make_key: MakeKey) -> None:
+    a, b = make_key("a"), make_key("b")
+    assert await store.count_pending_events(a) == 0
+    for event_id in ("e1", "e2", "e3"):
+        await store.append_event(a, _event(event_id))
+    await store.append_event(a, _event("e1"))  # a duplicate adds nothing
+    await store.append_event(b, _event("other"))
+    assert await store.count_pending_events(a) == 3
+    await store.commit(await store.load(a), processed=["e1", "e2"])
+    assert await store.count_pending_events(a) == 1 == len(await store.pending_events(a))
+    assert await store.count_pending_events(b) == 1
+
+
 async def test_has_event(store: ConversationStore, make_key: MakeKey) -> None:
     a, b = make_key("a"), make_key("b")
     assert await store.has_event(a, "e1") is False
