@@ -190,6 +190,13 @@ class Settings:
     bot_framework_endpoints: tuple[tuple[str, str], ...] = ()
     #: VALIDATE_AUTHORITY: let MSAL check a custom TO_CHANNEL_FROM_BOT_LOGIN_URL with Microsoft.
     validate_authority: bool = True
+    # --- untrusted content and size limits (issue 13, findings 11, 15, 16) ---
+    #: MAX_TOOL_RESULT_CHARS: a tool / MCP / job result is clipped to this before it is stored or
+    #: shown to the model ("[clipped: N of M characters shown]").
+    max_tool_result_chars: int = 8000
+    #: STORE_MAX_ITEM_BYTES: the largest item a store writes (Cosmos DB's 2 MB by default); a turn
+    #: whose result is larger is dropped as a permanent failure and the user told.
+    store_max_item_bytes: int = 2 * 1024 * 1024
 
     @property
     def local_mode(self) -> bool:
@@ -282,4 +289,15 @@ class Settings:
                 if (value := (_https_url(e, name) if name.endswith("_URL") else e.get(name, "").strip()))
             ),
             validate_authority=_bool(e, "VALIDATE_AUTHORITY", True),
+            # --- untrusted content and size limits ---
+            max_tool_result_chars=_at_least(e, "MAX_TOOL_RESULT_CHARS", 8000, 100),
+            store_max_item_bytes=_at_least(e, "STORE_MAX_ITEM_BYTES", 2 * 1024 * 1024, 16 * 1024),
         )
+
+
+# --- untrusted content and size limits ---
+def _at_least(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    value = _int(env, name, default)
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {env.get(name)!r}")
+    return value
