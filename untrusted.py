@@ -23,9 +23,15 @@ import re
 DEFAULT_MAX_TOOL_RESULT_CHARS = 8000
 
 
+_CLIP_NOTE = re.compile(r"\n\[clipped: \d+ of \d+ characters shown\]$")
+
+
 def clip(text: str, limit: int = DEFAULT_MAX_TOOL_RESULT_CHARS) -> str:
-    """``text`` if it has at most ``limit`` characters, else its start and a note saying so."""
+    """``text`` if it has at most ``limit`` characters, else its start and a note saying so.
+    Clipping again leaves a clipped text as it is (the note keeps the original length)."""
     if len(text) <= limit:
+        return text
+    if (note := _CLIP_NOTE.search(text)) is not None and note.start() <= limit:
         return text
     return f"{text[:limit]}\n[clipped: {limit} of {len(text)} characters shown]"
 
