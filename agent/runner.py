@@ -15,11 +15,11 @@ from typing import Any
 from autogen_agentchat.agents import AssistantAgent
 from autogen_agentchat.messages import TextMessage, ToolCallSummaryMessage
 from autogen_agentchat.teams import RoundRobinGroupChat
-from autogen_core.models import ChatCompletionClient
+from autogen_core.models import ChatCompletionClient, LLMMessage, UserMessage
 from autogen_core.tools import BaseTool
 
 from agent.context import BoundedChatCompletionContext
-from agent.events import JobResult, Requester
+from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, JobResult, Requester
 from agent.models import UNKNOWN as UNKNOWN_PROVIDER
 from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tool_output import UntrustedOutputWorkbench, job_result_messages
@@ -296,11 +296,19 @@ class AgentTurnRunner:
                     for m in result.messages
                     if m.source == AGENT_NAME and isinstance(m, TextMessage | ToolCallSummaryMessage) and m.content
                 )
+                if item.job_result is not None and isinstance(agent.model_context, BoundedChatCompletionContext):
+                    # Our fixed prompt has done its work: a job's outcome keeps three context slots, not four.
+                    agent.model_context.remove(_is_job_prompt)
             new_state = prune_state(dict(await team.save_state()), self._thread_messages)
         except Exception as exc:
             cause = model.error or exc
             raise AgentError.from_exception(cause, provider_of(self._model_client)) from cause
         return TurnOutcome(state=new_state, replies=replies, new_jobs=scope.new_jobs)
+
+
+def _is_job_prompt(message: LLMMessage) -> bool:
+    return (isinstance(message, UserMessage) and message.source == JOB_RESULT_SOURCE
+            and message.content == JOB_FINISHED_PROMPT)
 
 
 #: Longest text kept per stored message: a pasted novel must not fill the 2 MB Cosmos item.

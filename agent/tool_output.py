@@ -56,9 +56,10 @@ def format_job_outcome(result: JobResult, limit: int = DEFAULT_MAX_TOOL_RESULT_C
         "arguments": result.arguments,
         "status": result.status,
         "is_error": result.is_error,
-        "content": clip(result.content, limit),
+        # Already clipped by the job runner; this bounds events stored by older versions.
+        "content": clip(result.content, 2 * limit),
     }
-    return delimit_tool_output(clip(json.dumps(body), 2 * limit))
+    return delimit_tool_output(clip(json.dumps(body), 4 * limit))
 
 
 def job_result_messages(result: JobResult, limit: int = DEFAULT_MAX_TOOL_RESULT_CHARS,
