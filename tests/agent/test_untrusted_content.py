@@ -8,6 +8,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
 from autogen_core.models import (
     CreateResult,
     FunctionExecutionResult,
@@ -24,6 +25,7 @@ from agent.outgoing import MAX_REPLY_PARTS, TEAMS_MESSAGE_BYTES, activity_bytes,
 from agent.processor import TOO_LARGE_TO_STORE, ConversationProcessor, plain_job_outcome, text_activity
 from agent.runner import AgentInput, AgentTurnRunner
 from agent.tool_output import JOB_RESULT_TOOL
+from config import ConfigError, Settings
 from storage.abc import InboxEvent
 from storage.memory import MemoryStore
 from tests.agent.test_models import (  # noqa: F401  (fixtures)
@@ -261,3 +263,13 @@ async def test_a_job_result_too_large_to_store_is_dropped_too() -> None:
     await p.idle()
     assert sender.texts[-1] == TOO_LARGE_TO_STORE and await store.pending_events(KEY) == []
 
+
+
+def test_the_limits_are_settings_with_safe_defaults() -> None:
+    assert (Settings().max_tool_result_chars, Settings().store_max_item_bytes) == (8000, 2 * 1024 * 1024)
+    settings = Settings.from_env({"MAX_TOOL_RESULT_CHARS": "2000", "STORE_MAX_ITEM_BYTES": "65536"}, dotenv=None)
+    assert (settings.max_tool_result_chars, settings.store_max_item_bytes) == (2000, 65536)
+    bad = (("MAX_TOOL_RESULT_CHARS", "10"), ("STORE_MAX_ITEM_BYTES", "100"), ("MAX_TOOL_RESULT_CHARS", "x"))
+    for name, value in bad:
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value}, dotenv=None)
