@@ -82,11 +82,11 @@ from azure.identity.aio import DefaultAzureCredential
 
 from storage.abc import (
     JSON,
+    MAX_ITEM_BYTES,
     SCHEMA_VERSION,
     ConcurrencyError,
     ConversationRecord,
     ConversationStore,
-    MAX_ITEM_BYTES,
     InboxEvent,
     ItemTooLargeError,
     JobNotFoundError,

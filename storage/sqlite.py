@@ -26,11 +26,11 @@ import aiosqlite
 
 from storage.abc import (
     JSON,
+    MAX_ITEM_BYTES,
     SCHEMA_VERSION,
     ConcurrencyError,
     ConversationRecord,
     ConversationStore,
-    MAX_ITEM_BYTES,
     InboxEvent,
     JobNotFoundError,
     JobRecord,
