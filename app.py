@@ -95,8 +95,9 @@ def build_store(settings: Settings) -> ConversationStore:
             settings.cosmos_container,
             conversation_ttl_days=settings.conversation_ttl_days,
             item_ttl_days=settings.conversation_ttl_days,
+            max_item_bytes=settings.store_max_item_bytes,
         )
-    return SqliteStore(settings.sqlite_path)
+    return SqliteStore(settings.sqlite_path, max_item_bytes=settings.store_max_item_bytes)
 
 
 def build_coordinator(settings: Settings) -> Coordinator:
@@ -156,7 +157,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         processor_ref[0].wake(key)
 
     card_updater = JobCardUpdater(store, sender)
-    job_runner = JobRunner(store, registry, wake_here, progress_listener=card_updater.job_changed)
+    job_runner = JobRunner(store, registry, wake_here, progress_listener=card_updater.job_changed,
+                           max_result_chars=settings.max_tool_result_chars)
     scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
     runner = AgentTurnRunner(
         model_client,
@@ -165,6 +167,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         context_messages=settings.context_messages,
         system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
         budget=None if offline else build_budget(settings, store),  # the offline model costs nothing
+        max_tool_result_chars=settings.max_tool_result_chars,
     )
     processor = ConversationProcessor(
         store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,

@@ -290,6 +290,13 @@ class Settings:
     #: DAILY_TOKEN_BUDGET_PER_TENANT / _PER_CONVERSATION: model tokens (prompt + completion) per UTC day.
     daily_token_budget_per_tenant: int = 0
     daily_token_budget_per_conversation: int = 200_000
+    # --- untrusted content and size limits (issue 13, findings 11, 15, 16) ---
+    #: MAX_TOOL_RESULT_CHARS: a tool / MCP / job result is clipped to this before it is stored or
+    #: shown to the model ("[clipped: N of M characters shown]").
+    max_tool_result_chars: int = 8000
+    #: STORE_MAX_ITEM_BYTES: the largest item a store writes (Cosmos DB's 2 MB by default); a turn
+    #: whose result is larger is dropped as a permanent failure and the user told.
+    store_max_item_bytes: int = 2 * 1024 * 1024
 
     @property
     def local_mode(self) -> bool:
@@ -429,4 +436,8 @@ class Settings:
             max_pending_events=_non_negative(e, "MAX_PENDING_EVENTS", 50),
             daily_token_budget_per_tenant=_non_negative(e, "DAILY_TOKEN_BUDGET_PER_TENANT", 0),
             daily_token_budget_per_conversation=_non_negative(e, "DAILY_TOKEN_BUDGET_PER_CONVERSATION", 200_000),
+            # --- untrusted content and size limits ---
+            max_tool_result_chars=_at_least(e, "MAX_TOOL_RESULT_CHARS", 8000, minimum=100),
+            store_max_item_bytes=_at_least(e, "STORE_MAX_ITEM_BYTES", 2 * 1024 * 1024, minimum=16 * 1024),
         )
+

@@ -6,6 +6,8 @@ returns, so its saved state grows forever. This one drops old messages as new on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from autogen_core.model_context import BufferedChatCompletionContext
 from autogen_core.models import FunctionExecutionResultMessage, LLMMessage
 
@@ -14,6 +16,10 @@ class BoundedChatCompletionContext(BufferedChatCompletionContext):
     async def add_message(self, message: LLMMessage) -> None:
         await super().add_message(message)
         self._messages = trim_messages(self._messages, self._buffer_size)
+
+    def remove(self, unwanted: Callable[[LLMMessage], bool]) -> None:
+        """Forget the messages ``unwanted`` picks (a prompt of ours that carries nothing worth a slot)."""
+        self._messages = trim_messages([m for m in self._messages if not unwanted(m)], self._buffer_size)
 
 
 def trim_messages(messages: list[LLMMessage], limit: int) -> list[LLMMessage]:

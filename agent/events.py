@@ -1,9 +1,14 @@
 """How inbox events are presented to the agent.
 
-A finished job reaches the agent as a message from the ``background_job`` source that names
-the job and the call id of the tool call that started it, followed by the outcome as JSON.
-The model thereby gets the real result of its earlier call without a second tool-result
-message for the same call id, which chat-completion APIs would reject.
+A finished job reaches the model as a tool result, never as a user message (its output is
+untrusted data): see :mod:`agent.tool_output`. The outcome (job id, the call id of the tool call
+that started it, status, the tool's output) is JSON in a ``tool`` message answering a call of
+its own, so the model gets the real result of its earlier call without a second result for that
+call's id, which chat-completion APIs would reject. The agent is then prompted, in the user role,
+by :data:`JOB_FINISHED_PROMPT` from the ``background_job`` source: a fixed text of ours.
+
+State stored by earlier versions holds job results as user messages from ``background_job``
+(:data:`_HEADER`, then the JSON): they still load, and :func:`parse_job_result` reads both.
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ class Requester:
             return value if isinstance(value, str) else ""
 
         return cls(text("id"), text("name"), text("aadObjectId"), text("tenantId"), text("conversationType"))
+
+
 _HEADER = "Background job finished. Tell the user the outcome of their request."
+#: What prompts the agent once a job's outcome is in its context (contains no tool output).
+JOB_FINISHED_PROMPT = "A background job finished; its result is the tool result above. Tell the user the outcome."
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class JobResult:
 
 
 def format_job_result(result: JobResult) -> str:
+    """The old user-message form (kept for tests of stored state written by earlier versions)."""
     body = {
         "job_id": result.job_id,
         "call_id": result.call_id,
@@ -80,7 +90,8 @@ def format_job_result(result: JobResult) -> str:
 
 
 def parse_job_result(text: str) -> JobResult | None:
-    _, _, raw = text.partition("\n")
+    """A job outcome from its JSON (the tool message's data) or the old ``_HEADER`` + JSON text."""
+    raw = text if text.lstrip().startswith("{") else text.partition("\n")[2]
     try:
         data = json.loads(raw)
         return JobResult(

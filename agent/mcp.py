@@ -35,7 +35,7 @@ from autogen_ext.tools.mcp._base import McpToolAdapter
 from mcp import ClientSession, McpError
 from mcp import Tool as McpTool
 from mcp.client.stdio import get_default_environment
-from mcp.types import CallToolResult
+from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel
 
 from jobs.context import JobContext
@@ -210,6 +210,13 @@ class HubToolAdapter(McpToolAdapter[Any]):
         if result.isError:
             raise RuntimeError(self.return_value_as_string(content))
         return content
+
+    def return_value_as_string(self, value: list[Any]) -> str:
+        """A text-only result as its text, so clipping cuts the text, not a JSON structure (the
+        model then reads the start of the output); other content as autogen-ext serialises it."""
+        if value and all(isinstance(item, TextContent) for item in value):
+            return "\n".join(item.text for item in value)
+        return super().return_value_as_string(value)
 
 
 def _text(content: Any) -> str:

@@ -50,6 +50,8 @@ from pydantic import BaseModel
 
 import metrics
 from agent.events import JOB_RESULT_SOURCE, parse_job_result
+from agent.tool_output import JOB_RESULT_TOOL
+from untrusted import escape_markdown, tool_output_data
 
 CONFIGURE_HINT = (
     "To use a real model, set OPENAI_API_KEY (and optionally OPENAI_MODEL / OPENAI_BASE_URL for "
@@ -105,27 +107,33 @@ def _mcp_text(data: Any) -> str | None:
 
 
 def describe_tool_result(name: str, content: str, is_error: bool) -> str:
-    """What the offline model says about one tool result (also used for job results)."""
+    """What the offline model says about one tool result (also used for job results).
+
+    The offline model is our template, so what it relays from a tool is escaped Markdown: an MCP
+    server's text, an error, raw JSON. A ``message`` of the bot's own tools is the bot's sentence
+    and is kept (an MCP long-running job's, marked by its ``server`` key, is the server's: escaped).
+    """
+    content = tool_output_data(content)
     if is_error:
-        return f"Sorry, `{name}` failed: {content}"
+        return f"Sorry, `{name}` failed: {escape_markdown(content)}"
     try:
         data: Any = json.loads(content)
     except ValueError:
-        return content
+        return escape_markdown(content)
     if (text := _mcp_text(data)) is not None:
         try:
             data = json.loads(text)
         except ValueError:
-            return text or f"`{name}` returned nothing."
+            return escape_markdown(text) if text else f"`{name}` returned nothing."
     if not isinstance(data, dict):
-        return content
+        return escape_markdown(content)
     if "message" in data:
-        return str(data["message"])
+        return escape_markdown(str(data["message"])) if "server" in data else str(data["message"])
     if {"timezone", "datetime"} <= data.keys():
         moment = str(data["datetime"])
         return f"It is {moment[11:16]} on {data.get('day_of_week', '')} {moment[:10]} in {data['timezone']}.".replace(
             "on  ", "on ")
-    return f"`{name}` returned: {json.dumps(data)}"
+    return f"`{name}` returned: {escape_markdown(json.dumps(data))}"
 
 
 class OfflineChatCompletionClient(ChatCompletionClient):
@@ -164,7 +172,12 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         if not isinstance(last, UserMessage):
             return "I'm the offline model and I have nothing to add. " + CONFIGURE_HINT
         if last.source == JOB_RESULT_SOURCE:
-            result = parse_job_result(_text_of(last))
+            # The outcome is the tool result just before our prompt (state from older versions: the text).
+            before = messages[-2] if len(messages) > 1 else None
+            outcome = _text_of(last)
+            if isinstance(before, FunctionExecutionResultMessage) and before.content[-1].name == JOB_RESULT_TOOL:
+                outcome = tool_output_data(before.content[-1].content)
+            result = parse_job_result(outcome)
             if result is None:
                 return "A background job finished, but I could not read its result."
             return describe_tool_result(result.tool, result.content, result.is_error)
@@ -210,7 +223,7 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             return "You haven't told me your name yet."
         return (
             f"I'm the offline model, so I only understand a few phrases (say `help` to see them). "
-            f"You said: “{text[:200]}”. " + CONFIGURE_HINT
+            f"You said: “{escape_markdown(text[:200])}”. " + CONFIGURE_HINT
         )
 
     async def create_stream(

@@ -21,8 +21,9 @@ from typing import Protocol
 import logs
 import metrics
 import tracing
-from agent.events import JOB_RESULT_SOURCE, JobResult, Requester, format_job_result
+from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, JobResult, Requester
 from agent.forgetting import Forgetter, reset_confirmation
+from agent.outgoing import split_text
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
 from crashpoints import crash_point
 from storage.abc import (
@@ -31,9 +32,11 @@ from storage.abc import (
     ConversationRecord,
     ConversationStore,
     InboxEvent,
+    ItemTooLargeError,
     JobRecord,
     OutboxMessage,
 )
+from untrusted import escape_markdown, inline_code
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,13 @@ def text_activity(text: str) -> JSON:
     return {"type": "message", "text": text, "textFormat": "markdown"}
 
 
+def text_activities(text: str) -> list[JSON]:
+    """A reply as messages Teams accepts (a long one split, a runaway one clipped: agent.outgoing)."""
+    return [text_activity(part) for part in split_text(text)]
+
+
 def plain_job_outcome(result: JobResult) -> str:
-    """A finished job told without the model (when the model is unavailable)."""
+    """A finished job told without the model (when the model is unavailable); its data escaped."""
     detail = result.content
     try:
         parsed = json.loads(result.content)
@@ -70,7 +78,12 @@ def plain_job_outcome(result: JobResult) -> str:
             detail = str(parsed["message"])
     except ValueError:
         pass
-    return f"Background job `{result.job_id}` ({result.tool}) {result.status}: {detail}"
+    return (f"Background job {inline_code(result.job_id)} ({inline_code(result.tool)}) {result.status}: "
+            f"{escape_markdown(detail)}")
+
+
+TOO_LARGE_TO_STORE = ("Sorry, that was more than I can store for this conversation, so I had to drop it. "
+                      "Nothing else is lost and we can carry on: please try again with something smaller.")
 
 
 ScheduleJob = Callable[[JobRecord], Awaitable[None]]
@@ -231,12 +244,12 @@ class ConversationProcessor:
                             exc.cause, exc, exc_info=exc if exc.cause == "unknown" else None)
                     replies.append(text_activity(exc.user_message))
                     if event.kind == "job_finished":  # the model could not relay it: say it plainly
-                        replies.append(text_activity(plain_job_outcome(JobResult(**event.payload))))
+                        replies.extend(text_activities(plain_job_outcome(JobResult(**event.payload))))
                 else:
                     metrics.turn_done("ok", time.perf_counter() - started)
                     state = outcome.state
                     new_jobs.extend(outcome.new_jobs)
-                    replies.extend(text_activity(text) for text in outcome.replies)
+                    replies.extend(activity for text in outcome.replies for activity in text_activities(text))
             else:
                 log.warning("ignoring inbox event %s of unknown kind %r", event.id, event.kind)
             outbox.extend(OutboxMessage(id=f"{event.id}#{n}", activity=a) for n, a in enumerate(replies))
@@ -249,12 +262,34 @@ class ConversationProcessor:
             metrics.TURN_CONFLICTS.inc()
             log.info("conversation %s changed while its turn ran; redoing the turn", record.key)
             return None
+        except ItemTooLargeError as exc:
+            return await self._commit_too_large(record, events, exc)
         crash_point("turn_committed")
         log.info("turn committed in %s: %d event(s), %d message(s) to send, %d new job(s)", record.key, len(events),
                  len(committed.outbox), len(new_jobs))
         for job in new_jobs:
             await self._start_job(job)
         return committed
+
+    async def _commit_too_large(self, record: ConversationRecord, events: Sequence[InboxEvent],
+                                exc: ItemTooLargeError) -> ConversationRecord | None:
+        """The turn's result cannot be stored: a permanent failure of its events, not a reason to retry
+        them forever. They are marked processed, the state stays as it was, the user is told."""
+        log.error("conversation %s: the turn for event(s) %s is too large to store (%s); dropping its result",
+                  record.key, ", ".join(e.id for e in events), exc)
+        notice = OutboxMessage(id=f"{events[-1].id}#too-large", activity=text_activity(TOO_LARGE_TO_STORE))
+        turns = record.turns + len(events)
+        attempts = (record.evolve(outbox=(*record.outbox, notice), turns=turns),
+                    # The stored record itself is too large now (a lowered limit): start afresh.
+                    record.evolve(agent_state=None, outbox=(notice,), turns=turns))
+        for attempt in attempts:
+            try:
+                return await self._store.commit(attempt, processed=[e.id for e in events])
+            except ConcurrencyError:
+                return None
+            except ItemTooLargeError:
+                continue
+        raise exc
 
     @staticmethod
     def _agent_input(event: InboxEvent) -> AgentInput | None:
@@ -263,7 +298,8 @@ class ConversationProcessor:
             return AgentInput(text=text or "(an empty message)",
                               requester=Requester.from_json(event.payload.get("from")))
         if event.kind == "job_finished":
-            return AgentInput(text=format_job_result(JobResult(**event.payload)), source=JOB_RESULT_SOURCE)
+            # The outcome goes in as a tool result (untrusted data); the prompt is ours.
+            return AgentInput(text=JOB_FINISHED_PROMPT, source=JOB_RESULT_SOURCE, job_result=JobResult(**event.payload))
         return None
 
     async def _start_job(self, job: JobRecord) -> None:

@@ -25,6 +25,7 @@ from jobs.caps import JobCaps
 from jobs.registry import JobRegistry, LongRunningTool
 from jobs.runner import JobRunner
 from storage.abc import ConversationStore, JobNotFoundError, JobRecord
+from untrusted import escape_markdown, inline_code
 
 
 @dataclass
@@ -116,31 +117,31 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
 
 
 def describe_job(job: JobRecord, *, full: bool = True) -> str:
-    """One line a person can read: what, state, progress, attempts, outcome; who started it when
-    that is recorded. ``full=False`` (someone else's job in a shared conversation): no arguments,
-    no outcome text."""
-    args = ", ".join(str(v) for v in job.arguments.values()) if full else ""
-    by = f", started by {who}" if (who := started_by_label(job)) else ""
-    head = f"Job `{job.id}` ({job.tool}{' ' + args if args else ''}{by}): **{job.status}**"
+    """One line a person can read: what, state, progress, attempts, outcome (tool-written text escaped);
+    who started it when that is recorded. ``full=False`` (someone else's job in a shared conversation):
+    no arguments, no outcome text."""
+    args = escape_markdown(", ".join(str(v) for v in job.arguments.values())) if full else ""
+    by = f", started by {escape_markdown(who)}" if (who := started_by_label(job)) else ""
+    head = f"Job `{job.id}` ({escape_markdown(job.tool)}{' ' + args if args else ''}{by}): **{job.status}**"
     if not full:
         return head
     details: list[str] = []
     if job.status == "running" and job.progress is not None:
-        details.append(f"{job.progress:.0%}" + (f", {job.progress_text}" if job.progress_text else ""))
+        details.append(f"{job.progress:.0%}" + (f", {escape_markdown(job.progress_text)}" if job.progress_text else ""))
     if job.max_attempts > 1 and (job.attempt > 1 or job.next_retry_at):
         details.append(f"attempt {job.attempt} of {job.max_attempts}")
     if job.status == "queued" and job.next_retry_at:
         wait = max(0.0, job.next_retry_at - time.time())
-        details.append(f"retrying in {wait:.0f} s after: {job.error}")
+        details.append(f"retrying in {wait:.0f} s after: {escape_markdown(job.error or '')}")
     if job.status == "failed" and job.error:
-        details.append(job.error)
+        details.append(escape_markdown(job.error))
     if job.status == "succeeded" and isinstance(job.result, dict) and job.result.get("message"):
-        details.append(str(job.result["message"]))
+        details.append(escape_markdown(str(job.result["message"])))
     return head + (" (" + "; ".join(details) + ")" if details else "")
 
 
 def not_found(job_id: str) -> str:
-    return json.dumps({"error": "not_found", "message": f"There is no job `{job_id}` in this conversation."})
+    return json.dumps({"error": "not_found", "message": f"There is no job {inline_code(job_id)} in this conversation."})
 
 
 def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner,

@@ -3,6 +3,10 @@
 Cards use schema 1.5 (Teams desktop, web and mobile). The job card's Cancel button is an
 ``Action.Execute`` (answered inline with the refreshed card) whose ``fallback`` is an
 ``Action.Submit`` carrying the same data, for clients without Universal Actions.
+
+A job's arguments, result, error and progress text come from users, models and tools: on a card
+they are escaped (:func:`untrusted.escape_markdown`: TextBlock and FactSet values render
+Markdown) and clipped, so a card shows them literally and stays within Teams' message size.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 from agent.events import Requester
 from jobs.access import shows_arguments, started_by_label
 from storage.abc import JSON, JobRecord
+from untrusted import clip, escape_markdown, inline_code
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 CANCEL_VERB = "cancelJob"
@@ -45,6 +50,16 @@ def tool_title(tool: str) -> str:
     return tool.replace("_", " ").capitalize()
 
 
+#: Longest untrusted text on a card: a fact's value (an argument, a step), and a result or error.
+MAX_FACT_CHARS = 300
+MAX_CARD_TEXT_CHARS = 4000
+
+
+def shown(text: object, limit: int = MAX_FACT_CHARS) -> str:
+    """Untrusted text for a card: clipped, then escaped (shown literally, never as a link)."""
+    return escape_markdown(clip(str(text), limit))
+
+
 def _clock(timestamp: float | None) -> str:
     if not timestamp:
         return "-"
@@ -74,16 +89,16 @@ def job_card(job: JobRecord, now: float | None = None, *, notice: str | None = N
     icon, label, color = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
     if job.cancel_requested and not job.finished:
         icon, label, color = "⛔", "Cancelling…", "warning"
-    facts = [{"title": "Job", "value": job.id}]
+    facts = [{"title": "Job", "value": shown(job.id)}]
     if who := started_by_label(job):
-        facts.append({"title": "Started by", "value": who})
-    facts += [{"title": name.replace("_", " ").capitalize(), "value": str(value)}
-              for name, value in job.arguments.items()]
+        facts.append({"title": "Started by", "value": shown(who, 200)})
+    facts += [{"title": shown(name.replace("_", " ").capitalize(), 60), "value": shown(value)}
+              for name, value in list(job.arguments.items())[:10]]
     facts.append({"title": "Status", "value": f"{icon} {label}"})
     if job.status == "running" or (job.progress is not None and not job.finished):
         facts.append({"title": "Progress", "value": progress_bar(job.progress)})
     if job.progress_text and not job.finished:
-        facts.append({"title": "Step", "value": job.progress_text})
+        facts.append({"title": "Step", "value": shown(job.progress_text)})
     facts.append({"title": "Started", "value": _clock(job.started_at or job.created_at)})
     if job.finished:
         facts.append({"title": "Finished", "value": _clock(job.finished_at)})
@@ -94,14 +109,15 @@ def job_card(job: JobRecord, now: float | None = None, *, notice: str | None = N
     if job.status == "queued" and job.next_retry_at:
         facts.append({"title": "Retry in", "value": _duration(job.next_retry_at - now)})
     body: list[JSON] = [
-        {"type": "TextBlock", "text": tool_title(job.tool), "weight": "Bolder", "size": "Medium", "wrap": True},
+        {"type": "TextBlock", "text": shown(tool_title(job.tool)), "weight": "Bolder", "size": "Medium", "wrap": True},
         {"type": "TextBlock", "text": f"{icon} {label}", "color": color, "weight": "Bolder", "spacing": "None"},
         {"type": "FactSet", "facts": facts},
     ]
     if job.status == "failed" and job.error:
-        body.append({"type": "TextBlock", "text": job.error, "wrap": True, "color": "attention", "size": "Small"})
+        body.append({"type": "TextBlock", "text": shown(job.error, MAX_CARD_TEXT_CHARS), "wrap": True,
+                     "color": "attention", "size": "Small"})
     if job.status == "succeeded" and isinstance(job.result, dict) and job.result.get("message"):
-        body.append({"type": "TextBlock", "text": str(job.result["message"]), "wrap": True})
+        body.append({"type": "TextBlock", "text": shown(job.result["message"], MAX_CARD_TEXT_CHARS), "wrap": True})
     if notice:
         body.append({"type": "TextBlock", "text": notice, "wrap": True, "color": "attention", "weight": "Bolder"})
     actions = None if job.finished or job.cancel_requested else [cancel_action(job)]
@@ -121,7 +137,7 @@ def cancel_action(job: JobRecord) -> JSON:
 
 
 def job_card_activity(job: JobRecord) -> JSON:
-    return card_activity(job_card(job), summary=f"{tool_title(job.tool)}: {job.status}")
+    return card_activity(job_card(job), summary=f"{clip(tool_title(job.tool), 100)}: {job.status}")
 
 
 def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: Requester | None = None) -> JSON:
@@ -133,14 +149,15 @@ def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: R
                          "size": "Medium"}]
     for job in jobs[-20:]:
         icon, label, _ = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
-        detail = ", ".join(str(v) for v in job.arguments.values()) if shows_arguments(job, viewer) else ""
+        detail = (shown(", ".join(str(v) for v in job.arguments.values()), 200)
+                  if shows_arguments(job, viewer) else "")
         progress = f" · {progress_bar(job.progress)}" if job.status == "running" else ""
-        by = f" · started by {who}" if (who := started_by_label(job)) else ""
+        by = f" · started by {shown(who, 200)}" if (who := started_by_label(job)) else ""
         rows.append({"type": "ColumnSet", "separator": True, "columns": [
             {"type": "Column", "width": "auto", "items": [{"type": "TextBlock", "text": icon}]},
             {"type": "Column", "width": "stretch", "items": [
-                {"type": "TextBlock", "text": f"**{tool_title(job.tool)}** {detail}", "wrap": True},
-                {"type": "TextBlock", "text": f"`{job.id}` · {label}{progress}{by}", "isSubtle": True,
+                {"type": "TextBlock", "text": f"**{shown(tool_title(job.tool))}** {detail}", "wrap": True},
+                {"type": "TextBlock", "text": f"{inline_code(job.id)} · {label}{progress}{by}", "isSubtle": True,
                  "spacing": "None", "size": "Small", "wrap": True},
             ]},
         ]})

@@ -28,6 +28,7 @@ from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from jobs.access import CancelRefusedError
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
+from untrusted import inline_code
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ class TeamsBot(TeamsActivityHandler):
         except JobNotFoundError:
             # A card, not a message: botbuilder 4.17 cannot serialise a plain-text invoke value.
             return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE,
-                                              value=notice_card(f"There is no job `{job_id}` in this conversation."))
+                                              value=notice_card(f"There is no job {inline_code(job_id)} in this "
+                                                                "conversation."))
         return AdaptiveCardInvokeResponse(status_code=200, type=CARD_CONTENT_TYPE, value=job_card(job))
 
     async def on_members_added_activity(self, members_added: list[ChannelAccount], turn_context: TurnContext) -> None:

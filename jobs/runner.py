@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
@@ -26,7 +26,8 @@ from agent.events import JobResult
 from crashpoints import crash_point
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
-from storage.abc import ConversationStore, InboxEvent, JobRecord, StoreUnavailableError
+from storage.abc import ConversationStore, InboxEvent, ItemTooLargeError, JobRecord, StoreUnavailableError
+from untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,38 @@ RUNNER_FIELDS = ("status", "attempt", "interruptions", "progress", "progress_tex
 
 #: How many times a job may be cut short by the process dying before it is failed.
 MAX_INTERRUPTIONS = 20
+
+
+#: Longest progress text kept (an MCP server's progress message is untrusted and unbounded).
+MAX_PROGRESS_TEXT_CHARS = 500
+#: Result fields kept beside the clipped message of an oversized result: short scalars only.
+_KEPT_FIELD_CHARS = 200
+
+
+def clip_result(result: Any, limit: int) -> Any:
+    """A job's result within ``limit`` characters of JSON: as it is if it fits, else its ``message``
+    (or its whole JSON) clipped with a note, beside its short scalar fields (e.g. ``status``)."""
+    encoded = json.dumps(result, default=str)
+    if len(encoded) <= limit:
+        return result
+    fields = result if isinstance(result, dict) else {}
+    kept = {k: v for k, v in fields.items() if k != "message" and (
+        isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= _KEPT_FIELD_CHARS))}
+    message = fields.get("message")
+    text = message if isinstance(message, str) else encoded
+    return {**kept, "message": clip(text, limit), "clipped": True}
+
+
+def bounded_job(job: JobRecord, limit: int) -> JobRecord:
+    """The job with its tool-written fields (result, error, progress text) clipped before storing."""
+    changes: dict[str, Any] = {}
+    if job.result is not None and (clipped := clip_result(job.result, limit)) is not job.result:
+        changes["result"] = clipped
+    if job.error and len(job.error) > limit:
+        changes["error"] = clip(job.error, limit)
+    if job.progress_text and len(job.progress_text) > MAX_PROGRESS_TEXT_CHARS:
+        changes["progress_text"] = clip(job.progress_text, MAX_PROGRESS_TEXT_CHARS)
+    return replace(job, **changes) if changes else job
 
 
 class Scheduling(Protocol):
@@ -99,7 +132,11 @@ class JobRunner:
         registry: JobRegistry,
         wake: Wake,
         progress_listener: Callable[[JobRecord], Awaitable[None]] | None = None,
+        *,
+        max_result_chars: int = DEFAULT_MAX_TOOL_RESULT_CHARS,
     ) -> None:
+        """``max_result_chars``: a job's result and error are clipped to this before they are stored."""
+        self._max_result_chars = max_result_chars
         self._store = store
         self._registry = registry
         self._wake = wake
@@ -233,10 +270,12 @@ class JobRunner:
 
     async def _save(self, job: JobRecord) -> JobRecord:
         """Write the fields the runner owns; what others set meanwhile (cancel, card id) stays."""
+        job = bounded_job(job, self._max_result_chars)
         changes = {name: getattr(job, name) for name in RUNNER_FIELDS}
         return await self._store.patch_job(job.conversation_key, job.id, changes)
 
     async def _finish(self, job: JobRecord) -> None:
+        job = bounded_job(job, self._max_result_chars)  # the record and the inbox event alike
         # The outcome must reach the store: wait out a store outage rather than lose it.
         await self._until_stored(lambda: self._announce(job), job.id)
         crash_point("job_event_appended")
@@ -259,7 +298,15 @@ class JobRunner:
                 delay = min(delay * 2, 15.0)
 
     async def _announce(self, job: JobRecord) -> None:
-        if await self._store.append_event(job.conversation_key, finished_event(job)):
+        try:
+            appended = await self._store.append_event(job.conversation_key, finished_event(job))
+        except ItemTooLargeError as exc:  # e.g. huge arguments: announce the outcome without them
+            log.error("job %s: its finished event is too large to store (%s); announcing it without the "
+                      "arguments and output", job.id, exc)
+            event = finished_event(job.evolve(arguments={}, result={"message": "(too large to store)"},
+                                              error="the job's outcome was too large to store"))
+            appended = await self._store.append_event(job.conversation_key, event)
+        if appended:
             self._wake(job.conversation_key)
 
     async def shutdown(self, timeout: float = 10.0) -> None:

@@ -39,6 +39,31 @@ class ConcurrencyError(StoreError):
         self.key = key
 
 
+#: Default of STORE_MAX_ITEM_BYTES: the largest item a store writes (UTF-8 JSON). Cosmos DB refuses
+#: items over 2 MB; SQLite and memory enforce the same cap so every store behaves the same.
+MAX_ITEM_BYTES = 2 * 1024 * 1024
+
+
+class ItemTooLargeError(StoreError):
+    """The item is larger than the store accepts (Cosmos DB: 413). Retrying cannot help: the write
+    is a permanent failure of whatever produced it."""
+
+    def __init__(self, what: str, size: int | None, limit: int) -> None:
+        measured = f" ({size} bytes)" if size is not None else ""
+        super().__init__(f"{what} is too large to store{measured}; the limit is {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def check_item_size(what: str, encoded: str, limit: int) -> None:
+    """Raise :class:`ItemTooLargeError` if ``encoded`` (the item's JSON) exceeds ``limit`` bytes."""
+    if len(encoded) * 4 <= limit:  # cheap: no UTF-8 character takes more than 4 bytes
+        return
+    size = len(encoded.encode("utf-8"))
+    if size > limit:
+        raise ItemTooLargeError(what, size, limit)
+
+
 class JobNotFoundError(StoreError, LookupError):
     def __init__(self, key: str, job_id: str) -> None:
         super().__init__(f"no job {job_id!r} in conversation {key!r}")
@@ -156,7 +181,8 @@ class ConversationStore(ABC):
     # --- inbox ---
     @abstractmethod
     async def append_event(self, key: str, event: InboxEvent) -> bool:
-        """Append an event; return False (and change nothing) if its id is already there."""
+        """Append an event; return False (and change nothing) if its id is already there.
+        Raises :class:`ItemTooLargeError` (nothing written) if the event exceeds the item size limit."""
 
     @abstractmethod
     async def has_event(self, key: str, event_id: str) -> bool: ...
@@ -190,7 +216,8 @@ class ConversationStore(ABC):
         """Atomically write ``record``, mark ``processed`` events done and create ``new_jobs``.
 
         Conditional on ``record.etag`` (None = must not exist yet). Raises
-        :class:`ConcurrencyError` if the stored etag differs; nothing is written then.
+        :class:`ConcurrencyError` if the stored etag differs, :class:`ItemTooLargeError` if the
+        record exceeds the store's item size limit; nothing is written then.
         Returns the record with its new etag.
         """
 

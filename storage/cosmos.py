@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import platform
 import string
@@ -81,15 +82,18 @@ from azure.identity.aio import DefaultAzureCredential
 
 from storage.abc import (
     JSON,
+    MAX_ITEM_BYTES,
     SCHEMA_VERSION,
     ConcurrencyError,
     ConversationRecord,
     ConversationStore,
     InboxEvent,
+    ItemTooLargeError,
     JobNotFoundError,
     JobRecord,
     OutboxMessage,
     StoreError,
+    check_item_size,
     translate_errors,
 )
 
@@ -199,10 +203,13 @@ class CosmosStore(ConversationStore):
         item_ttl_days: int | None = None,
         retry_total: int = 9,
         retry_backoff_max: int = 30,
+        max_item_bytes: int | None = MAX_ITEM_BYTES,
     ) -> None:
         """``key`` None = Entra ID (DefaultAzureCredential). ``connection_verify=False`` skips TLS
         checks (the SDK already does for ``localhost``/``127.0.0.1``, e.g. the emulator).
-        ``item_ttl_days`` expires dialog-state items (None: never)."""
+        ``item_ttl_days`` expires dialog-state items (None: never). ``max_item_bytes``: items larger
+        are refused before they are sent (None: only the service's own 2 MB limit, its 413)."""
+        self._max_item_bytes = max_item_bytes
         self._endpoint = endpoint
         self._key = key
         self._database_name = database
@@ -300,6 +307,19 @@ class CosmosStore(ConversationStore):
             doc["ttl"] = ttl
         return doc
 
+    def _check_size(self, what: str, doc: JSON) -> None:
+        if self._max_item_bytes is not None:
+            check_item_size(what, json.dumps(doc), self._max_item_bytes)
+
+    async def _write(self, what: str, write: Awaitable[T]) -> T:
+        """One write; the service's 413 ("Request size is too large") is :class:`ItemTooLargeError`."""
+        try:
+            return await write
+        except exceptions.CosmosHttpResponseError as error:
+            if _is_status(error, 413):
+                raise ItemTooLargeError(what, None, MAX_ITEM_BYTES) from error
+            raise
+
     async def _read(self, pk: str, item_id: str) -> JSON | None:
         try:
             return dict(await self.container.read_item(item_id, partition_key=pk))
@@ -360,8 +380,10 @@ class CosmosStore(ConversationStore):
 
     async def append_event(self, key: str, event: InboxEvent) -> bool:
         doc = self._event_doc(key, event)  # stamps arrival now, in call order
+        what = f"event {event.id!r} of conversation {key!r}"
+        self._check_size(what, doc)
         try:
-            await self.container.create_item(doc)
+            await self._write(what, self.container.create_item(doc))
         except exceptions.CosmosResourceExistsError:
             return False
         return True
@@ -477,6 +499,9 @@ class CosmosStore(ConversationStore):
             job_intents=intents,
             updated_at=time.time(),
         )
+        self._check_size(f"conversation {key!r}", doc)
+        for job in new_jobs:
+            self._check_size(f"job {job.id!r}", self._job_doc(job))
         try:
             if record.etag is None:
                 written = await self.container.create_item(doc)
@@ -492,7 +517,7 @@ class CosmosStore(ConversationStore):
             raise ConcurrencyError(key) from None
         except exceptions.CosmosHttpResponseError as error:
             if _is_status(error, 413):
-                raise StoreError(f"conversation {key!r} exceeds the Cosmos DB item size limit (2 MB)") from error
+                raise ItemTooLargeError(f"conversation {key!r}", None, MAX_ITEM_BYTES) from error
             raise
 
         # After the commit: the hints, best effort (the next commit or job read repeats them).
@@ -557,7 +582,9 @@ class CosmosStore(ConversationStore):
         return JobRecord.from_json(doc["job"])
 
     async def put_job(self, job: JobRecord) -> None:
-        await self.container.upsert_item(self._job_doc(job))
+        doc, what = self._job_doc(job), f"job {job.id!r}"
+        self._check_size(what, doc)
+        await self._write(what, self.container.upsert_item(doc))
 
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
         """Read, change, replace with the item's etag; a 412 means another writer moved: redo."""
@@ -570,9 +597,11 @@ class CosmosStore(ConversationStore):
             if doc is None:
                 raise JobNotFoundError(key, job_id)
             job = JobRecord.from_json(doc["job"]).evolve(**changes)
+            new_doc, what = self._job_doc(job), f"job {job_id!r}"
+            self._check_size(what, new_doc)
             try:
-                await self.container.replace_item(item_id, self._job_doc(job), etag=doc["_etag"],
-                                                  match_condition=MatchConditions.IfNotModified)
+                await self._write(what, self.container.replace_item(item_id, new_doc, etag=doc["_etag"],
+                                                                    match_condition=MatchConditions.IfNotModified))
             except exceptions.CosmosHttpResponseError as error:
                 if _is_status(error, 412):
                     continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
@@ -14,18 +15,21 @@ from typing import Any
 
 from storage.abc import (
     JSON,
+    MAX_ITEM_BYTES,
     ConcurrencyError,
     ConversationRecord,
     ConversationStore,
     InboxEvent,
     JobNotFoundError,
     JobRecord,
+    check_item_size,
     new_id,
 )
 
 
 class MemoryStore(ConversationStore):
-    def __init__(self) -> None:
+    def __init__(self, *, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
+        self._max_item_bytes = max_item_bytes  # the same cap as the durable stores (see storage.abc)
         self._lock = asyncio.Lock()
         self._records: dict[str, ConversationRecord] = {}
         self._references: dict[str, JSON] = {}
@@ -53,6 +57,8 @@ class MemoryStore(ConversationStore):
         events = self._events.setdefault(key, {})
         if event.id in events:
             return False
+        check_item_size(f"event {event.id!r} of conversation {key!r}", json.dumps(event.payload),
+                        self._max_item_bytes)
         events[event.id] = (copy.deepcopy(event), False)
         self._event_written[key, event.id] = time.time()
         return True
@@ -84,6 +90,10 @@ class MemoryStore(ConversationStore):
             stored = self._records.get(record.key)
             if (stored.etag if stored else None) != record.etag:
                 raise ConcurrencyError(record.key)
+            doc = {"agent_state": record.agent_state, "outbox": [(m.id, m.activity) for m in record.outbox]}
+            check_item_size(f"conversation {record.key!r}", json.dumps(doc), self._max_item_bytes)
+            for job in new_jobs:
+                check_item_size(f"job {job.id!r}", json.dumps(job.to_json()), self._max_item_bytes)
             now = time.time()
             committed = copy.deepcopy(record.evolve(etag=new_id()))
             self._records[record.key] = committed
@@ -112,12 +122,14 @@ class MemoryStore(ConversationStore):
             raise JobNotFoundError(key, job_id) from None
 
     async def put_job(self, job: JobRecord) -> None:
+        check_item_size(f"job {job.id!r}", json.dumps(job.to_json()), self._max_item_bytes)
         self._jobs.setdefault(job.conversation_key, {})[job.id] = copy.deepcopy(job)
         self._job_written[job.conversation_key, job.id] = time.time()
 
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
         async with self._lock:
             job = (await self.get_job(key, job_id)).evolve(**changes)
+            check_item_size(f"job {job_id!r}", json.dumps(job.to_json()), self._max_item_bytes)
             self._jobs[key][job_id] = copy.deepcopy(job)
             self._job_written[key, job_id] = time.time()
             return job

@@ -27,6 +27,7 @@ import aiosqlite
 
 from storage.abc import (
     JSON,
+    MAX_ITEM_BYTES,
     SCHEMA_VERSION,
     ConcurrencyError,
     ConversationRecord,
@@ -36,6 +37,7 @@ from storage.abc import (
     JobRecord,
     OutboxMessage,
     StoreError,
+    check_item_size,
     new_id,
     translate_errors,
 )
@@ -169,8 +171,10 @@ def _record_from_doc(key: str, etag: str, doc: str) -> ConversationRecord:
 
 @translate_errors(sqlite3.Error, OSError)
 class SqliteStore(ConversationStore):
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
+        """``max_item_bytes``: the largest row document written (Cosmos DB's item limit by default)."""
         self._path = Path(path)
+        self._max_item_bytes = max_item_bytes
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
 
@@ -232,9 +236,11 @@ class SqliteStore(ConversationStore):
 
     # --- inbox ---
     async def append_event(self, key: str, event: InboxEvent) -> bool:
+        payload = json.dumps(event.payload)
+        check_item_size(f"event {event.id!r} of conversation {key!r}", payload, self._max_item_bytes)
         inserted = await self._write(
             "INSERT OR IGNORE INTO events (key, id, kind, payload, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (key, event.id, event.kind, json.dumps(event.payload), event.created_at, time.time()),
+            (key, event.id, event.kind, payload, event.created_at, time.time()),
         )
         return inserted == 1
 
@@ -271,6 +277,10 @@ class SqliteStore(ConversationStore):
     ) -> ConversationRecord:
         etag = new_id()
         doc = _record_to_doc(record)
+        check_item_size(f"conversation {record.key!r}", doc, self._max_item_bytes)
+        jobs = [(j, json.dumps(j.to_json())) for j in new_jobs]
+        for job, job_doc in jobs:
+            check_item_size(f"job {job.id!r}", job_doc, self._max_item_bytes)
         async with self._lock:
             db = self.db
             await db.execute("BEGIN IMMEDIATE")
@@ -296,8 +306,7 @@ class SqliteStore(ConversationStore):
                     await db.executemany(
                         "INSERT OR IGNORE INTO jobs (key, id, status, created_at, doc, updated_at) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        [(j.conversation_key, j.id, j.status, j.created_at, json.dumps(j.to_json()), now)
-                         for j in new_jobs],
+                        [(j.conversation_key, j.id, j.status, j.created_at, job_doc, now) for j, job_doc in jobs],
                     )
                 await db.execute("COMMIT")
             except BaseException:
@@ -320,11 +329,13 @@ class SqliteStore(ConversationStore):
         return JobRecord.from_json(json.loads(row[0]))
 
     async def put_job(self, job: JobRecord) -> None:
+        doc = json.dumps(job.to_json())
+        check_item_size(f"job {job.id!r}", doc, self._max_item_bytes)
         await self._write(
             "INSERT INTO jobs (key, id, status, created_at, doc, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (key, id) DO UPDATE SET status = excluded.status, doc = excluded.doc, "
             "updated_at = excluded.updated_at",
-            (job.conversation_key, job.id, job.status, job.created_at, json.dumps(job.to_json()), time.time()),
+            (job.conversation_key, job.id, job.status, job.created_at, doc, time.time()),
         )
 
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
@@ -337,8 +348,10 @@ class SqliteStore(ConversationStore):
                 if row is None:
                     raise JobNotFoundError(key, job_id)
                 job = JobRecord.from_json(json.loads(row[0])).evolve(**changes)
+                doc = json.dumps(job.to_json())
+                check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
                 await db.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
-                                 (job.status, json.dumps(job.to_json()), time.time(), key, job_id))
+                                 (job.status, doc, time.time(), key, job_id))
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")

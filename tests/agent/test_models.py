@@ -36,6 +36,7 @@ from storage.memory import MemoryStore
 from tests.support import fake_openai as fm
 from tests.support.botproc import free_port
 from tests.support.fake_openai import FakeOpenAI
+from untrusted import tool_output_data
 
 KEY = "emulator:c1"
 REFERENCE = {"conversation": {"id": "c1"}, "serviceUrl": "http://127.0.0.1:9/"}
@@ -197,7 +198,7 @@ async def test_a_tool_call_from_the_model_schedules_a_job_and_the_model_sees_the
     assert (job.tool, job.arguments, job.call_id) == ("activate_new_line", {"phone_number": "555-0100"}, "call_1")
     second = fake.requests()[1]
     [result] = second.tool_results
-    assert result["tool_call_id"] == "call_1" and json.loads(result["content"])["job_id"] == job.id
+    assert result["tool_call_id"] == "call_1" and json.loads(tool_output_data(result["content"]))["job_id"] == job.id
     assert second.messages[-2]["tool_calls"][0]["function"]["name"] == "activate_new_line"
     assert outcome.replies == [f"I've started activating line 555-0100 (job `{job.id}`). It takes about 1 seconds; "
                                "I'll message you here when it's done."]

@@ -134,7 +134,7 @@ async def test_a_job_result_is_told_plainly_when_the_model_is_down() -> None:
     p = processor(store, sender, UnreachableModel())
     p.wake(KEY)
     await p.idle()
-    assert sender.texts[-1] == "Background job `j1` (activate_new_line) succeeded: Line 555-0100 is active."
+    assert sender.texts[-1] == "Background job `j1` (`activate_new_line`) succeeded: Line 555-0100 is active."
 
 
 async def test_an_unreadable_stored_state_fails_the_turn_not_the_processor() -> None:

@@ -12,6 +12,7 @@ from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
+from untrusted import tool_output_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
@@ -43,10 +44,11 @@ def test_activation_answers_at_once_and_announces_completion(bot: BotProcess, co
 
     messages = stored.agent_messages(f"emulator:{conv}")
     [call] = [c for m in messages if m["type"] == "AssistantMessage" and isinstance(m["content"], list)
-              for c in m["content"]]
+              for c in m["content"] if c["name"] != "background_job_result"]
     assert call["name"] == "activate_new_line" and json.loads(call["arguments"]) == {"phone_number": "555-0100"}
-    [outcome] = [m for m in messages if m["type"] == "UserMessage" and m["source"] == "background_job"]
-    result = json.loads(outcome["content"].split("\n", 1)[1])
+    [outcome] = [r for m in messages if m["type"] == "FunctionExecutionResultMessage"
+                 for r in m["content"] if r["name"] == "background_job_result"]
+    result = json.loads(tool_output_data(outcome["content"]))
     assert result["call_id"] == call["id"] and result["status"] == "succeeded"
     assert json.loads(result["content"])["status"] == "active"
     [job] = stored.jobs(f"emulator:{conv}")
@@ -109,8 +111,9 @@ def test_parallel_jobs_are_each_reported(bot: BotProcess, conn: RecordingConnect
     time.sleep(0.5)
     done = completions(conn, conv)
     assert sorted(re.search(r"Line (\S+) is active", t).group(1) for t in done) == numbers  # type: ignore[union-attr]
-    results = [m for m in stored.agent_messages(f"emulator:{conv}") if m.get("source") == "background_job"]
-    assert len({json.loads(m["content"].split("\n", 1)[1])["job_id"] for m in results}) == min(count, len(results))
+    results = [r for m in stored.agent_messages(f"emulator:{conv}") if m["type"] == "FunctionExecutionResultMessage"
+               for r in m["content"] if r["name"] == "background_job_result"]
+    assert len({json.loads(tool_output_data(r["content"]))["job_id"] for r in results}) == min(count, len(results))
     assert all(j["status"] == "succeeded" for j in stored.jobs(f"emulator:{conv}"))
 
 

@@ -10,6 +10,7 @@
 // (lib/handler/read-document) dereferences the stored document before checking that it exists,
 // so reading a missing item answers 500 instead of 404. The route table copies the handler when
 // lib/routes is first loaded, so the fix has to be installed before the server module is required.
+// It also enforces the service's 2 MB request size (413), which the package does not.
 "use strict";
 
 const path = require("path");
@@ -42,8 +43,28 @@ readDocument.default = (account, req, res, params) => {
 
 const { createHttpsServer } = lib("index");
 
+// The real service refuses a request larger than its 2 MB item limit with 413 "Request size is too
+// large"; the package accepts any size. Answer as the service does, before the package sees it.
+const MAX_REQUEST_BYTES = 2 * 1024 * 1024;
+const enforceRequestSize = (server) => {
+  const handlers = server.listeners("request");
+  server.removeAllListeners("request");
+  server.on("request", (req, res) => {
+    if (parseInt(req.headers["content-length"] || "0", 10) > MAX_REQUEST_BYTES) {
+      req.resume(); // drain the body, then answer
+      req.on("end", () => {
+        res.writeHead(413, { "Content-Type": "application/json", "x-ms-activity-id": "size-check" });
+        res.end(JSON.stringify({ code: "RequestEntityTooLarge", message: "Request size is too large" }));
+      });
+      return;
+    }
+    for (const handler of handlers) handler.call(server, req, res);
+  });
+  return server;
+};
+
 const port = parseInt(process.argv[2] || process.env.COSMOS_SERVER_PORT || "0", 10);
-const server = createHttpsServer().listen(port, "127.0.0.1", () => {
+const server = enforceRequestSize(createHttpsServer()).listen(port, "127.0.0.1", () => {
   const address = server.address();
   console.log(`cosmosdb-server ready https://127.0.0.1:${address.port}`);
 });

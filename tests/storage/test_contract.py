@@ -16,13 +16,16 @@ from typing import Any
 import pytest
 
 from storage.abc import (
+    MAX_ITEM_BYTES,
     ConcurrencyError,
     ConversationRecord,
     ConversationStore,
     InboxEvent,
+    ItemTooLargeError,
     JobNotFoundError,
     JobRecord,
     OutboxMessage,
+    StoreUnavailableError,
 )
 
 MakeKey = Callable[[str], str]
@@ -691,3 +694,30 @@ async def test_forget_is_idempotent(store: ConversationStore, key: str) -> None:
     assert await store.forget_conversation(key, item_keys=[f"dialog/{key}"]) == 5
     assert await store.forget_conversation(key, item_keys=[f"dialog/{key}"]) == 0
     assert await store.forget_conversation(make_unknown := f"{key}-never-seen") == 0, make_unknown
+# --- the item size limit (issue 13, finding 11) ------------------------------------------------
+
+
+async def test_too_large_items_are_refused_with_a_distinct_error_and_nothing_written(
+        store: ConversationStore, key: str) -> None:
+    """Every store refuses what Cosmos DB refuses (over 2 MB) with ItemTooLargeError, a permanent
+    failure the processor can tell from an outage; nothing of the refused write is stored."""
+    huge = "x" * (MAX_ITEM_BYTES + 1000)
+    await store.append_event(key, _event("e1"))
+    small = await store.commit(ConversationRecord(key=key, agent_state={"v": 1}), processed=[])
+    with pytest.raises(ItemTooLargeError):
+        await store.commit(small.evolve(agent_state={"v": huge}), processed=["e1"], new_jobs=[_job(key, "j1")])
+    assert (await store.load(key)).agent_state == {"v": 1}
+    assert await _pending_ids(store, key) == ["e1"]
+    with pytest.raises(JobNotFoundError):
+        await store.get_job(key, "j1")
+    with pytest.raises(ItemTooLargeError):
+        await store.append_event(key, _event("e2", text=huge))
+    assert not await store.has_event(key, "e2")
+    await store.put_job(_job(key, "j2"))
+    with pytest.raises(ItemTooLargeError):
+        await store.patch_job(key, "j2", {"result": {"message": huge}})
+    assert (await store.get_job(key, "j2")).result is None
+    # The conversation goes on: a normal commit after the refused one works.
+    done = await store.commit(small.evolve(agent_state={"v": 2}), processed=["e1"])
+    assert (await store.load(key)).agent_state == {"v": 2} and done.etag
+    assert not isinstance(ItemTooLargeError("x", 1, 0), StoreUnavailableError)

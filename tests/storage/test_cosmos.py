@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from azure.cosmos.exceptions import CosmosHttpResponseError
 from blockbuster import blockbuster_ctx
 
 from storage.abc import (
@@ -23,6 +24,7 @@ from storage.abc import (
     ConcurrencyError,
     ConversationRecord,
     InboxEvent,
+    ItemTooLargeError,
     JobRecord,
     OutboxMessage,
 )
@@ -365,3 +367,18 @@ def test_throttled_responses_are_logged(caplog: pytest.LogCaptureFixture) -> Non
     assert [r.getMessage() for r in caplog.records] == [
         "Cosmos DB answered 429 to POST https://127.0.0.1/dbs/d/colls/c/docs (retry after 12 ms); the SDK retries it"
     ]
+
+
+@pytest.mark.filterwarnings("ignore:Sending a large body:ResourceWarning")  # aiohttp on a 3 MB body: expected
+async def test_the_service_413_for_an_oversized_item_is_item_too_large(open_store: OpenStore, key: str) -> None:
+    """With no client-side cap, the request reaches the (wire) server, which answers 413 "Request size
+    is too large" as Cosmos DB does: that is ItemTooLargeError (permanent), not an outage to retry."""
+    store = await open_store(max_item_bytes=None)
+    huge = "x" * (3 * 1024 * 1024)
+    with pytest.raises(ItemTooLargeError) as refused:
+        await store.commit(ConversationRecord(key=key, agent_state={"big": huge}))
+    assert isinstance(refused.value.__cause__, CosmosHttpResponseError) and refused.value.__cause__.status_code == 413
+    with pytest.raises(ItemTooLargeError):
+        await store.append_event(key, InboxEvent(id="big", kind="message", payload={"text": huge}))
+    assert not await store.has_event(key, "big")
+    assert (await store.load(key)).etag is None

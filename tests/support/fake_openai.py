@@ -37,6 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.support.loop_thread import LoopServer
+from untrusted import tool_output_data
 
 __all__ = [
     "ChatRequest",
@@ -186,13 +187,14 @@ def content_filtered_prompt() -> Reply:
 def echo_responder(request: ChatRequest) -> Reply:
     """Default answer: a text that shows what the model was given last.
 
-    - after tool results: the ``message`` field of each JSON result (or the raw content), joined;
+    - after tool results: the ``message`` field of each JSON result (or the raw content), joined
+      (read from inside the bot's untrusted-data markers, as a model would);
     - for a user message: ``"echo: <its text>"``.
     """
     if results := request.tool_results:
         parts = []
         for result in results:
-            said = str(result.get("content", ""))
+            said = tool_output_data(str(result.get("content", "")))
             try:
                 data = json.loads(said)
             except ValueError:
