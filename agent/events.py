@@ -75,9 +75,9 @@ class JobResult:
     arguments: dict[str, Any]
 
 
-def format_job_result(result: JobResult) -> str:
-    """The old user-message form (kept for tests of stored state written by earlier versions)."""
-    body = {
+def job_result_body(result: JobResult) -> dict[str, Any]:
+    """A finished job's outcome as the JSON object the model reads (whatever message carries it)."""
+    return {
         "job_id": result.job_id,
         "call_id": result.call_id,
         "tool": result.tool,
@@ -86,7 +86,11 @@ def format_job_result(result: JobResult) -> str:
         "is_error": result.is_error,
         "content": result.content,
     }
-    return f"{_HEADER}\n{json.dumps(body)}"
+
+
+def format_job_result(result: JobResult) -> str:
+    """The old user-message form (kept for tests of stored state written by earlier versions)."""
+    return f"{_HEADER}\n{json.dumps(job_result_body(result))}"
 
 
 def parse_job_result(text: str) -> JobResult | None:

@@ -22,7 +22,7 @@ from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import AssistantMessage, FunctionExecutionResult, FunctionExecutionResultMessage
 from autogen_core.tools import StaticWorkbench, TextResultContent, ToolResult
 
-from agent.events import JobResult
+from agent.events import JobResult, job_result_body
 from untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip, delimit_tool_output
 
 #: The name of the (never offered) tool call that carries a finished job's outcome to the model.
@@ -49,16 +49,8 @@ class UntrustedOutputWorkbench(StaticWorkbench):
 
 def format_job_outcome(result: JobResult, limit: int = DEFAULT_MAX_TOOL_RESULT_CHARS) -> str:
     """The job's outcome as the tool message's content: JSON, the tool's output clipped, delimited."""
-    body = {
-        "job_id": result.job_id,
-        "call_id": result.call_id,
-        "tool": result.tool,
-        "arguments": result.arguments,
-        "status": result.status,
-        "is_error": result.is_error,
-        # Already clipped by the job runner; this bounds events stored by older versions.
-        "content": clip(result.content, 2 * limit),
-    }
+    # Already clipped by the job runner; this bounds events stored by older versions.
+    body = {**job_result_body(result), "content": clip(result.content, 2 * limit)}
     return delimit_tool_output(clip(json.dumps(body), 4 * limit))
 
 

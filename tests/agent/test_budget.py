@@ -160,5 +160,5 @@ async def test_a_spent_budget_is_told_and_a_job_result_given_plainly() -> None:
     spent, job_note, outcome = sender.texts
     assert "used up today's model budget" in spent and "midnight UTC" in spent
     assert "Here is a job's outcome as it came in" in job_note
-    assert outcome == "Background job `j1` (activate_new_line) succeeded: Line 555-0100 is active."
+    assert outcome == r"Background job `j1` (`activate_new_line`) succeeded: Line 555-0100 is active."
     assert await store.count_pending_events(KEY) == 0  # told, and the conversation goes on

@@ -19,7 +19,7 @@ import jwt
 import pytest
 
 from tests.support.activities import conversation_update, message, new_conversation_id, teams_channel_mention
-from tests.support.botproc import BotProcess, free_port
+from tests.support.botproc import BotProcess, free_port, log_text, wait_for_log
 from tests.support.connector import RecordingConnector
 from tests.support.openid import OpenIdServer
 
@@ -87,17 +87,6 @@ def stored_rows(data_dir: Path, conversation_id: str | None = None) -> int:
         db.close()
 
 
-def log_text(bot: BotProcess) -> str:
-    return "\n".join(path.read_text("utf-8", "replace") for path in bot.log_files)
-
-
-def wait_for_log(bot: BotProcess, needle: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while needle not in (text := log_text(bot)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not in the bot's log:\n{bot.log_tail(40)}")
-        time.sleep(0.05)
-    return text
 
 
 # (case id, header builder(idp, activity service url), what the log line must say)

@@ -10,14 +10,13 @@ import json
 import re
 import socket
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import REPO_ROOT, BotProcess, BotStartError, free_port, http_request
+from tests.support.botproc import REPO_ROOT, BotProcess, BotStartError, free_port, http_request, log_text, wait_for_log
 from tests.support.connector import RecordingConnector
 from tests.support.openid import OpenIdServer
 
@@ -52,17 +51,6 @@ def refused_start(tmp_path: Path, env: dict[str, str]) -> tuple[int | None, str]
     return bot.returncode, bot.log_tail()
 
 
-def log_text(bot: BotProcess) -> str:
-    return "\n".join(path.read_text("utf-8", "replace") for path in bot.log_files)
-
-
-def wait_for_log(bot: BotProcess, needle: str, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while needle not in (text := log_text(bot)):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not in the bot's log:\n{bot.log_tail(40)}")
-        time.sleep(0.05)
-    return text
 
 
 def stored_rows(bot: BotProcess, needle: str) -> int:

@@ -207,6 +207,6 @@ def test_a_job_result_arriving_on_a_spent_budget_is_told_plainly(
     assert conn.wait_for_texts(1, conv)[0].startswith("I've started activating line 555-0100")
     _, note, outcome = conn.wait_for_texts(3, conv, timeout=20)
     assert "model budget is used up" in note and "midnight UTC" in note
-    assert outcome.startswith("Background job `") and "(activate_new_line) succeeded" in outcome
+    assert outcome.startswith("Background job `") and "(`activate_new_line`) succeeded" in outcome
     assert "555-0100" in outcome
     assert len(fake.chat_requests()) == 2

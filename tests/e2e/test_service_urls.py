@@ -21,7 +21,7 @@ from tests.e2e.conftest import Deployment, Launch, StoreProbe
 from tests.e2e.test_auth import stored_rows
 from tests.e2e.test_conversation import say
 from tests.support.activities import conversation_update, message, new_conversation_id
-from tests.support.botproc import BotProcess, BotStartError
+from tests.support.botproc import BotProcess, BotStartError, log_text, wait_for_log
 from tests.support.connector import RecordingConnector
 from tests.support.openid import OpenIdServer
 
@@ -53,16 +53,6 @@ def only(conn: RecordingConnector) -> str:
     return f"http://127.0.0.1:{conn.port}"
 
 
-def log_text(bot: Deployment) -> str:
-    return "\n".join(path.read_text("utf-8", "replace") for path in bot.log_files)
-
-
-def wait_for_log(bot: Deployment, needle: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in log_text(bot):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{needle!r} not in the bot's log:\n{bot.log_tail(40)}")
-        time.sleep(0.05)
 
 
 def refusal_lines(bot: Deployment) -> list[str]:

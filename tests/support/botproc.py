@@ -17,9 +17,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
-__all__ = ["BotProcess", "BotStartError", "HttpEndpoint", "free_port", "http_request"]
+__all__ = ["BotProcess", "BotStartError", "HttpEndpoint", "free_port", "http_request", "log_text", "wait_for_log"]
 
 #: Repository root: tests/support/botproc.py -> parents[2].
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -283,3 +283,25 @@ class BotProcess(HttpEndpoint):
             except OSError as exc:
                 out.append(f"<cannot read: {exc}>")
         return "\n".join(out[-lines:])
+
+
+class _Logged(Protocol):
+    @property
+    def log_files(self) -> list[Path]: ...
+
+    def log_tail(self, lines: int = 80) -> str: ...
+
+
+def log_text(bot: _Logged) -> str:
+    """Everything a bot (a process or a cluster) has logged so far, across its starts."""
+    return "\n".join(path.read_text("utf-8", "replace") for path in bot.log_files)
+
+
+def wait_for_log(bot: _Logged, needle: str, timeout: float = 15.0) -> str:
+    """Wait until ``needle`` is in the bot's log; returns the whole log then."""
+    deadline = time.monotonic() + timeout
+    while needle not in (text := log_text(bot)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not in the bot's log:\n{bot.log_tail(40)}")
+        time.sleep(0.05)
+    return text
