@@ -43,6 +43,7 @@ COPY bot/ bot/
 COPY cluster/ cluster/
 COPY dialogs/ dialogs/
 COPY jobs/ jobs/
+COPY runtime/ runtime/
 COPY storage/ storage/
 
 # Numeric, so orchestrators that enforce runAsNonRoot can verify it.

@@ -27,10 +27,6 @@ from aiohttp import web
 from autogen_core.models import ChatCompletionClient
 from botbuilder.core import ConversationState
 
-import logs
-import metrics
-import ops
-import tracing
 from agent.budget import TokenBudget
 from agent.events import Requester
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
@@ -50,7 +46,6 @@ from bot.rate_limits import IngestLimits
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
 from cluster import Coordinator, LocalCoordinator
-from config import ConfigError, Settings
 from dialogs.commands import CommandDialogs
 from jobs.access import CancelRefusedError, JobAccess
 from jobs.activate_line import make_activate_line_tool
@@ -58,6 +53,8 @@ from jobs.caps import JobCaps
 from jobs.registry import JobRegistry
 from jobs.runner import CancelResult, JobRunner
 from jobs.scheduler import JobScheduler
+from runtime import logs, metrics, ops, tracing
+from runtime.config import ConfigError, Settings
 from storage.abc import ConversationStore
 from storage.sqlite import SqliteStore
 

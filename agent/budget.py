@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import metrics
+from runtime import metrics
 from storage.abc import JSON, ConversationStore
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from agent.events import Requester
-from crashpoints import crash_point
+from runtime.crashpoints import crash_point
 from storage.abc import JSON, ConversationRecord, ConversationStore
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,7 @@ from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel
 
 from agent.offline_model import OfflineChatCompletionClient
-from config import Settings
+from runtime.config import Settings
 
 if TYPE_CHECKING:  # imported when used: the offline model needs neither openai nor autogen-ext's clients
     from autogen_ext.models.openai import AzureOpenAIChatCompletionClient, OpenAIChatCompletionClient

@@ -48,10 +48,10 @@ from autogen_core.models import (
 from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel
 
-import metrics
 from agent.events import JOB_RESULT_SOURCE, parse_job_result
 from agent.tool_output import JOB_RESULT_TOOL
-from untrusted import escape_markdown, tool_output_data
+from runtime import metrics
+from runtime.untrusted import escape_markdown, tool_output_data
 
 CONFIGURE_HINT = (
     "To use a real model, set OPENAI_API_KEY (and optionally OPENAI_MODEL / OPENAI_BASE_URL for "

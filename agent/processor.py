@@ -18,14 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-import logs
-import metrics
-import tracing
 from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, JobResult, Requester
 from agent.forgetting import Forgetter, reset_confirmation
 from agent.outgoing import split_text
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
-from crashpoints import crash_point
+from runtime import logs, metrics, tracing
+from runtime.crashpoints import crash_point
+from runtime.untrusted import escape_markdown, inline_code
 from storage.abc import (
     JSON,
     ConcurrencyError,
@@ -36,7 +35,6 @@ from storage.abc import (
     JobRecord,
     OutboxMessage,
 )
-from untrusted import escape_markdown, inline_code
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from agent.models import UNKNOWN as UNKNOWN_PROVIDER
 from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tool_output import UntrustedOutputWorkbench, job_result_messages
 from agent.tools import TurnScope
+from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS
 from storage.abc import JSON, JobRecord
-from untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS
 
 log = logging.getLogger(__name__)
 

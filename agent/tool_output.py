@@ -23,7 +23,7 @@ from autogen_core.models import AssistantMessage, FunctionExecutionResult, Funct
 from autogen_core.tools import StaticWorkbench, TextResultContent, ToolResult
 
 from agent.events import JobResult, job_result_body
-from untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip, delimit_tool_output
+from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip, delimit_tool_output
 
 #: The name of the (never offered) tool call that carries a finished job's outcome to the model.
 JOB_RESULT_TOOL = "background_job_result"

@@ -17,8 +17,8 @@ from typing import Any
 
 from agent.events import Requester
 from jobs.access import shows_arguments, started_by_label
+from runtime.untrusted import clip, escape_markdown, inline_code
 from storage.abc import JSON, JobRecord
-from untrusted import clip, escape_markdown, inline_code
 
 CARD_CONTENT_TYPE = "application/vnd.microsoft.card.adaptive"
 CANCEL_VERB = "cancelJob"

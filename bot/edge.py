@@ -26,8 +26,6 @@ from botbuilder.integration.aiohttp import (
 )
 from botbuilder.schema import Activity
 
-import metrics
-import tracing
 from bot.auth import (
     AuthRejected,
     AuthUnavailable,
@@ -38,8 +36,9 @@ from bot.auth import (
 )
 from bot.request_body import BodyRejected, read_json_body
 from bot.service_urls import ServiceUrlPolicy, is_http_url
-from config import Settings
-from logs import CONTROL_CHARACTERS
+from runtime import metrics, tracing
+from runtime.config import Settings
+from runtime.logs import CONTROL_CHARACTERS
 from storage.abc import StoreError
 
 log = logging.getLogger(__name__)

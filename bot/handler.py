@@ -16,7 +16,6 @@ from botbuilder.core import TurnContext
 from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
-import tracing
 from agent.events import Requester
 from agent.forgetting import RESET_EVENT_PREFIX, reset_payload
 from bot.auth import TenantPolicy, activity_tenants
@@ -27,8 +26,9 @@ from bot.rate_limits import IngestLimits
 from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from jobs.access import CancelRefusedError
+from runtime import tracing
+from runtime.untrusted import inline_code
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
-from untrusted import inline_code
 
 log = logging.getLogger(__name__)
 

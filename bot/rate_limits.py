@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import metrics
 from agent.events import Requester
+from runtime import metrics
 from storage.abc import ConversationStore
 
 log = logging.getLogger(__name__)

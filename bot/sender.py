@@ -14,9 +14,9 @@ from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import Activity, ActivityTypes, ConversationReference
 
-import metrics
 from agent.processor import DeliveryError
 from bot.service_urls import ServiceUrlPolicy
+from runtime import metrics
 from storage.abc import JSON
 
 log = logging.getLogger(__name__)

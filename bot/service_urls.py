@@ -36,8 +36,8 @@ from urllib.parse import urlsplit
 
 import urllib3.util
 
-import metrics
-from config import ConfigError, Settings
+from runtime import metrics
+from runtime.config import ConfigError, Settings
 
 log = logging.getLogger(__name__)
 

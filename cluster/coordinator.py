@@ -6,7 +6,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import metrics
+from runtime import metrics
 
 log = logging.getLogger(__name__)
 

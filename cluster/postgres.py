@@ -28,8 +28,8 @@ from collections.abc import Callable
 
 import psycopg
 
-import metrics
 from cluster.coordinator import OnCancel, OnWake
+from runtime import metrics
 
 log = logging.getLogger(__name__)
 

@@ -19,15 +19,13 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-import logs
-import metrics
-import tracing
 from agent.events import JobResult
-from crashpoints import crash_point
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
+from runtime import logs, metrics, tracing
+from runtime.crashpoints import crash_point
+from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip
 from storage.abc import ConversationStore, InboxEvent, ItemTooLargeError, JobRecord, StoreUnavailableError
-from untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip
 
 log = logging.getLogger(__name__)
 

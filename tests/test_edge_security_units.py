@@ -9,9 +9,9 @@ import logging
 
 import pytest
 
-import logs
 from bot.request_body import json_depth_exceeds
-from config import ConfigError, Settings
+from runtime import logs
+from runtime.config import ConfigError, Settings
 
 FORGED = "2026-01-01 00:00:00,000 CRITICAL app: FORGED admin login ok"
 

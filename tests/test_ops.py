@@ -20,10 +20,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-import logs
-import metrics
 from app import SERVICES, create_app, readiness
-from config import ConfigError, Settings
+from runtime import logs, metrics
+from runtime.config import ConfigError, Settings
 from storage.abc import JSON, JobRecord, StoreUnavailableError
 from storage.memory import MemoryStore
 from tests.support.activities import message, new_conversation_id

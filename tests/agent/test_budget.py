@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from autogen_core.models import CreateResult, LLMMessage, RequestUsage
 
-import metrics
 from agent.budget import TokenBudget
 from agent.events import Requester
 from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
 from agent.runner import AgentError, AgentInput, AgentTurnRunner
+from runtime import metrics
 from storage.abc import InboxEvent
 from storage.memory import MemoryStore
 

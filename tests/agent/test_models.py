@@ -27,16 +27,16 @@ from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentError, AgentInput, AgentTurnRunner, TurnOutcome
 from agent.tools import turn_tools
-from config import ConfigError, Settings
 from jobs.activate_line import make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
+from runtime.config import ConfigError, Settings
+from runtime.untrusted import tool_output_data
 from storage.abc import JSON, InboxEvent
 from storage.memory import MemoryStore
 from tests.support import fake_openai as fm
 from tests.support.botproc import free_port
 from tests.support.fake_openai import FakeOpenAI
-from untrusted import tool_output_data
 
 KEY = "emulator:c1"
 REFERENCE = {"conversation": {"id": "c1"}, "serviceUrl": "http://127.0.0.1:9/"}

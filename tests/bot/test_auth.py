@@ -32,7 +32,7 @@ from bot.auth import (
     rejection_reason,
 )
 from bot.edge import create_adapter, messages_handler
-from config import ConfigError, Settings
+from runtime.config import ConfigError, Settings
 from tests.support.activities import message
 from tests.support.openid import OpenIdServer
 

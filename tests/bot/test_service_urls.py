@@ -14,7 +14,7 @@ from agent.processor import DeliveryError
 from bot.handler import TeamsBot
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
-from config import ConfigError, Settings
+from runtime.config import ConfigError, Settings
 from storage.memory import MemoryStore
 from tests.support.activities import message
 

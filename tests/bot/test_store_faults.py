@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from app import create_app
-from config import Settings
+from runtime.config import Settings
 from storage.abc import StoreUnavailableError
 from storage.sqlite import SqliteStore
 from tests.support.activities import message, new_conversation_id

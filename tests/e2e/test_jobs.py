@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from runtime.untrusted import tool_output_data
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
-from untrusted import tool_output_data
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 

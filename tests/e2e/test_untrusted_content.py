@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from agent.outgoing import TEAMS_MESSAGE_BYTES, activity_bytes
+from runtime.untrusted import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_HEADER
 from storage.abc import ConversationStore
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
@@ -20,7 +21,6 @@ from tests.e2e.test_job_cards import card_in, facts
 from tests.e2e.test_mcp import write_config
 from tests.support.botproc import BotProcess
 from tests.support.connector import RecordingConnector
-from untrusted import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_HEADER
 
 pytestmark = pytest.mark.e2e
 

@@ -36,8 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
+from runtime.untrusted import tool_output_data
 from tests.support.loop_thread import LoopServer
-from untrusted import tool_output_data
 
 __all__ = [
     "ChatRequest",
