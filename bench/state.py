@@ -137,10 +137,11 @@ async def grow(store: ConversationStore, checkpoints: tuple[int, ...], tick: Cal
         if turn in wanted:
             samples[turn] = (spent.get("commit", 0.0), sum(spent.values()), elapsed, spent)
         for job in started:  # finish at once, announce, and fold the announcement in (not a sample)
-            done = job.evolve(status="succeeded", attempt=1, progress=1.0, finished_at=time.time(),
-                              result={"phone_number": job.arguments["phone_number"], "status": "active",
-                                      "message": f"Line {job.arguments['phone_number']} is active."})
-            await store.put_job(done)
+            # As the job runner records an outcome: a patch of the job the turn's commit created.
+            done = await store.patch_job(key, job.id, {
+                "status": "succeeded", "attempt": 1, "progress": 1.0, "finished_at": time.time(),
+                "result": {"phone_number": job.arguments["phone_number"], "status": "active",
+                           "message": f"Line {job.arguments['phone_number']} is active."}})
             await store.append_event(key, finished_event(done))
             processor.wake(key)
             await processor.idle()

@@ -21,7 +21,7 @@ from botbuilder.dialogs.choices import ListStyle
 from botbuilder.dialogs.prompts import PromptOptions
 from botbuilder.schema import Activity
 
-from storage.abc import JSON, ConversationStore
+from storage.abc import JSON, ItemStore
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _field(data: JSON, name: str, kind: type[Any]) -> Any:
 class ConversationStoreStorage(Storage):
     """Dialog state in the store's key/value items, as ``{"format": "dialog-json/1", "state": ...}``."""
 
-    def __init__(self, store: ConversationStore, prefix: str = DIALOG_PREFIX) -> None:
+    def __init__(self, store: ItemStore, prefix: str = DIALOG_PREFIX) -> None:
         self._store = store
         self._prefix = prefix
 

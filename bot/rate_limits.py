@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from agent.events import Requester
 from runtime import metrics
-from storage.abc import ConversationStore
+from storage.abc import ConversationLog
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def sender_id(who: Requester) -> str:
 class IngestLimits:
     def __init__(
         self,
-        store: ConversationStore,
+        store: ConversationLog,
         *,
         user_burst: int = 10,
         user_per_minute: float = 20,

@@ -7,7 +7,7 @@ same turn (or the same commit) recorded before are counted too: they are not in 
 
 Cost: the per-conversation count reads the conversation's jobs (one partition: a single-
 partition query on Cosmos DB); the per-user count reads every unfinished job of every
-conversation (``ConversationStore.unfinished_jobs``: on Cosmos DB two cross-partition queries,
+conversation (``JobStore.unfinished_jobs``: on Cosmos DB two cross-partition queries,
 whose request charge grows with the number of unfinished jobs, which these caps keep bounded).
 Both run only when a job is about to be recorded, never per message.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from agent.events import Requester
 from jobs.access import same_person, starter
-from storage.abc import ConversationStore, JobRecord
+from storage.abc import JobRecord, JobStore
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class JobCaps:
     per_conversation: int = 10
     per_user: int = 5
 
-    async def refusal(self, store: ConversationStore, conversation_key: str, requester: Requester | None,
+    async def refusal(self, store: JobStore, conversation_key: str, requester: Requester | None,
                       earlier: Sequence[JobRecord] = ()) -> tuple[str, str] | None:
         """None if one more job may start; else ``(reason, message for the user)``.
 

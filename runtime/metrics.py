@@ -18,7 +18,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-from storage.abc import ConversationStore
+from storage.abc import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def job_finished(tool: str, status: str, started_at: float | None, finished_at: 
         JOB_SECONDS.labels(tool, status).observe(max(0.0, finished_at - started_at))
 
 
-async def refresh_jobs(store: ConversationStore, timeout: float = 2.0) -> None:
+async def refresh_jobs(store: JobStore, timeout: float = 2.0) -> None:
     """Set ``teams_agent_jobs`` from the store; if it cannot answer in time the series are left out."""
     try:
         async with asyncio.timeout(timeout):

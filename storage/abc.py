@@ -1,174 +1,71 @@
-"""The durable store's interface: every implementation (memory, sqlite, cosmos) fulfils it.
+"""The durable store's interface, in three seams every implementation (memory, sqlite, cosmos) fulfils.
 
-A conversation is one record (agent state, outbox, version tag) plus its inbox events,
-its job records, and the conversation reference used for proactive sends. The record is
-only ever written with :meth:`ConversationStore.commit`, conditional on its etag, which is
-what makes "fold events into state" safe against crashes and concurrent writers.
+A conversation is one record (agent state, outbox, version tag) plus its inbox events, its job
+records and the conversation reference used for proactive sends. The record is only ever written
+with :meth:`ConversationLog.commit`, conditional on its etag, which is what makes "fold events into
+state" safe against crashes and concurrent writers.
+
+* :class:`ConversationLog`: the reference, the inbox, the record and its outbox (the processor, the ingest).
+* :class:`JobStore`: reading and patching job records (the job runner, cards, caps). Jobs are born
+  only in a :meth:`ConversationLog.commit` (``new_jobs``), atomically with the turn that started them.
+* :class:`ItemStore`: small opaque key/value items (botbuilder dialog state, token budgets).
+* :class:`ConversationStore`: all three, plus what spans them (lifecycle, forgetting, retention).
+  It is what a store implements and what the composition root passes around; a consumer that
+  needs one seam asks for just that seam.
+
+The records and errors live in :mod:`storage.records` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-JSON = dict[str, Any]
+from storage.records import (
+    JSON,
+    MAX_ITEM_BYTES,
+    SCHEMA_VERSION,
+    ConcurrencyError,
+    ConversationRecord,
+    InboxEvent,
+    ItemTooLargeError,
+    JobNotFoundError,
+    JobRecord,
+    OutboxMessage,
+    StoreError,
+    StoreUnavailableError,
+    check_item_size,
+    new_id,
+)
 
-#: Shape version written on every stored conversation document (see docs on migration).
-SCHEMA_VERSION = 1
-
-
-class StoreError(Exception):
-    """Base class of every error a store raises."""
-
-
-class StoreUnavailableError(StoreError):
-    """The store could not be reached or is throttling: retry later (ingest answers 503)."""
-
-
-class ConcurrencyError(StoreError):
-    """The record changed since it was loaded: reload and redo the work."""
-
-    def __init__(self, key: str) -> None:
-        super().__init__(f"conversation {key!r} was modified concurrently; reload and retry")
-        self.key = key
-
-
-#: Default of STORE_MAX_ITEM_BYTES: the largest item a store writes (UTF-8 JSON). Cosmos DB refuses
-#: items over 2 MB; SQLite and memory enforce the same cap so every store behaves the same.
-MAX_ITEM_BYTES = 2 * 1024 * 1024
-
-
-class ItemTooLargeError(StoreError):
-    """The item is larger than the store accepts (Cosmos DB: 413). Retrying cannot help: the write
-    is a permanent failure of whatever produced it."""
-
-    def __init__(self, what: str, size: int | None, limit: int) -> None:
-        measured = f" ({size} bytes)" if size is not None else ""
-        super().__init__(f"{what} is too large to store{measured}; the limit is {limit} bytes")
-        self.size = size
-        self.limit = limit
-
-
-def check_item_size(what: str, encoded: str, limit: int) -> None:
-    """Raise :class:`ItemTooLargeError` if ``encoded`` (the item's JSON) exceeds ``limit`` bytes."""
-    if len(encoded) * 4 <= limit:  # cheap: no UTF-8 character takes more than 4 bytes
-        return
-    size = len(encoded.encode("utf-8"))
-    if size > limit:
-        raise ItemTooLargeError(what, size, limit)
+__all__ = [
+    "JSON",
+    "MAX_ITEM_BYTES",
+    "SCHEMA_VERSION",
+    "ConcurrencyError",
+    "ConversationLog",
+    "ConversationRecord",
+    "ConversationStore",
+    "InboxEvent",
+    "ItemStore",
+    "ItemTooLargeError",
+    "JobNotFoundError",
+    "JobRecord",
+    "JobStore",
+    "OutboxMessage",
+    "StoreError",
+    "StoreUnavailableError",
+    "check_item_size",
+    "new_id",
+    "translate_errors",
+]
 
 
-class JobNotFoundError(StoreError, LookupError):
-    def __init__(self, key: str, job_id: str) -> None:
-        super().__init__(f"no job {job_id!r} in conversation {key!r}")
-        self.key = key
-        self.job_id = job_id
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-@dataclass(frozen=True)
-class InboxEvent:
-    """Something that happened to a conversation, to be folded into its state in order.
-
-    ``id`` is the idempotency key: the activity id for user messages, ``job:<id>`` for
-    job results, so a redelivered activity or a re-run job appends nothing new.
-    """
-
-    id: str
-    kind: str  # "message" | "welcome" | "reset" | "job_finished"
-    payload: JSON
-    created_at: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True)
-class OutboxMessage:
-    """An activity the bot has decided to send; removed from the outbox once sent."""
-
-    id: str
-    activity: JSON
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A long-running tool call. Lives in the conversation's partition, keyed by ``id``."""
-
-    id: str
-    conversation_key: str
-    tool: str
-    arguments: JSON
-    status: str = "queued"  # queued | running | succeeded | failed | cancelled
-    call_id: str | None = None
-    attempt: int = 0
-    max_attempts: int = 1
-    interruptions: int = 0  # attempts cut short by the process dying (not counted as failures)
-    progress: float | None = None
-    progress_text: str | None = None
-    result: Any = None
-    error: str | None = None
-    cancel_requested: bool = False
-    next_retry_at: float | None = None
-    created_at: float = field(default_factory=time.time)
-    updated_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    announced: bool = False
-    card_activity_id: str | None = None
-    #: Who asked for it (``agent.events.Requester.to_json()``); None if not recorded (older jobs).
-    started_by: JSON | None = None
-
-    FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-
-    @property
-    def finished(self) -> bool:
-        return self.status in self.FINISHED
-
-    def to_json(self) -> JSON:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> JobRecord:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    def evolve(self, **changes: Any) -> JobRecord:
-        return replace(self, updated_at=time.time(), **changes)
-
-
-@dataclass(frozen=True)
-class ConversationRecord:
-    """The single item an atomic commit writes.
-
-    ``etag`` is None for a conversation never committed; ``outbox`` holds unsent messages
-    only; ``agent_state`` is the AutoGen team state (already pruned by the agent).
-    """
-
-    key: str
-    agent_state: JSON | None = None
-    outbox: tuple[OutboxMessage, ...] = ()
-    etag: str | None = None
-    turns: int = 0
-    schema_version: int = SCHEMA_VERSION
-
-    def evolve(self, **changes: Any) -> ConversationRecord:
-        return replace(self, **changes)
-
-
-class ConversationStore(ABC):
-    """Durable conversation state. All methods are coroutines; none may block the loop."""
-
-    async def open(self) -> None:
-        """Create tables/containers if missing. Called once at start-up."""
-
-    async def close(self) -> None:
-        """Release connections."""
+class ConversationLog(ABC):
+    """A conversation's reference, inbox and record (with its outbox). Coroutines; none may block the loop."""
 
     # --- conversation reference (for proactive sends) ---
     @abstractmethod
@@ -225,14 +122,14 @@ class ConversationStore(ABC):
     async def conversations_with_work(self) -> list[str]:
         """Keys of conversations with pending events or unsent outbox messages."""
 
-    # --- jobs ---
+
+class JobStore(ABC):
+    """Job records, each in its conversation. No create here: a job is written by the commit that
+    started it (:meth:`ConversationLog.commit`, ``new_jobs``); afterwards only patched."""
+
     @abstractmethod
     async def get_job(self, key: str, job_id: str) -> JobRecord:
         """Raises :class:`JobNotFoundError` if there is no such job."""
-
-    @abstractmethod
-    async def put_job(self, job: JobRecord) -> None:
-        """Overwrite a job record (the job runner is the only writer of a running job)."""
 
     @abstractmethod
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
@@ -251,7 +148,10 @@ class ConversationStore(ABC):
     async def unfinished_jobs(self) -> list[JobRecord]:
         """Jobs queued or running in any conversation (for recovery at start-up)."""
 
-    # --- small key/value items (botbuilder dialog state) ---
+
+class ItemStore(ABC):
+    """Small key/value items with opaque keys (botbuilder dialog state, token budgets)."""
+
     @abstractmethod
     async def read_items(self, keys: Iterable[str]) -> dict[str, JSON]: ...
 
@@ -260,6 +160,16 @@ class ConversationStore(ABC):
 
     @abstractmethod
     async def delete_items(self, keys: Iterable[str]) -> None: ...
+
+
+class ConversationStore(ConversationLog, JobStore, ItemStore):
+    """All three seams plus what spans them: what every store implements."""
+
+    async def open(self) -> None:
+        """Create tables/containers if missing. Called once at start-up."""
+
+    async def close(self) -> None:
+        """Release connections."""
 
     # --- forgetting (a confirmed reset) ---
     @abstractmethod
@@ -287,7 +197,7 @@ class ConversationStore(ABC):
         For stores without server-side expiry (SQLite, memory); the app calls it periodically
         with ``now - CONVERSATION_TTL_DAYS``. Cosmos DB expires the same things by item ``ttl``,
         so there this default (delete nothing, return 0) applies. "Changed" means written by
-        this store: appended, committed, saved or put, not a timestamp inside the data. Deleted:
+        this store: appended, committed, saved or patched, not a timestamp inside the data. Deleted:
 
         * **processed inbox events** last written before then. Redelivery dedupe stays sound:
           the TTL is days, far beyond any channel's redelivery window (minutes), so an event
@@ -309,6 +219,14 @@ class ConversationStore(ABC):
         return 0
 
 
+#: Every coroutine of every seam (what :func:`translate_errors` wraps).
+_STORE_METHODS = sorted({
+    name
+    for seam in ConversationStore.__mro__
+    for name, member in vars(seam).items()
+    if not name.startswith("_") and inspect.iscoroutinefunction(member)
+})
+
 _StoreT = TypeVar("_StoreT", bound=type[ConversationStore])
 
 
@@ -320,8 +238,8 @@ def translate_errors(*driver_errors: type[BaseException]) -> Callable[[_StoreT],
     """
 
     def decorate(cls: _StoreT) -> _StoreT:
-        for name, member in list(vars(ConversationStore).items()):
-            if name.startswith("_") or not inspect.iscoroutinefunction(member) or name not in vars(cls):
+        for name in _STORE_METHODS:
+            if name not in vars(cls):
                 continue  # only what this store implements itself; inherited defaults stay as they are
             method = getattr(cls, name)
 

@@ -581,11 +581,6 @@ class CosmosStore(ConversationStore):
                 raise JobNotFoundError(key, job_id)
         return JobRecord.from_json(doc["job"])
 
-    async def put_job(self, job: JobRecord) -> None:
-        doc, what = self._job_doc(job), f"job {job.id!r}"
-        self._check_size(what, doc)
-        await self._write(what, self.container.upsert_item(doc))
-
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
         """Read, change, replace with the item's etag; a 412 means another writer moved: redo."""
         pk, item_id = self.partition(key), cosmos_id(JOB_PREFIX, job_id)

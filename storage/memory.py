@@ -121,11 +121,6 @@ class MemoryStore(ConversationStore):
         except KeyError:
             raise JobNotFoundError(key, job_id) from None
 
-    async def put_job(self, job: JobRecord) -> None:
-        check_item_size(f"job {job.id!r}", json.dumps(job.to_json()), self._max_item_bytes)
-        self._jobs.setdefault(job.conversation_key, {})[job.id] = copy.deepcopy(job)
-        self._job_written[job.conversation_key, job.id] = time.time()
-
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
         async with self._lock:
             job = (await self.get_job(key, job_id)).evolve(**changes)

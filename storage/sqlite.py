@@ -328,16 +328,6 @@ class SqliteStore(ConversationStore):
             raise JobNotFoundError(key, job_id)
         return JobRecord.from_json(json.loads(row[0]))
 
-    async def put_job(self, job: JobRecord) -> None:
-        doc = json.dumps(job.to_json())
-        check_item_size(f"job {job.id!r}", doc, self._max_item_bytes)
-        await self._write(
-            "INSERT INTO jobs (key, id, status, created_at, doc, updated_at) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (key, id) DO UPDATE SET status = excluded.status, doc = excluded.doc, "
-            "updated_at = excluded.updated_at",
-            (job.conversation_key, job.id, job.status, job.created_at, doc, time.time()),
-        )
-
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
         async with self._lock:
             db = self.db

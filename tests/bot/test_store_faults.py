@@ -100,7 +100,7 @@ async def test_job_updates_wait_out_a_store_outage(bot: tuple[TestClient, FlakyS
     conv = new_conversation_id()
     await post(client, message("activate line 555-0100", conversation_id=conv, service_url=connector.url))
     await wait_texts(connector, conv, 1)
-    store.down = {"put_job", "append_event"}  # progress and the outcome cannot be written
+    store.down = {"patch_job", "append_event"}  # progress and the outcome cannot be written
     started = time.monotonic()
     await asyncio.sleep(2)
     store.down = set()

@@ -16,6 +16,7 @@ from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
 from storage.abc import JobRecord
 from storage.memory import MemoryStore
+from tests.storage.jobs import add_job
 
 KEY = "msteams:group"
 ADA = Requester(id="29:ada", name="Ada", aad_object_id="aad-ada", conversation_type="groupChat")
@@ -57,7 +58,7 @@ async def test_job_tools_refuse_another_members_cancel_and_hide_their_arguments(
     store = MemoryStore()
     registry = JobRegistry([make_activate_line_tool(1)])
     runner = JobRunner(store, registry, lambda key: None)
-    await store.put_job(job("j1", ADA))
+    await add_job(store, job("j1", ADA))
     tools = {t.name: t for t in job_tools(TurnScope(KEY, BOB), store, runner, JobAccess())}
     refused = json.loads(await tools["cancel_job"].run_json({"job_id": "j1"}, CancellationToken()))
     assert refused["error"] == "not_allowed" and "Only Ada" in refused["message"]
@@ -75,10 +76,10 @@ async def test_job_tools_refuse_another_members_cancel_and_hide_their_arguments(
 async def test_caps_count_the_conversation_the_person_and_this_turns_jobs() -> None:
     store = MemoryStore()
     caps = JobCaps(per_conversation=3, per_user=2)
-    await store.put_job(job("a1", ADA))
-    await store.put_job(job("done", ADA, status="succeeded"))  # finished jobs do not count
+    await add_job(store, job("a1", ADA))
+    await add_job(store, job("done", ADA, status="succeeded"))  # finished jobs do not count
     assert await caps.refusal(store, KEY, ADA) is None
-    await store.put_job(job("a2", ADA, key="msteams:elsewhere"))  # the same person in another conversation
+    await add_job(store, job("a2", ADA, key="msteams:elsewhere"))  # the same person in another conversation
     refused = await caps.refusal(store, KEY, ADA)
     assert refused is not None and refused[0] == "user_cap" and "MAX_ACTIVE_JOBS_PER_USER = 2" in refused[1]
     assert await caps.refusal(store, KEY, BOB) is None

@@ -13,6 +13,7 @@ from jobs.registry import JobRegistry, LongRunningTool, PermanentJobError, Retry
 from jobs.runner import JobRunner, clip_result
 from storage.abc import JobRecord
 from storage.memory import MemoryStore
+from tests.storage.jobs import add_job
 
 KEY = "emulator:conv-1"
 MEGABYTE = 1024 * 1024
@@ -41,7 +42,7 @@ def runner(store: MemoryStore) -> JobRunner:
 async def run_job(tool: str) -> tuple[JobRecord, Any, MemoryStore]:
     store = MemoryStore()
     job = JobRecord(id=f"job-{tool}", conversation_key=KEY, tool=tool, arguments={})
-    await store.put_job(job)
+    await add_job(store, job)
     await runner(store).run(KEY, job.id)
     event = await store.get_event(KEY, f"job:{job.id}")
     return await store.get_job(KEY, job.id), event, store

@@ -18,6 +18,7 @@ from jobs.runner import MAX_INTERRUPTIONS, JobRunner
 from jobs.scheduler import JobScheduler
 from storage.abc import JobRecord
 from storage.memory import MemoryStore
+from tests.storage.jobs import add_job
 
 KEY = "emulator:conv-1"
 
@@ -32,7 +33,7 @@ class Harness:
 
     async def submit(self, tool: str) -> JobRecord:
         job = JobRecord(id=f"job-{tool}", conversation_key=KEY, tool=tool, arguments={}, max_attempts=3)
-        await self.store.put_job(job)
+        await add_job(self.store, job)
         await self.scheduler.schedule(job)
         return job
 
@@ -122,7 +123,7 @@ async def test_cancel_a_running_job_through_its_context(harness: Harness) -> Non
 
 async def test_cancel_a_job_that_ignores_its_context(harness: Harness) -> None:
     job = JobRecord(id="job-stubborn", conversation_key=KEY, tool="sleepy", arguments={})
-    await harness.store.put_job(job)
+    await add_job(harness.store, job)
     task = asyncio.create_task(harness.runner.run(KEY, job.id))
     await harness.until(job.id, lambda j: j.status == "running")
     await harness.runner.cancel(KEY, job.id)
@@ -132,7 +133,7 @@ async def test_cancel_a_job_that_ignores_its_context(harness: Harness) -> None:
 
 async def test_cancel_a_queued_job_removes_its_schedule(harness: Harness) -> None:
     job = JobRecord(id="job-later", conversation_key=KEY, tool="polite", arguments={})
-    await harness.store.put_job(job)
+    await add_job(harness.store, job)
     await harness.scheduler.schedule(job, run_at=time.time() + 60)
     assert await harness.scheduler.is_scheduled(job.id)
     cancelled = (await harness.runner.cancel(KEY, job.id)).job
@@ -151,7 +152,7 @@ async def test_unknown_tool_fails_cleanly(harness: Harness) -> None:
 async def test_recovery_reschedules_unfinished_jobs_once(harness: Harness) -> None:
     orphan = JobRecord(id="job-orphan", conversation_key=KEY, tool="polite", arguments={}, status="running",
                        attempt=1, max_attempts=3)
-    await harness.store.put_job(orphan)  # as a crash mid-run leaves it: no live schedule
+    await add_job(harness.store, orphan)  # as a crash mid-run leaves it: no live schedule
     assert await harness.scheduler.recover() == 1
     await harness.scheduler.recover()  # a second pass must not make it run twice
     done = await harness.until("job-orphan", lambda j: j.finished)
@@ -172,7 +173,7 @@ def test_backoff_grows_exponentially_within_jitter() -> None:
 async def test_a_job_that_keeps_dying_with_the_process_is_given_up(harness: Harness) -> None:
     poison = JobRecord(id="job-poison", conversation_key=KEY, tool="polite", arguments={}, status="running",
                        attempt=1, max_attempts=3, interruptions=MAX_INTERRUPTIONS)
-    await harness.store.put_job(poison)
+    await add_job(harness.store, poison)
     await harness.scheduler.recover()
     job = await harness.until("job-poison", lambda j: j.finished)
     assert job.status == "failed" and f"stopped during this job {MAX_INTERRUPTIONS + 1} times" in (job.error or "")
@@ -180,7 +181,7 @@ async def test_a_job_that_keeps_dying_with_the_process_is_given_up(harness: Harn
 
 async def test_graceful_shutdown_hands_the_attempt_back(harness: Harness) -> None:
     job = JobRecord(id="job-stopped", conversation_key=KEY, tool="polite", arguments={})
-    await harness.store.put_job(job)
+    await add_job(harness.store, job)
     task = asyncio.create_task(harness.runner.run(KEY, job.id))
     await harness.until(job.id, lambda j: j.status == "running")
     task.cancel()

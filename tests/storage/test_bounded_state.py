@@ -5,7 +5,7 @@ real AutoGen team, the real turn tools with ``activate_new_line``) on the SQLite
 stores, and measures the stored conversation item as the store holds it: SQLite's ``doc``
 column, Cosmos's raw item JSON read through the SDK (system properties included). Every 10th
 message starts a job; each job is then finished the way the job runner finishes it (the record
-marked succeeded with ``put_job``, a ``job_finished`` inbox event from :func:`finished_event`).
+marked succeeded with ``patch_job``, a ``job_finished`` inbox event from :func:`finished_event`).
 
 Events are appended ten at a time, then the processor is woken and awaited, so a round commits
 ten or eleven events at once (the 2,000 turns are all there; only the commit count drops).
@@ -42,6 +42,7 @@ from jobs.runner import JobRunner, finished_event
 from storage.abc import JSON, ConversationStore, InboxEvent, JobRecord
 from storage.sqlite import SqliteStore
 from tests.storage.conftest import Backend, CosmosPeer, backend_params, opened
+from tests.storage.jobs import save_job
 
 TURNS = 2000
 BATCH = 10
@@ -146,8 +147,7 @@ async def test_stored_conversation_levels_off_over_2000_turns_and_200_jobs(
         await process()
         # The jobs this batch started finish now; their events are folded in with the next batch.
         for job in started:
-            done = succeeded(job)
-            await store.put_job(done)
+            done = await save_job(store, succeeded(job))
             await store.append_event(key, finished_event(done))
         started.clear()
         last = first + BATCH - 1

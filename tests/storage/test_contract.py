@@ -11,6 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from storage.abc import (
     OutboxMessage,
     StoreUnavailableError,
 )
+from tests.storage.jobs import add_job
 
 MakeKey = Callable[[str], str]
 
@@ -263,8 +265,8 @@ async def test_commit_ignores_unknown_processed_ids(store: ConversationStore, ke
 
 
 async def test_new_jobs_do_not_overwrite_existing_job(store: ConversationStore, key: str) -> None:
-    running = _job(key, "j1", status="running", attempt=1, progress=0.5)
-    await store.put_job(running)
+    await add_job(store, _job(key, "j1"))
+    running = await store.patch_job(key, "j1", {"status": "running", "attempt": 1, "progress": 0.5})
     await store.commit(await store.load(key), new_jobs=[_job(key, "j1")])
     assert await store.get_job(key, "j1") == running
 
@@ -307,7 +309,7 @@ async def test_get_unknown_job_raises(store: ConversationStore, key: str) -> Non
 
 async def test_job_is_scoped_to_its_conversation(store: ConversationStore, make_key: MakeKey) -> None:
     a, b = make_key("a"), make_key("b")
-    await store.put_job(_job(a, "j1"))
+    await add_job(store, _job(a, "j1"))
     with pytest.raises(JobNotFoundError):
         await store.get_job(b, "j1")
     assert await store.list_jobs(b) == []
@@ -333,28 +335,29 @@ async def test_job_record_round_trips_all_fields(store: ConversationStore, key: 
         updated_at=1_700_000_100.75,
         started_at=1_700_000_001.125,
         finished_at=1_700_000_099.0625,
-        announced=True,
         card_activity_id="1:card-activity",
         started_by={"id": "29:user", "name": "Ada Lovelace", "aadObjectId": "aad-ada", "tenantId": "tenant-1",
                     "conversationType": "groupChat"},
     )
-    await store.put_job(job)
+    await store.commit(await store.load(key), new_jobs=[job])
     assert await store.get_job(key, "j-1") == job
+    assert await store.list_jobs(key) == [job]
 
 
-async def test_put_job_overwrites(store: ConversationStore, key: str) -> None:
+async def test_patch_job_overwrites_the_patched_fields(store: ConversationStore, key: str) -> None:
     queued = _job(key, "j1")
-    await store.put_job(queued)
-    finished = queued.evolve(status="succeeded", result={"done": True}, progress=1.0)
-    await store.put_job(finished)
+    await add_job(store, queued)
+    finished = await store.patch_job(key, "j1", {"status": "succeeded", "result": {"done": True}, "progress": 1.0})
+    assert finished == replace(queued, status="succeeded", result={"done": True}, progress=1.0,
+                               updated_at=finished.updated_at)
+    assert finished.updated_at >= queued.updated_at
     assert await store.get_job(key, "j1") == finished
     assert await store.list_jobs(key) == [finished]
 
 
 async def test_list_jobs_oldest_first(store: ConversationStore, key: str) -> None:
     jobs = {n: _job(key, f"j{n}", created_at=1_700_000_000.0 + n) for n in (3, 1, 4, 2)}
-    for job in jobs.values():
-        await store.put_job(job)
+    await add_job(store, *jobs.values())
     assert [j.id for j in await store.list_jobs(key)] == ["j1", "j2", "j3", "j4"]
 
 
@@ -364,8 +367,7 @@ async def test_unfinished_jobs_are_queued_or_running_across_conversations(
     a, b = make_key("a"), make_key("b")
     statuses = ["queued", "running", "succeeded", "failed", "cancelled"]
     for conv in (a, b):
-        for status in statuses:
-            await store.put_job(_job(conv, f"{status}-job", status=status))
+        await add_job(store, *(_job(conv, f"{status}-job", status=status) for status in statuses))
     mine = [j for j in await store.unfinished_jobs() if j.conversation_key in (a, b)]
     assert sorted((j.conversation_key, j.id) for j in mine) == sorted(
         (conv, f"{s}-job") for conv in (a, b) for s in ("queued", "running")
@@ -374,9 +376,8 @@ async def test_unfinished_jobs_are_queued_or_running_across_conversations(
 
 
 async def test_finishing_a_job_removes_it_from_unfinished(store: ConversationStore, key: str) -> None:
-    job = _job(key, "j1", status="running")
-    await store.put_job(job)
-    await store.put_job(job.evolve(status="succeeded"))
+    await add_job(store, _job(key, "j1", status="running"))
+    await store.patch_job(key, "j1", {"status": "succeeded"})
     assert [j for j in await store.unfinished_jobs() if j.conversation_key == key] == []
 
 
@@ -461,7 +462,7 @@ async def _idle_conversation(store: ConversationStore, key: str, job_status: str
     await store.append_event(key, _event("m1"))
     job = _job(key, "j1", status="queued")
     await store.commit(await store.load(key), processed=["m1"], new_jobs=[job])
-    await store.put_job(job.evolve(status=job_status))
+    await store.patch_job(key, "j1", {"status": job_status})
     await store.append_event(key, _event("job:j1", kind="job_finished", status=job_status))
     await store.commit(await store.load(key), processed=["job:j1"])
 
@@ -518,12 +519,12 @@ async def test_purge_deletes_old_processed_events_only(purging_store: Conversati
 
 async def test_purge_deletes_old_finished_jobs_only(purging_store: ConversationStore, key: str) -> None:
     store = purging_store
-    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
-        await store.put_job(_job(key, f"old-{status}", status=status, created_at=1.0))
-    await store.put_job(_job(key, "touched", status="running", created_at=2.0))
+    await add_job(store, *(_job(key, f"old-{status}", status=status, created_at=1.0)
+                           for status in ("queued", "running", "succeeded", "failed", "cancelled")))
+    await add_job(store, _job(key, "touched", status="running", created_at=2.0))
     cutoff = await _cutoff()
-    await store.put_job(_job(key, "touched", status="succeeded", created_at=2.0))  # finished after the cutoff
-    await store.put_job(_job(key, "new-failed", status="failed", created_at=3.0))
+    await store.patch_job(key, "touched", {"status": "succeeded"})  # finished after the cutoff
+    await add_job(store, _job(key, "new-failed", status="failed", created_at=3.0))
     await store.purge_expired(cutoff)
     assert sorted(j.id for j in await store.list_jobs(key)) == ["new-failed", "old-queued", "old-running", "touched"]
 
@@ -532,7 +533,7 @@ async def test_purge_keeps_the_finish_event_of_an_unfinished_job(purging_store: 
     """The runner appends ``job:<id>`` before it records the end: a crash in between leaves the job
     running with its event processed. Recovery reads that event instead of running the job again."""
     store = purging_store
-    await store.put_job(_job(key, "j1", status="running"))
+    await add_job(store, _job(key, "j1", status="running"))
     await store.append_event(key, _event("job:j1", kind="job_finished", status="succeeded"))
     await store.commit(await store.load(key), processed=["job:j1"])
     await store.purge_expired(await _cutoff())
@@ -547,12 +548,13 @@ async def test_purge_keeps_conversations_with_recent_activity(
     committed, referenced, messaged, job_written = keys = [make_key(n) for n in ("commit", "ref", "event", "job")]
     for key in keys:
         await _idle_conversation(store, key)
+    await add_job(store, _job(job_written, "j2", status="running"))  # created before the cutoff, finished after
     cutoff = await _cutoff()
     await store.commit(await store.load(committed))
     await store.save_reference(referenced, {"serviceUrl": "https://y.example/"})
     await store.append_event(messaged, _event("m2"))
     await store.commit(await store.load(messaged), processed=["m2"])
-    await store.put_job(_job(job_written, "j2", status="succeeded"))
+    await store.patch_job(job_written, "j2", {"status": "succeeded"})  # a job write alone, no commit
     await store.purge_expired(cutoff)
     for key in keys:
         record = await store.load(key)
@@ -617,7 +619,7 @@ async def test_purge_returns_how_many_entries_it_deleted(purging_store: Conversa
 
 
 async def test_patch_job_changes_only_the_given_fields(store: ConversationStore, key: str) -> None:
-    await store.put_job(JobRecord(id="p1", conversation_key=key, tool="t", arguments={"a": 1}, status="running"))
+    await add_job(store, JobRecord(id="p1", conversation_key=key, tool="t", arguments={"a": 1}, status="running"))
     patched = await store.patch_job(key, "p1", {"progress": 0.5, "progress_text": "half"})
     assert (patched.progress, patched.progress_text, patched.status, patched.arguments) == (0.5, "half", "running",
                                                                                              {"a": 1})
@@ -627,7 +629,7 @@ async def test_patch_job_changes_only_the_given_fields(store: ConversationStore,
 
 
 async def test_concurrent_patches_of_different_fields_all_survive(store: ConversationStore, key: str) -> None:
-    await store.put_job(JobRecord(id="p2", conversation_key=key, tool="t", arguments={}))
+    await add_job(store, JobRecord(id="p2", conversation_key=key, tool="t", arguments={}))
     await asyncio.gather(
         *(store.patch_job(key, "p2", {"progress": n / 20}) for n in range(20)),
         store.patch_job(key, "p2", {"cancel_requested": True}),
@@ -703,7 +705,8 @@ async def test_too_large_items_are_refused_with_a_distinct_error_and_nothing_wri
     failure the processor can tell from an outage; nothing of the refused write is stored."""
     huge = "x" * (MAX_ITEM_BYTES + 1000)
     await store.append_event(key, _event("e1"))
-    small = await store.commit(ConversationRecord(key=key, agent_state={"v": 1}), processed=[])
+    small = await store.commit(ConversationRecord(key=key, agent_state={"v": 1}), processed=[],
+                               new_jobs=[_job(key, "j2")])
     with pytest.raises(ItemTooLargeError):
         await store.commit(small.evolve(agent_state={"v": huge}), processed=["e1"], new_jobs=[_job(key, "j1")])
     assert (await store.load(key)).agent_state == {"v": 1}
@@ -713,7 +716,6 @@ async def test_too_large_items_are_refused_with_a_distinct_error_and_nothing_wri
     with pytest.raises(ItemTooLargeError):
         await store.append_event(key, _event("e2", text=huge))
     assert not await store.has_event(key, "e2")
-    await store.put_job(_job(key, "j2"))
     with pytest.raises(ItemTooLargeError):
         await store.patch_job(key, "j2", {"result": {"message": huge}})
     assert (await store.get_job(key, "j2")).result is None

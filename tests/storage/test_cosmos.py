@@ -30,6 +30,7 @@ from storage.abc import (
 )
 from storage.cosmos import MAX_ID_LENGTH, CosmosStore, _log_retried_response, cosmos_id
 from tests.storage.conftest import CosmosPeer
+from tests.storage.jobs import add_job
 
 MakeKey = Callable[[str], str]
 NASTY_KEY = "19:abc@thread.skype;messageid=1/2?x#y"
@@ -160,7 +161,7 @@ async def test_every_item_has_schema_version_and_ttl(open_store: OpenStore, key:
         processed=["e1"],
         new_jobs=[_job(key, "queued"), _job(key, "done", status="succeeded")],
     )
-    await store.put_job(_job(key, "running", status="running"))
+    await add_job(store, _job(key, "running", status="running"))
     await store.write_items({key: {"v": 1}})
 
     by_id = {i["id"]: i for i in await raw_items(store, key)}
@@ -170,7 +171,7 @@ async def test_every_item_has_schema_version_and_ttl(open_store: OpenStore, key:
         assert by_id[item_id]["ttl"] == 7 * DAY, item_id
     assert "ttl" not in by_id["job:queued"] and "ttl" not in by_id["job:running"]  # unfinished jobs never expire
 
-    await store.put_job(_job(key, "running", status="failed"))
+    await store.patch_job(key, "running", {"status": "failed"})
     finished = await store.container.read_item("job:running", partition_key=store.partition(key))
     assert finished["ttl"] == 7 * DAY
 
@@ -256,10 +257,27 @@ async def test_commit_is_complete_without_its_follow_up_writes(
 
 async def test_intent_never_overwrites_a_running_job(store: CosmosStore, key: str) -> None:
     committed = await store.commit(ConversationRecord(key=key), new_jobs=[_job(key, "j1")])
-    running = _job(key, "j1", status="running", attempt=1)
-    await store.put_job(running)
+    running = await store.patch_job(key, "j1", {"status": "running", "attempt": 1})
     await store.commit(committed)  # re-materialises the old intent: must be a no-op
     assert await store.get_job(key, "j1") == running
+
+
+async def test_jobs_stored_with_a_field_since_removed_still_load(store: CosmosStore, key: str) -> None:
+    """Job items and intents written by an older version carry ``announced`` (never read, now gone)."""
+    await store.commit(ConversationRecord(key=key), new_jobs=[_job(key, "item", status="running")])
+    item = dict(await store.container.read_item("job:item", partition_key=store.partition(key)))
+    item["job"]["announced"] = True
+    await store.container.replace_item("job:item", item)
+    conversation = await raw_conversation(store, key)  # an intent not materialised yet
+    conversation["job_intents"] = [{**_job(key, "intent").to_json(), "announced": False}]
+    await store.container.replace_item("conversation", conversation)
+
+    assert (await store.get_job(key, "item")).status == "running"
+    assert sorted(j.id for j in await store.list_jobs(key)) == ["intent", "item"]
+    assert {(j.conversation_key, j.id) for j in await store.unfinished_jobs()} >= {(key, "intent"), (key, "item")}
+    assert (await store.patch_job(key, "item", {"status": "succeeded"})).status == "succeeded"
+    assert (await store.patch_job(key, "intent", {"progress": 0.5})).progress == 0.5
+    assert "announced" not in (await store.container.read_item("job:item", partition_key=store.partition(key)))["job"]
 
 
 async def test_stale_commit_writes_no_item(store: CosmosStore, key: str) -> None:
@@ -283,7 +301,7 @@ async def test_no_blocking_calls_on_the_event_loop(open_store: OpenStore, key: s
         record = await store.commit(await store.load(key), processed=["e1"], new_jobs=[_job(key, "j1")])
         await store.pending_events(key)
         await store.conversations_with_work()
-        await store.put_job((await store.get_job(key, "j1")).evolve(status="succeeded"))
+        await store.patch_job(key, "j1", {"status": "succeeded"})
         await store.unfinished_jobs()
         await store.write_items({key: {"v": 1}})
         await store.read_items([key])
@@ -320,7 +338,7 @@ async def test_many_writers_lose_no_update(open_store: OpenStore, key: str) -> N
                     break
                 except ConcurrencyError:
                     conflicts += 1
-            await store.put_job(_job(key, f"w{w}-r{r}", status="running", attempt=1))
+            await store.patch_job(key, f"w{w}-r{r}", {"status": "running", "attempt": 1})
         return conflicts
 
     conflicts = await asyncio.gather(*(writer(w) for w in range(writers)))
@@ -332,7 +350,7 @@ async def test_many_writers_lose_no_update(open_store: OpenStore, key: str) -> N
     assert await store.pending_events(key) == []
     expected_jobs = sorted(f"w{w}-r{r}" for w in range(writers) for r in range(rounds))
     assert sorted(await _ids(store.list_jobs(key))) == expected_jobs
-    assert {j.status for j in await store.list_jobs(key)} == {"running"}  # no intent overwrote a put_job
+    assert {j.status for j in await store.list_jobs(key)} == {"running"}  # no intent overwrote a patch
     assert len((await raw_conversation(store, key))["processed"]) <= writers  # bounded
 
 

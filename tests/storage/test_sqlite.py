@@ -100,6 +100,24 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         assert await store.conversations_with_work() == [KEY]
 
 
+async def test_jobs_stored_with_a_field_since_removed_still_load(tmp_path: Path) -> None:
+    """Job documents written by an older version carry ``announced`` (never read, now gone)."""
+    path = tmp_path / "store.sqlite3"
+    job = JobRecord(id="j1", conversation_key=KEY, tool="t", arguments={"a": 1}, status="running")
+    async with opened(path) as store:
+        await store.commit(ConversationRecord(key=KEY), new_jobs=[job])
+    with sqlite3.connect(path) as con:  # as an older version left it
+        con.execute("UPDATE jobs SET doc = json_set(doc, '$.announced', json('true')) WHERE id = 'j1'")
+    async with opened(path) as store:
+        assert await store.get_job(KEY, "j1") == job
+        assert await store.list_jobs(KEY) == [job] and await store.unfinished_jobs() == [job]
+        patched = await store.patch_job(KEY, "j1", {"status": "succeeded"})
+        assert patched.status == "succeeded" and await store.get_job(KEY, "j1") == patched
+    with sqlite3.connect(path) as con:
+        [(doc,)] = con.execute("SELECT doc FROM jobs WHERE id = 'j1'").fetchall()
+    assert "announced" not in doc  # rewritten without it
+
+
 async def test_two_stores_on_one_file_lose_no_update(tmp_path: Path) -> None:
     path = tmp_path / "store.sqlite3"
     async with opened(path) as first, opened(path) as second:
