@@ -6,6 +6,10 @@ one to look again. A turn is committed in one conditional write (state + process
 outbox + new jobs); only then are messages sent and jobs scheduled. Sending removes each
 message from the outbox after the connector accepted it, so a crash can repeat at most the
 one message that was in flight.
+
+The durability runtime imports no AutoGen (tests/test_layers.py checks it): a turn runs behind
+:class:`agent.turns.TurnRunner` (AutoGen's is :class:`agent.runner.AgentTurnRunner`), the events,
+ids and the channel are the protocol's (:mod:`runtime.protocol`).
 """
 
 from __future__ import annotations
