@@ -24,20 +24,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from autogen_core.models import ChatCompletionClient
 from botbuilder.core import ConversationState
 
 from agent.budget import TokenBudget
-from agent.events import Requester
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
-from agent.models import create_model_client
+from agent.models import ModelClient, create_model_client
 from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
 from agent.processor import ConversationProcessor
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tool_policy import ToolPolicy, ToolPolicyError
 from agent.tools import turn_tools
 from bot.auth import TenantPolicy
-from bot.cards import job_card_activity, welcome_activity
+from bot.cards import job_card_activity, jobs_list_card, welcome_activity
 from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot
@@ -55,6 +53,7 @@ from jobs.runner import CancelResult, JobRunner
 from jobs.scheduler import JobScheduler
 from runtime import logs, metrics, ops, tracing
 from runtime.config import ConfigError, Settings
+from runtime.protocol import Requester
 from storage.abc import ConversationStore
 from storage.sqlite import SqliteStore
 
@@ -70,7 +69,7 @@ class Services:
     scheduler: JobScheduler
     registry: JobRegistry
     mcp_hub: McpHub
-    model_client: ChatCompletionClient
+    model_client: ModelClient
     card_updater: JobCardUpdater
     coordinator: Coordinator
     #: The active worker's background loops (sweep, retention), and the standby's wait.
@@ -190,7 +189,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     bot_ref: list[TeamsBot] = []
     commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
-                              list_jobs=store.list_jobs, cancel_job=cancel_job)
+                              list_jobs=store.list_jobs, cancel_job=cancel_job,
+                              jobs_card=lambda jobs, viewer: jobs_list_card(jobs, viewer=viewer))
     bot = TeamsBot(store, coordinator.wake, commands, cancel_job, service_urls=service_urls,
                    tenants=TenantPolicy(settings.allowed_tenants), limits=build_ingest_limits(settings, store))
     bot_ref.append(bot)

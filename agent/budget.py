@@ -4,7 +4,7 @@ What is counted is what the model service reports for each call (``CreateResult.
 prompt and completion tokens; agent/models.py ``ModelCallRecorder`` adds them up per turn).
 The runner (agent/runner.py) asks :meth:`TokenBudget.exhausted` before a turn calls the model and
 :meth:`TokenBudget.spend` after it, whether the turn succeeded or not (a failed turn's calls cost
-too). A spent budget turns the turn into an :class:`~agent.runner.AgentError` with a message saying
+too). A spent budget turns the turn into an :class:`~agent.turns.AgentError` with a message saying
 when it renews; the model is not called. A turn is checked before it starts, so it can overshoot
 the budget by what it uses itself (a few thousand tokens).
 

@@ -12,14 +12,11 @@ import logging
 import re
 from typing import Any
 
-from agent.events import Requester
 from runtime.crashpoints import crash_point
+from runtime.protocol import Requester, is_reset_reply, replied_event_id
 from storage.abc import JSON, ConversationRecord, ConversationStore
 
 log = logging.getLogger(__name__)
-
-#: Reset events are ``reset:<activity id>``; their outbox messages ``reset:<activity id>#<n>``.
-RESET_EVENT_PREFIX = "reset:"
 
 _MARKDOWN = re.compile(r"([\\`*_{}\[\]()<>#+\-.!|~])")
 
@@ -48,11 +45,12 @@ class Forgetter:
         self._done: dict[str, set[str]] = {}  # conversation key -> confirmations already forgotten for
 
     async def before_sending(self, record: ConversationRecord) -> None:
-        waiting = {m.id for m in record.outbox if m.id.startswith(RESET_EVENT_PREFIX)}
+        waiting = {m.id for m in record.outbox if is_reset_reply(m.id)}
         done = self._done.pop(record.key, set()) & waiting
         for message_id in sorted(waiting - done):
             crash_point("reset_committed")
-            event = await self._store.get_event(record.key, message_id.rpartition("#")[0])
+            event_id = replied_event_id(message_id)
+            event = await self._store.get_event(record.key, event_id) if event_id is not None else None
             items: Any = event.payload.get("forget_items") if event is not None else None
             item_keys = [k for k in items if isinstance(k, str)] if isinstance(items, list) else []
             changed = await self._store.forget_conversation(record.key, item_keys=item_keys)

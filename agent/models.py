@@ -107,8 +107,13 @@ def _is_json_object(text: str) -> bool:
         return False
 
 
+#: The model client of the configured provider, as the composition root holds (and closes) it: an
+#: AutoGen client, named here so that AutoGen is imported inside agent/ only.
+ModelClient = ChatCompletionClient
+
+
 def create_model_client(settings: Settings, *, azure_credential: Any = None,
-                        offline_run_phrase: bool = False) -> ChatCompletionClient:
+                        offline_run_phrase: bool = False) -> ModelClient:
     """The client for the configured provider. ``azure_credential`` (an ``azure.core`` async token
     credential) replaces ``DefaultAzureCredential`` for Entra ID auth (tests, custom identities);
     ``offline_run_phrase`` lets the offline model's ``run <tool> {json}`` call tools (local mode)."""

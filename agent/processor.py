@@ -6,6 +6,10 @@ one to look again. A turn is committed in one conditional write (state + process
 outbox + new jobs); only then are messages sent and jobs scheduled. Sending removes each
 message from the outbox after the connector accepted it, so a crash can repeat at most the
 one message that was in flight.
+
+The durability runtime imports no AutoGen (tests/test_layers.py checks it): a turn runs behind
+:class:`agent.turns.TurnRunner` (AutoGen's is :class:`agent.runner.AgentTurnRunner`), the events,
+ids and the channel are the protocol's (:mod:`runtime.protocol`).
 """
 
 from __future__ import annotations
@@ -16,14 +20,24 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
 
-from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, JobResult, Requester
+from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
 from agent.forgetting import Forgetter, reset_confirmation
 from agent.outgoing import split_text
-from agent.runner import AgentError, AgentInput, AgentTurnRunner
+from agent.turns import AgentError, AgentInput, TurnRunner
 from runtime import logs, metrics, tracing
 from runtime.crashpoints import crash_point
+from runtime.protocol import (
+    AGENT_KINDS,
+    DeliveryError,
+    EventKind,
+    JobResult,
+    MessageSender,
+    Requester,
+    card_job_id,
+    card_message_id,
+    reply_id,
+)
 from runtime.untrusted import escape_markdown, inline_code
 from storage.abc import (
     JSON,
@@ -39,23 +53,6 @@ from storage.abc import (
 log = logging.getLogger(__name__)
 
 TYPING_INTERVAL = 3.0  # Teams shows a typing indicator for about 3 s
-
-
-class DeliveryError(Exception):
-    """The channel did not accept an activity."""
-
-    def __init__(self, message: str, *, permanent: bool, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.permanent = permanent
-        self.retry_after = retry_after
-
-
-class MessageSender(Protocol):
-    async def send(self, reference: JSON, activity: JSON) -> str | None:
-        """Deliver one activity proactively; return its id. Raises DeliveryError."""
-
-    async def typing(self, reference: JSON) -> None:
-        """Best-effort typing indicator."""
 
 
 def text_activity(text: str) -> JSON:
@@ -86,14 +83,13 @@ TOO_LARGE_TO_STORE = ("Sorry, that was more than I can store for this conversati
 
 ScheduleJob = Callable[[JobRecord], Awaitable[None]]
 CardSent = Callable[[str, str, str | None], Awaitable[None]]
-CARD_PREFIX = "card:"
 
 
 class ConversationProcessor:
     def __init__(
         self,
         store: ConversationStore,
-        runner: AgentTurnRunner,
+        runner: TurnRunner,
         sender: MessageSender,
         *,
         welcome: Callable[[], JSON],
@@ -199,7 +195,7 @@ class ConversationProcessor:
         events = await self._store.pending_events(key)
         if events:
             reference = await self._store.get_reference(key)
-            needs_thought = any(e.kind in ("message", "job_finished") for e in events)
+            needs_thought = any(e.kind in AGENT_KINDS for e in events)
             typing = asyncio.create_task(self._keep_typing(reference)) if reference and needs_thought else None
             try:
                 committed = await self._commit_turn(record, events)
@@ -220,12 +216,12 @@ class ConversationProcessor:
         new_jobs: list[JobRecord] = []
         for event in events:
             replies: list[JSON] = []
-            if event.kind == "welcome":
+            if event.kind == EventKind.WELCOME:
                 replies.append(self._welcome())
-            elif event.kind == "reset":
+            elif event.kind == EventKind.RESET:
                 state = None
                 replies.append(text_activity(reset_confirmation(event.payload)))
-            elif event.kind == "command":
+            elif event.kind == EventKind.COMMAND:
                 pass  # answered inline by a dialog; recorded only so a redelivery is ignored
             elif (item := self._agent_input(event)) is not None:
                 started = time.perf_counter()
@@ -241,8 +237,8 @@ class ConversationProcessor:
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
                             exc.cause, exc, exc_info=exc if exc.cause == "unknown" else None)
                     replies.append(text_activity(exc.user_message))
-                    if event.kind == "job_finished":  # the model could not relay it: say it plainly
-                        replies.extend(text_activities(plain_job_outcome(JobResult(**event.payload))))
+                    if item.job_result is not None:  # the model could not relay it: say it plainly
+                        replies.extend(text_activities(plain_job_outcome(item.job_result)))
                 else:
                     metrics.turn_done("ok", time.perf_counter() - started)
                     state = outcome.state
@@ -250,9 +246,9 @@ class ConversationProcessor:
                     replies.extend(activity for text in outcome.replies for activity in text_activities(text))
             else:
                 log.warning("ignoring inbox event %s of unknown kind %r", event.id, event.kind)
-            outbox.extend(OutboxMessage(id=f"{event.id}#{n}", activity=a) for n, a in enumerate(replies))
+            outbox.extend(OutboxMessage(id=reply_id(event.id, n), activity=a) for n, a in enumerate(replies))
         if self._job_card is not None:
-            outbox.extend(OutboxMessage(id=f"{CARD_PREFIX}{job.id}", activity=self._job_card(job)) for job in new_jobs)
+            outbox.extend(OutboxMessage(id=card_message_id(job.id), activity=self._job_card(job)) for job in new_jobs)
         updated = record.evolve(agent_state=state, outbox=tuple(outbox), turns=record.turns + len(events))
         try:
             committed = await self._store.commit(updated, processed=[e.id for e in events], new_jobs=new_jobs)
@@ -275,7 +271,7 @@ class ConversationProcessor:
         them forever. They are marked processed, the state stays as it was, the user is told."""
         log.error("conversation %s: the turn for event(s) %s is too large to store (%s); dropping its result",
                   record.key, ", ".join(e.id for e in events), exc)
-        notice = OutboxMessage(id=f"{events[-1].id}#too-large", activity=text_activity(TOO_LARGE_TO_STORE))
+        notice = OutboxMessage(id=reply_id(events[-1].id, "too-large"), activity=text_activity(TOO_LARGE_TO_STORE))
         turns = record.turns + len(events)
         attempts = (record.evolve(outbox=(*record.outbox, notice), turns=turns),
                     # The stored record itself is too large now (a lowered limit): start afresh.
@@ -291,13 +287,14 @@ class ConversationProcessor:
 
     @staticmethod
     def _agent_input(event: InboxEvent) -> AgentInput | None:
-        if event.kind == "message":
+        if event.kind == EventKind.MESSAGE:
             text = str(event.payload.get("text") or "").strip()
             return AgentInput(text=text or "(an empty message)",
                               requester=Requester.from_json(event.payload.get("from")))
-        if event.kind == "job_finished":
+        if event.kind == EventKind.JOB_FINISHED:
             # The outcome goes in as a tool result (untrusted data); the prompt is ours.
-            return AgentInput(text=JOB_FINISHED_PROMPT, source=JOB_RESULT_SOURCE, job_result=JobResult(**event.payload))
+            return AgentInput(text=JOB_FINISHED_PROMPT, source=JOB_RESULT_SOURCE,
+                              job_result=JobResult.from_json(event.payload))
         return None
 
     async def _start_job(self, job: JobRecord) -> None:
@@ -334,9 +331,9 @@ class ConversationProcessor:
                     activity_id = await self._sender.send(reference, message.activity)
                 crash_point("message_sent")
                 metrics.OUTBOX_SENT.inc()
-                if message.id.startswith(CARD_PREFIX) and self._on_card_sent is not None:
+                if (job_id := card_job_id(message.id)) is not None and self._on_card_sent is not None:
                     try:
-                        await self._on_card_sent(record.key, message.id.removeprefix(CARD_PREFIX), activity_id)
+                        await self._on_card_sent(record.key, job_id, activity_id)
                     except Exception:  # the card is out; losing live updates must not resend it
                         log.exception("could not record the card of job %s", message.id)
             except DeliveryError as exc:

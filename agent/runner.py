@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from autogen_agentchat.agents import AssistantAgent
@@ -20,11 +19,13 @@ from autogen_core.tools import BaseTool
 
 from agent.budget import TokenBudget, count_tokens
 from agent.context import BoundedChatCompletionContext
-from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, JobResult, Requester
+from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
 from agent.models import UNKNOWN as UNKNOWN_PROVIDER
 from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tool_output import UntrustedOutputWorkbench, job_result_messages
 from agent.tools import TurnScope
+from agent.turns import AGAIN, SORRY, AgentError, AgentInput, TurnOutcome
+from runtime.protocol import Requester
 from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS
 from storage.abc import JSON, JobRecord
 
@@ -63,40 +64,12 @@ tell the user that plainly in your own words, with the reason it gave; do not tr
 """
 
 
-class AgentError(Exception):
-    """The model or the agent failed; the turn is not committed as a success.
-
-    ``str(error)`` is the operator's log line (what failed, in the service's own words),
-    ``user_message`` what the user is told, ``cause`` a short key (``timeout``, ``auth``,
-    ``rate_limited``, ``quota``, ``server_error``, ``unreachable``, ``content_filter``, ``not_found``,
-    ``context_length``, ``bad_request``, ``budget`` (a daily token budget is spent: agent/budget.py),
-    ``unknown``) and ``log_level`` how loudly to log it.
-    """
-
-    def __init__(self, message: str, *, cause: str = "unknown", user_message: str | None = None,
-                 log_level: int = logging.ERROR) -> None:
-        super().__init__(message)
-        self.cause = cause
-        self.user_message = user_message or GENERIC_FAILURE
-        self.log_level = log_level
-
-    @classmethod
-    def from_exception(cls, exc: BaseException, provider: ModelProvider | None = None) -> AgentError:
-        """Classify what a model call (or the agent) raised into a user message and a log line."""
-        return classify_failure(exc, provider or UNKNOWN_PROVIDER)
+_BLOCKED_ANSWER = f"{SORRY}: my answer was blocked by the content filter. Please rephrase your request."
+_TOO_SLOW = f"{SORRY}: the model took too long to respond. {AGAIN}"
+_UNREACHABLE = f"{SORRY}: I couldn't reach the model service. {AGAIN}"
 
 
-_SORRY = "Sorry, I couldn't get an answer from the model just now"
-_AGAIN = "Nothing was lost: please try again in a moment."
-GENERIC_FAILURE = f"{_SORRY}. {_AGAIN}"
-
-
-_BLOCKED_ANSWER = f"{_SORRY}: my answer was blocked by the content filter. Please rephrase your request."
-_TOO_SLOW = f"{_SORRY}: the model took too long to respond. {_AGAIN}"
-_UNREACHABLE = f"{_SORRY}: I couldn't reach the model service. {_AGAIN}"
-
-
-def classify_failure(exc: BaseException, provider: ModelProvider) -> AgentError:
+def classify_failure(exc: BaseException, provider: ModelProvider = UNKNOWN_PROVIDER) -> AgentError:
     """Map an exception from the model service (or anything else in a turn) to an :class:`AgentError`.
 
     Never raises: a failure to classify is itself reported as an ``unknown`` failure.
@@ -132,7 +105,7 @@ def _classify_one(error: BaseException, provider: ModelProvider) -> AgentError |
     if _is_azure_auth_error(error):
         return AgentError(f"no Entra ID token for {service}, check {provider.credentials}: {error}",
                           cause="auth", log_level=logging.ERROR,
-                          user_message=f"{_SORRY}: I couldn't sign in to the model service — an operator must "
+                          user_message=f"{SORRY}: I couldn't sign in to the model service — an operator must "
                                        f"check {provider.credentials}.")
     if isinstance(error, TimeoutError):
         return AgentError(f"{service}: {type(error).__name__}: {error}", cause="timeout",
@@ -151,38 +124,38 @@ def _status_failure(error: Any, provider: ModelProvider) -> AgentError:
     if status in (401, 403):
         refused = "refused my credentials" if status == 401 else "denied me access"
         return AgentError(f"{said}; check {provider.credentials}", cause="auth", log_level=logging.ERROR,
-                          user_message=f"{_SORRY}: the model service {refused} — an operator must check "
+                          user_message=f"{SORRY}: the model service {refused} — an operator must check "
                                        f"{provider.credentials}.")
     if status == 429:
         if code == "insufficient_quota":
             return AgentError(said, cause="quota", log_level=logging.ERROR,
-                              user_message=f"{_SORRY}: the model service's quota is used up — an operator must "
+                              user_message=f"{SORRY}: the model service's quota is used up — an operator must "
                                            "check the account's plan and billing.")
         retry_after = error.response.headers.get("retry-after")
         hint = f" (Retry-After: {retry_after})" if retry_after else ""
         return AgentError(f"{said}{hint}", cause="rate_limited", log_level=logging.WARNING,
-                          user_message=f"{_SORRY}: the model service is busy (rate limited). Nothing was lost: "
+                          user_message=f"{SORRY}: the model service is busy (rate limited). Nothing was lost: "
                                        "please try again in a minute.")
     if status >= 500:
         return AgentError(said, cause="server_error", log_level=logging.WARNING,
-                          user_message=f"{_SORRY}: the model service had an internal error (HTTP {status}). "
-                                       f"{_AGAIN}")
+                          user_message=f"{SORRY}: the model service had an internal error (HTTP {status}). "
+                                       f"{AGAIN}")
     if code == "content_filter" or "content management policy" in _message(error):
         return AgentError(said, cause="content_filter", log_level=logging.WARNING,
-                          user_message=f"{_SORRY}: the content filter blocked this request. "
+                          user_message=f"{SORRY}: the content filter blocked this request. "
                                        "Please rephrase your message.")
     if code == "context_length_exceeded" or "maximum context length" in _message(error):
         return AgentError(f"{said}; lower AGENT_CONTEXT_MESSAGES", cause="context_length",
                           log_level=logging.ERROR,
-                          user_message=f"{_SORRY}: this conversation has grown too long for the model. Say "
+                          user_message=f"{SORRY}: this conversation has grown too long for the model. Say "
                                        "`reset` to start afresh, or ask an operator to lower AGENT_CONTEXT_MESSAGES.")
     if status == 404:
         return AgentError(f"{said}; check {provider.model} and {provider.endpoint}", cause="not_found",
                           log_level=logging.ERROR,
-                          user_message=f"{_SORRY}: the model service doesn't know the configured model — an "
+                          user_message=f"{SORRY}: the model service doesn't know the configured model — an "
                                        f"operator must check {provider.model}.")
     return AgentError(said, cause="bad_request", log_level=logging.ERROR,
-                      user_message=f"{_SORRY}: the model service rejected the request (HTTP {status}). An operator "
+                      user_message=f"{SORRY}: the model service rejected the request (HTTP {status}). An operator "
                                    "can find the details in the bot's log.")
 
 
@@ -232,27 +205,12 @@ def _root(error: BaseException) -> str:
     return f"{type(deepest).__name__}: {deepest}" if deepest is not error else str(error)
 
 
-@dataclass(frozen=True)
-class AgentInput:
-    text: str
-    source: str = "user"
-    #: Who asked (a user message); None for a job result or when unknown.
-    requester: Requester | None = None
-    #: A finished job's outcome: it enters the model context as a tool result before ``text``.
-    job_result: JobResult | None = None
-
-
-@dataclass
-class TurnOutcome:
-    state: JSON
-    replies: list[str] = field(default_factory=list)
-    new_jobs: list[JobRecord] = field(default_factory=list)
-
-
 ToolsFactory = Callable[[TurnScope], Sequence[BaseTool[Any, Any]]]
 
 
 class AgentTurnRunner:
+    """The processor's :class:`agent.turns.TurnRunner` on AutoGen."""
+
     def __init__(
         self,
         model_client: ChatCompletionClient,
@@ -338,7 +296,7 @@ class AgentTurnRunner:
             new_state = prune_state(dict(await team.save_state()), self._thread_messages)
         except Exception as exc:
             cause = model.error or exc
-            raise AgentError.from_exception(cause, provider_of(self._model_client)) from cause
+            raise classify_failure(cause, provider_of(self._model_client)) from cause
         return TurnOutcome(state=new_state, replies=replies, new_jobs=scope.new_jobs)
 
 

@@ -22,7 +22,7 @@ from autogen_core import CancellationToken, FunctionCall
 from autogen_core.models import AssistantMessage, FunctionExecutionResult, FunctionExecutionResultMessage
 from autogen_core.tools import StaticWorkbench, TextResultContent, ToolResult
 
-from agent.events import JobResult, job_result_body
+from runtime.protocol import JobResult
 from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip, delimit_tool_output
 
 #: The name of the (never offered) tool call that carries a finished job's outcome to the model.
@@ -50,7 +50,7 @@ class UntrustedOutputWorkbench(StaticWorkbench):
 def format_job_outcome(result: JobResult, limit: int = DEFAULT_MAX_TOOL_RESULT_CHARS) -> str:
     """The job's outcome as the tool message's content: JSON, the tool's output clipped, delimited."""
     # Already clipped by the job runner; this bounds events stored by older versions.
-    body = {**job_result_body(result), "content": clip(result.content, 2 * limit)}
+    body = {**result.to_json(), "content": clip(result.content, 2 * limit)}
     return delimit_tool_output(clip(json.dumps(body), 4 * limit))
 
 

@@ -41,8 +41,8 @@ from autogen_core import CancellationToken
 from autogen_core.tools import BaseTool, ToolSchema
 from pydantic import BaseModel
 
-from agent.events import Requester
 from runtime import metrics
+from runtime.protocol import Requester
 
 log = logging.getLogger(__name__)
 

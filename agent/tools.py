@@ -18,12 +18,12 @@ from autogen_core import CancellationToken
 from autogen_core.tools import BaseTool, FunctionTool
 from pydantic import BaseModel, ValidationError
 
-from agent.events import Requester
 from jobs.access import JobAccess, public_view, shows_arguments, started_by_label
 from jobs.caps import JobCaps
 from jobs.registry import JobRegistry, LongRunningTool
 from jobs.runner import JobRunner
 from runtime import metrics
+from runtime.protocol import Requester
 from runtime.untrusted import escape_markdown, inline_code
 from storage.abc import ConversationStore, JobNotFoundError, JobRecord
 

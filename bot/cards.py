@@ -15,8 +15,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from agent.events import Requester
 from jobs.access import shows_arguments, started_by_label
+from runtime.protocol import Requester
 from runtime.untrusted import clip, escape_markdown, inline_code
 from storage.abc import JSON, JobRecord
 

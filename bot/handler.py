@@ -8,7 +8,6 @@ and the conversation's processor is woken. The agent never runs inside the reque
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -16,8 +15,7 @@ from botbuilder.core import TurnContext
 from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
-from agent.events import Requester
-from agent.forgetting import RESET_EVENT_PREFIX, reset_payload
+from agent.forgetting import reset_payload
 from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.dialog_storage import dialog_item_key
@@ -27,6 +25,7 @@ from bot.service_urls import ServiceUrlPolicy
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from jobs.access import CancelRefusedError
 from runtime import tracing
+from runtime.protocol import WELCOME_EVENT_ID, EventKind, Requester, message_event_id, reset_event_id
 from runtime.untrusted import inline_code
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
 
@@ -117,24 +116,25 @@ class TeamsBot(TeamsActivityHandler):
                 except Exception as exc:
                     log.warning("could not send the rate-limit notice to %s: %s", key, exc)
             return
-        event_id = activity.id or f"noid-{uuid.uuid4().hex}"
+        event_id = message_event_id(activity.id)
         if await self._store.has_event(key, event_id):
             log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
             return
         if (job_id := parse_cancel(activity.value)) is not None:  # Action.Submit fallback of Cancel
             await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id, requester(activity)))
-            await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"cancel": job_id}))
+            await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.COMMAND,
+                                                                payload={"cancel": job_id}))
             return
         text = message_text(activity)
         if await self._commands.handle(turn_context, text, requester(activity)):
             # Record handled commands too, so a redelivered one is not answered twice.
-            await self._store.append_event(key, InboxEvent(id=event_id, kind="command", payload={"text": text}))
+            await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"text": text}))
             self._wake(key)
             return
         payload: JSON = {"text": text, "from": requester(activity).to_json()}
         if trace_context := tracing.carrier():  # lets the worker's turn span link back to this one
             payload[tracing.CARRIER_KEY] = trace_context
-        if await self._store.append_event(key, InboxEvent(id=event_id, kind="message", payload=payload)):
+        if await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.MESSAGE, payload=payload)):
             self._wake(key)
 
     async def on_adaptive_card_invoke(self, turn_context: TurnContext,
@@ -174,14 +174,15 @@ class TeamsBot(TeamsActivityHandler):
     async def _welcome(self, turn_context: TurnContext) -> None:
         key = conversation_key(turn_context.activity)
         # One welcome per conversation, however many join events arrive.
-        if await self._store.append_event(key, InboxEvent(id="welcome", kind="welcome", payload={})):
+        if await self._store.append_event(key, InboxEvent(id=WELCOME_EVENT_ID, kind=EventKind.WELCOME,
+                                                                   payload={})):
             self._wake(key)
 
     async def request_reset(self, turn_context: TurnContext) -> None:
         """Called by the reset dialog once the user confirmed."""
         activity = turn_context.activity
         key = conversation_key(activity)
-        event_id = f"{RESET_EVENT_PREFIX}{activity.id or uuid.uuid4().hex}"
+        event_id = reset_event_id(activity.id)
         payload = reset_payload(requester(activity), [dialog_item_key(activity)])
-        if await self._store.append_event(key, InboxEvent(id=event_id, kind="reset", payload=payload)):
+        if await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.RESET, payload=payload)):
             self._wake(key)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from botbuilder.schema import Activity
 
+from runtime import protocol
+
 
 def conversation_key(activity: Activity) -> str:
-    """Unique across channels: the same conversation id could exist on two channels.
-
-    A Teams channel thread (``19:...@thread.tacv2;messageid=...``) is its own conversation.
-    """
-    return f"{activity.channel_id}:{activity.conversation.id}"
+    """The activity's conversation as a store key (:func:`runtime.protocol.conversation_key`)."""
+    return protocol.conversation_key(activity.channel_id, activity.conversation.id)

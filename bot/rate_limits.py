@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.events import Requester
 from runtime import metrics
+from runtime.protocol import Requester
 from storage.abc import ConversationLog
 
 log = logging.getLogger(__name__)

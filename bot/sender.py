@@ -14,9 +14,9 @@ from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import Activity, ActivityTypes, ConversationReference
 
-from agent.processor import DeliveryError
 from bot.service_urls import ServiceUrlPolicy
 from runtime import metrics
+from runtime.protocol import DeliveryError
 from storage.abc import JSON
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def _status_and_retry_after(error: BaseException) -> tuple[int | None, float | N
 
 
 class ProactiveSender:
-    """Implements ``agent.processor.MessageSender`` on botbuilder's CloudAdapter.
+    """Implements ``runtime.protocol.MessageSender`` on botbuilder's CloudAdapter.
 
     Transient failures (429, 5xx, timeouts, dropped connections) are retried a few times here
     with backoff honouring Retry-After; if they persist a transient DeliveryError lets the

@@ -22,11 +22,9 @@ from botbuilder.dialogs import (
 from botbuilder.dialogs.prompts import ConfirmPrompt, PromptOptions
 from botbuilder.schema import Activity
 
-from agent.events import Requester
-from bot.cards import jobs_list_card
-from bot.keys import conversation_key
 from jobs.access import CancelRefusedError
 from jobs.runner import CancelResult
+from runtime.protocol import JSON, Requester, conversation_key
 from storage.abc import JobNotFoundError, JobRecord
 
 log = logging.getLogger(__name__)
@@ -42,6 +40,9 @@ OnReset = Callable[[TurnContext], Awaitable[None]]
 #: (conversation key, job id, who asks): raises JobNotFoundError, or CancelRefusedError if they may not.
 CancelJob = Callable[[str, str, Requester], Awaitable[CancelResult]]
 ListJobs = Callable[[str], Awaitable[list[JobRecord]]]
+#: (the jobs, who looks): the jobs list as an Adaptive Card. The edge renders (bot.cards.jobs_list_card);
+#: the dialogs only decide when, so they import nothing of bot/ (which imports them).
+JobsCard = Callable[[list[JobRecord], Requester], JSON]
 #: turn_state flag: this turn confirmed a reset, so the dialog state is deleted, not saved.
 RESET_CONFIRMED = "reset_confirmed"
 _CANCEL = re.compile(r"^cancel\s+(?:job\s+)?`?(?P<id>[0-9a-f]{12})`?$")
@@ -56,6 +57,11 @@ async def cancel_reply(cancel_job: CancelJob, key: str, job_id: str, requester: 
     except CancelRefusedError as refused:
         return MessageFactory.text(str(refused))
     return MessageFactory.text(outcome.message())
+
+
+def _key(turn_context: TurnContext) -> str:
+    activity = turn_context.activity
+    return conversation_key(activity.channel_id, activity.conversation.id)
 
 
 def normalise_command(text: str) -> str:
@@ -94,10 +100,11 @@ class CommandDialogs:
     """Routes a message to a command or an active dialog; returns whether it was handled."""
 
     def __init__(self, conversation_state: ConversationState, help_text: Callable[[], str], on_reset: OnReset,
-                 list_jobs: ListJobs, cancel_job: CancelJob) -> None:
+                 list_jobs: ListJobs, cancel_job: CancelJob, jobs_card: JobsCard) -> None:
         self._state = conversation_state
         self._help_text = help_text
         self._list_jobs = list_jobs
+        self._jobs_card = jobs_card
         self._cancel_job = cancel_job
         self._dialogs = DialogSet(conversation_state.create_property("DialogState"))
         self._dialogs.add(ResetDialog(on_reset))
@@ -118,13 +125,13 @@ class CommandDialogs:
                 await dialog_context.begin_dialog("reset")
                 return True
             if command in ("jobs", "list jobs"):
-                jobs = await self._list_jobs(conversation_key(turn_context.activity))
+                jobs = await self._list_jobs(_key(turn_context))
                 await turn_context.send_activity(Activity(
                     type="message", summary=f"{len(jobs)} background job(s)",
-                    attachments=[CardFactory.adaptive_card(jobs_list_card(jobs, viewer=requester))]))
+                    attachments=[CardFactory.adaptive_card(self._jobs_card(jobs, requester))]))
                 return True
             if match := _CANCEL.match(command):
-                key = conversation_key(turn_context.activity)
+                key = _key(turn_context)
                 reply = await cancel_reply(self._cancel_job, key, match.group("id"), requester)
                 await turn_context.send_activity(reply)
                 return True

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.events import Requester
+from runtime.protocol import Requester
 from storage.abc import JobRecord
 
 

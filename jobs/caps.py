@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from agent.events import Requester
 from jobs.access import same_person, starter
+from runtime.protocol import Requester
 from storage.abc import JobRecord, JobStore
 
 

@@ -19,11 +19,11 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
-from agent.events import JobResult
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
 from runtime import logs, metrics, tracing
 from runtime.crashpoints import crash_point
+from runtime.protocol import EventKind, JobResult, finished_event_id
 from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip
 from storage.abc import ConversationStore, InboxEvent, ItemTooLargeError, JobRecord, StoreUnavailableError
 
@@ -96,7 +96,7 @@ def finished_event(job: JobRecord) -> InboxEvent:
         is_error=job.status == "failed",
         arguments=job.arguments,
     )
-    return InboxEvent(id=f"job:{job.id}", kind="job_finished", payload=result.__dict__)
+    return InboxEvent(id=finished_event_id(job.id), kind=EventKind.JOB_FINISHED, payload=result.to_json())
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class CancelResult:
 
 
 def job_from_finished_event(job: JobRecord, event: InboxEvent) -> JobRecord:
-    outcome = JobResult(**event.payload)
+    """The job as its finished event tells it (the event was stored, the record not yet updated)."""
+    outcome = JobResult.from_json(event.payload)
     if outcome.status == "succeeded":
         return job.evolve(status="succeeded", result=json.loads(outcome.content), progress=1.0, error=None,
                           finished_at=event.created_at)
@@ -166,7 +167,7 @@ class JobRunner:
         if job.finished:
             await self._announce(job)
             return
-        if (event := await self._store.get_event(conversation_key, f"job:{job_id}")) is not None:
+        if (event := await self._store.get_event(conversation_key, finished_event_id(job_id))) is not None:
             # It finished and was announced just before a crash: restore the record, don't re-run.
             await self._save(job_from_finished_event(job, event))
             return

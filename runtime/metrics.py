@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter as Tally
+from collections.abc import Sequence
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-
-from storage.abc import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,18 @@ def job_finished(tool: str, status: str, started_at: float | None, finished_at: 
         JOB_SECONDS.labels(tool, status).observe(max(0.0, finished_at - started_at))
 
 
-async def refresh_jobs(store: JobStore, timeout: float = 2.0) -> None:
+class _JobStatus(Protocol):
+    @property
+    def status(self) -> str: ...
+
+
+class _UnfinishedJobs(Protocol):
+    """What :func:`refresh_jobs` reads of a store (a protocol: runtime imports no storage)."""
+
+    async def unfinished_jobs(self) -> Sequence[_JobStatus]: ...
+
+
+async def refresh_jobs(store: _UnfinishedJobs, timeout: float = 2.0) -> None:
     """Set ``teams_agent_jobs`` from the store; if it cannot answer in time the series are left out."""
     try:
         async with asyncio.timeout(timeout):

@@ -80,6 +80,7 @@ from azure.cosmos import PartitionKey, exceptions
 from azure.cosmos.aio import ContainerProxy, CosmosClient
 from azure.identity.aio import DefaultAzureCredential
 
+from runtime.protocol import finished_event_id
 from storage.abc import (
     JSON,
     MAX_ITEM_BYTES,
@@ -656,7 +657,7 @@ class CosmosStore(ConversationStore):
             "SELECT c.event_id, c.processed, c.redacted FROM c WHERE c.pk = @pk AND c.type = 'event'", pk=pk)
         redact = [e["event_id"] for e in events
                   if (e.get("processed") or e["event_id"] in processed) and not e.get("redacted")
-                  and e["event_id"] not in {f"job:{i}" for i in unfinished}]
+                  and e["event_id"] not in {finished_event_id(i) for i in unfinished}]
 
         async def redact_one(event_id: str) -> int:
             try:

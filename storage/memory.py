@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from runtime.protocol import finished_event_id
 from storage.abc import (
     JSON,
     MAX_ITEM_BYTES,
@@ -154,7 +155,7 @@ class MemoryStore(ConversationStore):
         async with self._lock:
             changed = 0
             jobs = self._jobs.get(key, {})
-            unfinished = {f"job:{i}" for i, j in jobs.items() if not j.finished}
+            unfinished = {finished_event_id(i) for i, j in jobs.items() if not j.finished}
             events = self._events.get(key, {})
             for event_id, (event, done) in list(events.items()):
                 if done and event.payload and event_id not in unfinished:
@@ -193,7 +194,7 @@ class MemoryStore(ConversationStore):
                 idle.append(key)
             deleted = 0
             for key, events in self._events.items():
-                unfinished = {f"job:{i}" for i, j in self._jobs.get(key, {}).items() if not j.finished}
+                unfinished = {finished_event_id(i) for i, j in self._jobs.get(key, {}).items() if not j.finished}
                 for event_id in [i for i, (_, done) in events.items()
                                  if done and old(self._event_written[key, i]) and i not in unfinished]:
                     del events[event_id], self._event_written[key, event_id]

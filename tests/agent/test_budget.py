@@ -11,11 +11,12 @@ import pytest
 from autogen_core.models import CreateResult, LLMMessage, RequestUsage
 
 from agent.budget import TokenBudget
-from agent.events import Requester
 from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
-from agent.runner import AgentError, AgentInput, AgentTurnRunner
+from agent.runner import AgentTurnRunner
+from agent.turns import AgentError, AgentInput
 from runtime import metrics
+from runtime.protocol import Requester
 from storage.abc import InboxEvent
 from storage.memory import MemoryStore
 

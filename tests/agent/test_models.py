@@ -25,8 +25,9 @@ from azure.identity.aio import get_bearer_token_provider  # noqa: F401  (importe
 from agent.models import ModelCallRecorder, create_model_client, provider_of
 from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
-from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentError, AgentInput, AgentTurnRunner, TurnOutcome
+from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tools import turn_tools
+from agent.turns import AgentError, AgentInput, TurnOutcome
 from jobs.activate_line import make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner

@@ -9,8 +9,9 @@ import pytest
 from autogen_core.models import FunctionExecutionResult, FunctionExecutionResultMessage, UserMessage
 from autogen_core.tools import ToolSchema
 
-from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
+from agent.events import JOB_RESULT_SOURCE, format_job_result
 from agent.offline_model import OfflineChatCompletionClient
+from runtime.protocol import JobResult
 
 TOOLS: list[ToolSchema] = [{"name": n, "description": ""}
                            for n in ("activate_new_line", "get_job_status", "list_jobs", "cancel_job")]

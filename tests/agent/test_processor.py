@@ -10,8 +10,9 @@ import pytest
 from autogen_core.models import CreateResult, LLMMessage
 
 from agent.offline_model import OfflineChatCompletionClient
-from agent.processor import ConversationProcessor, DeliveryError, text_activity
+from agent.processor import ConversationProcessor, text_activity
 from agent.runner import AgentTurnRunner
+from runtime.protocol import DeliveryError
 from storage.abc import JSON, ConversationRecord, InboxEvent
 from storage.memory import MemoryStore
 

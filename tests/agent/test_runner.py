@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from agent.events import Requester
 from agent.offline_model import OfflineChatCompletionClient
-from agent.runner import AgentInput, AgentTurnRunner
+from agent.runner import AgentTurnRunner
 from agent.tools import turn_tools
+from agent.turns import AgentInput
 from jobs.activate_line import make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
+from runtime.protocol import Requester
 from storage.memory import MemoryStore
 
 KEY = "emulator:c1"

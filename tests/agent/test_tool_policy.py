@@ -14,14 +14,16 @@ from autogen_core.models import CreateResult, FunctionExecutionResultMessage, LL
 from autogen_core.tools import Tool, ToolSchema
 from pydantic import BaseModel
 
-from agent.events import JOB_RESULT_SOURCE, Requester
+from agent.events import JOB_RESULT_SOURCE
 from agent.offline_model import OfflineChatCompletionClient
-from agent.runner import AgentInput, AgentTurnRunner
+from agent.runner import AgentTurnRunner
 from agent.tool_policy import PolicedTool, ToolPolicy, ToolPolicyError, ToolRule, load_rules
 from agent.tools import TurnScope, turn_tools
+from agent.turns import AgentInput
 from jobs.activate_line import make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
+from runtime.protocol import Requester
 from storage.memory import MemoryStore
 
 KEY = "msteams:c1"

@@ -19,13 +19,15 @@ from autogen_core.models import (
 )
 from autogen_core.tools import FunctionTool
 
-from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, JobResult, format_job_result
+from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE, format_job_result
 from agent.offline_model import OfflineChatCompletionClient
 from agent.outgoing import MAX_REPLY_PARTS, TEAMS_MESSAGE_BYTES, activity_bytes, split_text, utf16_units
 from agent.processor import TOO_LARGE_TO_STORE, ConversationProcessor, plain_job_outcome, text_activity
-from agent.runner import AgentInput, AgentTurnRunner
+from agent.runner import AgentTurnRunner
 from agent.tool_output import JOB_RESULT_TOOL
+from agent.turns import AgentInput
 from runtime.config import ConfigError, Settings
+from runtime.protocol import JobResult
 from runtime.untrusted import (
     TOOL_OUTPUT_BEGIN,
     TOOL_OUTPUT_END,

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from agent.events import Requester
 from bot.cards import (
     CANCEL_VERB,
     CARD_CONTENT_TYPE,
@@ -19,6 +18,7 @@ from bot.cards import (
     parse_cancel,
     progress_bar,
 )
+from runtime.protocol import Requester
 from storage.abc import JSON, JobRecord
 
 NOW = 1_700_000_100.0

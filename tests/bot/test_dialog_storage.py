@@ -77,7 +77,8 @@ async def test_dialog_item_key_is_where_conversation_state_writes() -> None:
     async def never(_: TurnContext) -> None:
         raise AssertionError("no reset")
 
-    commands = CommandDialogs(state, lambda: "help", never, list_jobs=None, cancel_job=None)  # type: ignore[arg-type]
+    commands = CommandDialogs(state, lambda: "help", never,
+                              list_jobs=None, cancel_job=None, jobs_card=None)  # type: ignore[arg-type]
 
     async def logic(turn_context: TurnContext) -> None:
         await commands.handle(turn_context, turn_context.activity.text)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from agent.events import Requester
 from bot import rate_limits
 from bot.rate_limits import IngestLimits, Refusal
 from runtime import metrics
 from runtime.config import ConfigError, Settings
+from runtime.protocol import Requester
 from storage.abc import InboxEvent
 from storage.memory import MemoryStore
 

@@ -10,11 +10,11 @@ from botbuilder.core import TurnContext
 from botbuilder.core.adapters import TestAdapter
 from botbuilder.schema import Activity
 
-from agent.processor import DeliveryError
 from bot.handler import TeamsBot
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
 from runtime.config import ConfigError, Settings
+from runtime.protocol import DeliveryError
 from storage.memory import MemoryStore
 from tests.support.activities import message
 

@@ -11,11 +11,12 @@ from botbuilder.core import ConversationState, TurnContext
 from botbuilder.core.adapters import TestAdapter
 from botbuilder.schema import Activity, ChannelAccount, ConversationAccount
 
-from agent.events import Requester
+from bot.cards import jobs_list_card
 from bot.dialog_storage import ConversationStoreStorage, dialog_item_key
 from dialogs.commands import COMMANDS, CommandDialogs
 from jobs.access import CancelRefusedError
 from jobs.runner import CancelResult
+from runtime.protocol import Requester
 from storage.abc import JobNotFoundError, JobRecord
 from storage.memory import MemoryStore
 
@@ -37,7 +38,8 @@ class Bot:
         self.handled: list[bool] = []
         self._cancel = cancel
         self.dialogs = CommandDialogs(ConversationState(ConversationStoreStorage(self.store)), lambda: HELP,
-                                      on_reset=self._on_reset, list_jobs=self._list_jobs, cancel_job=self._cancel_job)
+                                      on_reset=self._on_reset, list_jobs=self._list_jobs, cancel_job=self._cancel_job,
+                                      jobs_card=lambda jobs, viewer: jobs_list_card(jobs, viewer=viewer))
         self.adapter = TestAdapter(self._turn, Activity(
             channel_id="msteams", service_url="https://smba.trafficmanager.net/emea/", conversation=CONVERSATION,
             from_property=ChannelAccount(id=ADA.id, name=ADA.name), recipient=ChannelAccount(id="28:bot", name="Bot")))

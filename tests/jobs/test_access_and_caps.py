@@ -7,13 +7,13 @@ import json
 import pytest
 from autogen_core import CancellationToken
 
-from agent.events import Requester
 from agent.tools import ScheduleJobTool, TurnScope, job_tools
 from jobs.access import CancelRefusedError, JobAccess, same_person, shows_arguments
 from jobs.activate_line import make_activate_line_tool
 from jobs.caps import JobCaps
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
+from runtime.protocol import Requester
 from storage.abc import JobRecord
 from storage.memory import MemoryStore
 from tests.storage.jobs import add_job
