@@ -157,12 +157,12 @@ def describe_tool_result(name: str, content: str, is_error: bool) -> str:
 class OfflineChatCompletionClient(ChatCompletionClient):
     """Deterministic stand-in for an LLM; see the module docstring for the phrases."""
 
-    def __init__(self, *, run_phrase: bool = False) -> None:
+    def __init__(self, *, run_phrase: bool = False, tools: Sequence[DeclaredTool] = ()) -> None:
         self._usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
         #: Whether ``run <tool> {json}`` calls the tool (local mode) or is refused.
         self._run_phrase = run_phrase
         #: Declared tools with an ``offline_phrase``, in declaration order (the first match wins).
-        self._tools: list[DeclaredTool] = []
+        self._tools: list[DeclaredTool] = list(tools)
 
     def learn(self, tools: Sequence[DeclaredTool]) -> None:
         """Understand the declared tools' phrases (and list their examples in ``help``)."""

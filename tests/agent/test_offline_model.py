@@ -11,13 +11,14 @@ from autogen_core.tools import ToolSchema
 
 from agent.events import JOB_RESULT_SOURCE, JobResult, format_job_result
 from agent.offline_model import OfflineChatCompletionClient
+from jobs.activate_line import activate_new_line
 
 TOOLS: list[ToolSchema] = [{"name": n, "description": ""}
                            for n in ("activate_new_line", "get_job_status", "list_jobs", "cancel_job")]
 
 
 async def respond(text: str, source: str = "user", history: list[UserMessage] | None = None) -> Any:
-    client = OfflineChatCompletionClient()
+    client = OfflineChatCompletionClient(tools=[activate_new_line])  # the demo's phrase, from its declaration
     result = await client.create([*(history or []), UserMessage(content=text, source=source)], tools=TOOLS)
     return result.content
 
