@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -29,7 +29,8 @@ from botbuilder.core import ConversationState
 from agent.budget import TokenBudget
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import ModelClient, create_model_client
-from agent.offline_model import HELP_TEXT, OfflineChatCompletionClient
+from agent.offline_model import OfflineChatCompletionClient
+from agent.offline_model import help_text as offline_help
 from agent.processor import ConversationProcessor
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tool_policy import ToolPolicy, ToolPolicyError
@@ -46,9 +47,8 @@ from bot.service_urls import ServiceUrlPolicy
 from cluster import Coordinator, LocalCoordinator
 from dialogs.commands import CommandDialogs
 from jobs.access import CancelRefusedError, JobAccess
-from jobs.activate_line import make_activate_line_tool
 from jobs.caps import JobCaps
-from jobs.registry import JobRegistry
+from jobs.registry import DeclaredTool, JobRegistry, load_tool_modules
 from jobs.runner import CancelResult, JobRunner
 from jobs.scheduler import JobScheduler
 from runtime import logs, metrics, ops, tracing
@@ -117,13 +117,15 @@ def build_budget(settings: Settings, store: ConversationStore) -> TokenBudget:
                        per_conversation=settings.daily_token_budget_per_conversation)
 
 
-def help_text(settings: Settings, offline: bool) -> str:
+def help_text(settings: Settings, offline: bool, tools: Sequence[DeclaredTool] = ()) -> str:
     if offline:
-        return HELP_TEXT
+        return offline_help(tools)
+    tries = "".join(f"\n- `{t.example}`" for t in tools if t.example)
     return (
-        f"I'm an AI assistant ({settings.model_description}). Ask me anything; long tasks such as "
-        "activating a phone line run in the background and I message you when they finish.\n\n"
-        "Commands: `help`, `reset` (forget this conversation). Ask me about your jobs in plain words."
+        f"I'm an AI assistant ({settings.model_description}). Ask me anything; long tasks run in the "
+        "background and I message you when they finish.\n\n"
+        + (f"For example:{tries}\n\n" if tries else "")
+        + "Commands: `help`, `reset` (forget this conversation). Ask me about your jobs in plain words."
     )
 
 
@@ -140,7 +142,12 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     job_access = JobAccess(settings.admins)
     job_caps = JobCaps(settings.max_active_jobs_per_conversation, settings.max_active_jobs_per_user)
     offline = isinstance(model_client, OfflineChatCompletionClient)
-    registry = JobRegistry([make_activate_line_tool(settings.activate_line_seconds)])
+    declared = load_tool_modules(settings.tool_modules)  # TOOL_MODULES: each tool declared with @tool
+    registry = JobRegistry([t for t in declared if t.long_running])
+    plain_tools = [t for t in declared if not t.long_running]
+    examples = [t.example for t in declared if t.example]
+    if isinstance(model_client, OfflineChatCompletionClient):
+        model_client.learn(declared)
     mcp_hub = McpHub(load_mcp_config(settings.mcp_config))
     adapter = create_adapter(settings)
     service_urls = ServiceUrlPolicy.from_settings(settings)  # TRUSTED_SERVICE_URLS: edge, handler and sender
@@ -159,14 +166,16 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     runner = AgentTurnRunner(
         model_client,
         lambda scope: tool_policy.tools_for(scope.requester, [
-            *turn_tools(scope, registry, store, job_runner, job_caps, job_access), *mcp_hub.agent_tools()]),
+            *turn_tools(scope, registry, store, job_runner, job_caps, job_access, plain_tools),
+            *mcp_hub.agent_tools()]),
         context_messages=settings.context_messages,
         system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
         budget=None if offline else build_budget(settings, store),  # the offline model costs nothing
         max_tool_result_chars=settings.max_tool_result_chars,
     )
     processor = ConversationProcessor(
-        store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,
+        store, runner, sender, welcome=lambda: welcome_activity(offline, examples=examples),
+        schedule_job=scheduler.schedule,
         job_card=job_card_activity, on_card_sent=card_updater.card_posted,
     )
     processor_ref.append(processor)
@@ -187,7 +196,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
 
     conversation_state = ConversationState(ConversationStoreStorage(store))
     bot_ref: list[TeamsBot] = []
-    commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline),
+    commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline, declared),
                               on_reset=lambda tc: bot_ref[0].request_reset(tc),
                               list_jobs=store.list_jobs, cancel_job=cancel_job,
                               jobs_card=lambda jobs, viewer: jobs_list_card(jobs, viewer=viewer))

@@ -5,7 +5,7 @@ pipeline (tools, jobs, durable state, proactive messages) runs with no network. 
 
 ========================================  ============================================
 ``help`` / ``what can you do``            explains itself and how to configure a model
-``activate line <number>``                ``activate_new_line(phone_number)``
+a declared tool's ``offline_phrase``      that tool, its named groups as arguments
 ``status`` / ``is it done?`` / ``status <id>``  ``get_job_status(job_id)``
 ``list jobs`` / ``jobs``                  ``list_jobs()``
 ``cancel <job id>``                       ``cancel_job(job_id)``
@@ -14,6 +14,10 @@ pipeline (tools, jobs, durable state, proactive messages) runs with no network. 
 ``time in <zone>``                        ``get_current_time(timezone)`` (the MCP time server)
 ``run <tool> [json arguments]``           any tool, e.g. an MCP server's (local mode only)
 ========================================  ============================================
+
+A declared tool (``@tool``, jobs/registry.py) teaches this model its phrase and example: the app
+passes the declared tools to :meth:`OfflineChatCompletionClient.learn`, and :func:`help_text` lists
+their examples. No tool is named here.
 
 ``run`` calls a tool by name with arguments the user typed: a testing aid, so the app enables it
 (``run_phrase=True``) only in local mode; elsewhere the phrase is refused and calls nothing.
@@ -50,6 +54,7 @@ from pydantic import BaseModel
 
 from agent.events import JOB_RESULT_SOURCE, parse_job_result
 from agent.tool_output import JOB_RESULT_TOOL
+from jobs.registry import DeclaredTool
 from runtime import metrics
 from runtime.untrusted import escape_markdown, tool_output_data
 
@@ -58,9 +63,9 @@ CONFIGURE_HINT = (
     "an OpenAI-compatible server), or AZURE_OPENAI_ENDPOINT and AZURE_OPENAI_DEPLOYMENT, then restart the bot."
 )
 
-HELP_TEXT = (
-    "I'm running on the **offline model**: a built-in stand-in for a real LLM that understands a few phrases.\n\n"
-    "- `activate line 555-0100`: activate a phone line (a background job; I'll message you when it's done)\n"
+HELP_HEAD = ("I'm running on the **offline model**: a built-in stand-in for a real LLM that understands a few "
+             "phrases.\n\n")
+HELP_TAIL = (
     "- `status` or `is it done?`: the state of your latest job (`status <job id>` for a given one)\n"
     "- `list jobs`: every job in this conversation\n"
     "- `cancel <job id>`: cancel a job\n"
@@ -71,8 +76,21 @@ HELP_TEXT = (
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
 )
 
-_ACTIVATE = re.compile(
-    r"\bactivate\b(?:\s+(?:a|the|new|my|phone))*\s+line\b\s*(?:for\s+|number\s+)?(?P<number>.*)$", re.I)
+
+def tool_help_lines(tools: Sequence[DeclaredTool]) -> list[str]:
+    """One help line per declared tool with an example: the example, what it does, how it runs."""
+    return [f"- `{t.example}`: {t.summary[:1].lower()}{t.summary[1:]}"
+            + (" (a background job; I'll message you when it's done)" if t.long_running else "")
+            for t in tools if t.example]
+
+
+def help_text(tools: Sequence[DeclaredTool] = ()) -> str:
+    """What the offline model answers to ``help``: the declared tools' examples, then its own phrases."""
+    return HELP_HEAD + "".join(line + "\n" for line in tool_help_lines(tools)) + HELP_TAIL
+
+
+HELP_TEXT = help_text()  # with no declared tools
+
 _STATUS = re.compile(
     r"^(?:status|job status|is it (?:done|finished|ready)\??|what(?:'s| is) the status\??)\s*(?P<id>[\w-]*)\??$", re.I)
 _LIST = re.compile(r"^(?:list\s+(?:my\s+|the\s+)?jobs|jobs|show\s+(?:my\s+)?jobs)\s*[.!?]?$", re.I)
@@ -139,10 +157,16 @@ def describe_tool_result(name: str, content: str, is_error: bool) -> str:
 class OfflineChatCompletionClient(ChatCompletionClient):
     """Deterministic stand-in for an LLM; see the module docstring for the phrases."""
 
-    def __init__(self, *, run_phrase: bool = False) -> None:
+    def __init__(self, *, run_phrase: bool = False, tools: Sequence[DeclaredTool] = ()) -> None:
         self._usage = RequestUsage(prompt_tokens=0, completion_tokens=0)
         #: Whether ``run <tool> {json}`` calls the tool (local mode) or is refused.
         self._run_phrase = run_phrase
+        #: Declared tools with an ``offline_phrase``, in declaration order (the first match wins).
+        self._tools: list[DeclaredTool] = list(tools)
+
+    def learn(self, tools: Sequence[DeclaredTool]) -> None:
+        """Understand the declared tools' phrases (and list their examples in ``help``)."""
+        self._tools.extend(tools)
 
     async def create(
         self,
@@ -190,12 +214,17 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             return [FunctionCall(id=f"call_{uuid.uuid4().hex[:12]}", name=name, arguments=json.dumps(arguments))]
 
         if _HELP.match(text):
-            return HELP_TEXT
-        if m := _ACTIVATE.search(text):
-            number = m.group("number").strip().rstrip(".!?")
-            if not number:
-                return "Which number should I activate? Say for example `activate line 555-0100`."
-            return call("activate_new_line", phone_number=number)
+            return help_text(self._tools)
+        for declared in self._tools:
+            if declared.offline_phrase is None or not (said := declared.offline_phrase.search(text)):
+                continue
+            # A group that takes no part is left to the argument's default; one that matched nothing is missing.
+            given = {k: v.strip().rstrip(".!?") for k, v in said.groupdict().items() if v is not None}
+            arguments = {k: v for k, v in given.items() if v}
+            if len(arguments) < len(given):
+                example = f" Say for example `{declared.example}`." if declared.example else ""
+                return f"I need a bit more to {declared.summary[:1].lower()}{declared.summary[1:]}.{example}"
+            return call(declared.name, **arguments)
         if m := _TIME_IN.match(text):
             return call("get_current_time", timezone=m.group("zone"))
         if m := _RUN.match(text):
@@ -262,4 +291,4 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         return _INFO
 
 
-__all__ = ["HELP_TEXT", "AssistantMessage", "OfflineChatCompletionClient", "SystemMessage"]
+__all__ = ["HELP_TEXT", "AssistantMessage", "OfflineChatCompletionClient", "SystemMessage", "help_text"]

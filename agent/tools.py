@@ -1,12 +1,15 @@
 """The tools offered to the agent in one turn.
 
-Long-running tools do not run here: calling one records a job in the turn's scope (it is
+Declared tools (``@tool``, jobs/registry.py) come in two kinds. A plain one runs here, in the turn
+(:class:`PlainTool`, with its timeout and retries), and answers the model directly. A long-running
+one does not run here: calling one records a job in the turn's scope (it is
 committed atomically with the turn) and answers the model at once with the job id. The job
 helper tools read and cancel jobs through the store and the job runner.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -20,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from jobs.access import JobAccess, public_view, shows_arguments, started_by_label
 from jobs.caps import JobCaps
-from jobs.registry import JobRegistry, LongRunningTool
+from jobs.registry import DeclaredTool, JobRegistry, LongRunningTool, PermanentJobError
 from jobs.runner import JobRunner
 from runtime import metrics
 from runtime.protocol import Requester
@@ -116,6 +119,40 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
         return json.dumps({"job_id": job.id, "status": "queued", "message": message})
 
 
+class PlainTool(BaseTool[BaseModel, Any]):
+    """A declared plain tool as the model sees it: validated arguments, the declared timeout and retries.
+
+    The result goes back to the model as text: a string as it is, anything else as JSON."""
+
+    def __init__(self, declared: DeclaredTool) -> None:
+        super().__init__(declared.args_model, str, declared.name, declared.description)
+        self._declared = declared
+
+    async def run_json(self, args: Any, cancellation_token: CancellationToken, call_id: str | None = None) -> Any:
+        try:
+            validated = self._declared.args_model.model_validate(args)
+        except ValidationError as exc:
+            raise ValueError(validation_message(exc)) from None
+        return await self.run(validated, cancellation_token)
+
+    async def run(self, args: BaseModel, cancellation_token: CancellationToken) -> str:
+        declared = self._declared
+        for attempt in range(1, declared.retry.max_attempts + 1):
+            try:
+                value = await asyncio.wait_for(declared.invoke(args), timeout=declared.timeout)
+                return value if isinstance(value, str) else json.dumps(value, default=str)
+            except PermanentJobError:
+                raise
+            except TimeoutError:
+                if attempt == declared.retry.max_attempts:
+                    raise TimeoutError(f"{declared.name} timed out after {declared.timeout:g} s") from None
+            except Exception:
+                if attempt == declared.retry.max_attempts:
+                    raise
+            await asyncio.sleep(declared.retry.delay(attempt))
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+
 def describe_job(job: JobRecord, *, full: bool = True) -> str:
     """One line a person can read: what, state, progress, attempts, outcome (tool-written text escaped);
     who started it when that is recorded. ``full=False`` (someone else's job in a shared conversation):
@@ -197,7 +234,10 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner,
 
 
 def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner,
-               caps: JobCaps | None = None, access: JobAccess | None = None) -> Sequence[BaseTool[Any, Any]]:
-    """The turn's job tools and job helper tools; ``caps`` None: no caps (the app passes its settings')."""
-    return ([ScheduleJobTool(spec, scope, store, caps) for spec in registry]
+               caps: JobCaps | None = None, access: JobAccess | None = None,
+               plain: Sequence[DeclaredTool] = ()) -> Sequence[BaseTool[Any, Any]]:
+    """The turn's tools: the declared plain ones, one per long-running tool (it records a job), and the
+    job helper tools; ``caps`` None: no caps (the app passes its settings')."""
+    return ([PlainTool(declared) for declared in plain]
+            + [ScheduleJobTool(spec, scope, store, caps) for spec in registry]
             + job_tools(scope, store, runner, access))

@@ -32,7 +32,7 @@ from agent.processor import ConversationProcessor, text_activity
 from agent.runner import AgentTurnRunner
 from agent.tools import turn_tools
 from bench.common import Progress
-from jobs.activate_line import make_activate_line_tool
+from jobs.activate_line import activate_new_line, make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner, finished_event
 from storage.abc import JSON, ConversationStore, InboxEvent, JobRecord
@@ -110,7 +110,7 @@ async def grow(store: ConversationStore, checkpoints: tuple[int, ...], tick: Cal
     registry = JobRegistry([make_activate_line_tool(20.0)])
     processors: list[ConversationProcessor] = []
     jobs_runner = JobRunner(timed, registry, lambda k: processors[0].wake(k))  # type: ignore[arg-type]
-    runner = AgentTurnRunner(OfflineChatCompletionClient(),
+    runner = AgentTurnRunner(OfflineChatCompletionClient(tools=[activate_new_line]),
                              lambda scope: turn_tools(scope, registry, timed, jobs_runner))  # type: ignore[arg-type]
     started: list[JobRecord] = []
 

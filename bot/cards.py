@@ -12,6 +12,7 @@ Markdown) and clipped, so a card shows them literally and stays within Teams' me
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -166,7 +167,8 @@ def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: R
     return _card(rows)
 
 
-def welcome_card(offline: bool) -> JSON:
+def welcome_card(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
+    """``examples``: prompts to try (the declared tools' ``example``), one button each."""
     lines = [
         "I remember this conversation, even if I restart.",
         "Long tasks run in the background and I post the result here when they finish.",
@@ -179,16 +181,16 @@ def welcome_card(offline: bool) -> JSON:
         *({"type": "TextBlock", "text": line, "wrap": True} for line in lines),
     ]
     actions: list[JSON] = [
-        {"type": "Action.Submit", "title": "Try: activate line 555-0100",
-         "data": {"msteams": {"type": "imBack", "value": "activate line 555-0100"}}},
+        *({"type": "Action.Submit", "title": f"Try: {example}",
+           "data": {"msteams": {"type": "imBack", "value": example}}} for example in examples),
         {"type": "Action.Submit", "title": "Help", "data": {"msteams": {"type": "imBack", "value": "help"}}},
     ]
     return _card(body, actions)
 
 
-def welcome_activity(offline: bool) -> JSON:
+def welcome_activity(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
     # Card only: Teams and the Playground would show a text beside it as a separate message.
-    return card_activity(welcome_card(offline), summary="👋 Hi! I'm your durable agent")
+    return card_activity(welcome_card(offline, examples=examples), summary="👋 Hi! I'm your durable agent")
 
 
 def parse_cancel(value: Any) -> str | None:

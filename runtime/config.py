@@ -233,7 +233,8 @@ class Settings:
     model_max_retries: int = 2
     agent_system_prompt: str = ""  # the text; blank = the built-in default (agent/runner.py)
     agent_system_prompt_file: str = ""  # where it was read from, if from a file
-    activate_line_seconds: float = 20.0
+    #: Modules declaring tools with ``@tool`` (jobs/registry.py), imported once at start-up.
+    tool_modules: tuple[str, ...] = ("jobs.activate_line",)
     context_messages: int = 40
     conversation_ttl_days: int = 30
     connector_timeout_seconds: float = 30.0
@@ -397,7 +398,7 @@ class Settings:
             model_max_retries=_non_negative(e, "OPENAI_MAX_RETRIES", 2),
             agent_system_prompt=_system_prompt(e),
             agent_system_prompt_file=e.get("AGENT_SYSTEM_PROMPT_FILE", "").strip(),
-            activate_line_seconds=_float(e, "ACTIVATE_LINE_SECONDS", 20.0),
+            tool_modules=_names(e, "TOOL_MODULES") if "TOOL_MODULES" in e else ("jobs.activate_line",),
             context_messages=_int(e, "AGENT_CONTEXT_MESSAGES", 40),
             conversation_ttl_days=_int(e, "CONVERSATION_TTL_DAYS", 30),
             connector_timeout_seconds=_float(e, "CONNECTOR_TIMEOUT_SECONDS", 30.0),

@@ -11,6 +11,7 @@ from autogen_core.tools import ToolSchema
 
 from agent.events import JOB_RESULT_SOURCE, format_job_result
 from agent.offline_model import OfflineChatCompletionClient
+from jobs.activate_line import activate_new_line
 from runtime.protocol import JobResult
 
 TOOLS: list[ToolSchema] = [{"name": n, "description": ""}
@@ -18,7 +19,7 @@ TOOLS: list[ToolSchema] = [{"name": n, "description": ""}
 
 
 async def respond(text: str, source: str = "user", history: list[UserMessage] | None = None) -> Any:
-    client = OfflineChatCompletionClient()
+    client = OfflineChatCompletionClient(tools=[activate_new_line])  # the demo's phrase, from its declaration
     result = await client.create([*(history or []), UserMessage(content=text, source=source)], tools=TOOLS)
     return result.content
 

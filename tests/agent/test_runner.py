@@ -9,7 +9,7 @@ from agent.offline_model import OfflineChatCompletionClient
 from agent.runner import AgentTurnRunner
 from agent.tools import turn_tools
 from agent.turns import AgentInput
-from jobs.activate_line import make_activate_line_tool
+from jobs.activate_line import activate_new_line, make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
 from runtime.protocol import Requester
@@ -23,7 +23,8 @@ def make_runner(context_messages: int = 40, thread_messages: int = 20) -> AgentT
     store = MemoryStore()
     registry = JobRegistry([make_activate_line_tool(1)])
     jobs = JobRunner(store, registry, lambda key: None)
-    return AgentTurnRunner(OfflineChatCompletionClient(), lambda scope: turn_tools(scope, registry, store, jobs),
+    return AgentTurnRunner(OfflineChatCompletionClient(tools=[activate_new_line]),
+                           lambda scope: turn_tools(scope, registry, store, jobs),
                            context_messages=context_messages, thread_messages=thread_messages)
 
 

@@ -46,9 +46,11 @@ def connector() -> Any:
 
 
 @pytest.fixture
-async def bot(tmp_path: Path, aiohttp_client: Callable[..., Any]) -> AsyncIterator[tuple[TestClient, FlakyStore]]:
+async def bot(tmp_path: Path, aiohttp_client: Callable[..., Any],
+              monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[TestClient, FlakyStore]]:
+    monkeypatch.setenv("ACTIVATE_LINE_SECONDS", "0.5")  # the demo tool reads its setting when it runs
     store = FlakyStore(tmp_path / "conversations.sqlite3")
-    settings = Settings(data_dir=tmp_path, activate_line_seconds=0.5)
+    settings = Settings(data_dir=tmp_path)
     client = await aiohttp_client(create_app(settings, store=store))
     yield client, store
 

@@ -36,7 +36,7 @@ from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
 from agent.runner import AgentTurnRunner
 from agent.tools import turn_tools
-from jobs.activate_line import make_activate_line_tool
+from jobs.activate_line import activate_new_line, make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner, finished_event
 from storage.abc import JSON, ConversationStore, InboxEvent, JobRecord
@@ -121,7 +121,7 @@ async def test_stored_conversation_levels_off_over_2000_turns_and_200_jobs(
     registry = JobRegistry([make_activate_line_tool(20.0)])
     processors: list[ConversationProcessor] = []
     job_runner = JobRunner(store, registry, lambda k: processors[0].wake(k))
-    runner = AgentTurnRunner(OfflineChatCompletionClient(),
+    runner = AgentTurnRunner(OfflineChatCompletionClient(tools=[activate_new_line]),
                              lambda scope: turn_tools(scope, registry, store, job_runner))
     started: list[JobRecord] = []
 
