@@ -187,6 +187,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     app.cleanup_ctx.append(resource("the model client", close=model_client.close))
     if settings.runs_worker:
         app.cleanup_ctx.append(functools.partial(worker_services, worker))
+        app.cleanup_ctx.append(functools.partial(standby, worker))
     app.on_startup.append(functools.partial(log_ready, settings, type(store).__name__, coordinator))
     # After the rest: a separate ops listener starts once the stores are open. OPS_TOKEN / OPS_PORT.
     ops.serve_ops_endpoints(app, {"/readyz": readiness.readyz,
@@ -196,15 +197,21 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
 
 
 async def worker_services(worker: Worker, app: web.Application) -> AsyncIterator[None]:
-    """The worker's services, started at once if this process can be the active worker, else by a
-    standby that waits for the role; stopped (the standby's wait cancelled first) on shutdown."""
+    """The active worker's services, started now if no other worker is active; stopped on shutdown
+    (also when a standby started them later)."""
     async with starting(app):
-        waiting = None if await worker.lead(wait=False) else worker.stand_by()
+        await worker.lead(wait=False)
+    yield
+    await worker.stop()
+
+
+async def standby(worker: Worker, _: web.Application) -> AsyncIterator[None]:
+    """While another worker is active: wait in the background to take over; stop waiting on shutdown."""
+    waiting = None if worker.leading else worker.stand_by()
     yield
     if waiting is not None:
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
-    await worker.stop()
 
 
 async def log_ready(settings: Settings, store_name: str, coordinator: Coordinator, _: web.Application) -> None:

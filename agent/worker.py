@@ -79,6 +79,11 @@ class Worker:
         self._chores: list[asyncio.Task[None]] = []
         self._started = False
 
+    @property
+    def leading(self) -> bool:
+        """This process is the active worker and has started (or is starting) its services."""
+        return self._started
+
     async def lead(self, *, wait: bool) -> bool:
         """Become the active worker (waiting for it if ``wait``; else False when another worker is)
         and start the worker's services."""
