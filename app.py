@@ -71,6 +71,7 @@ class Services:
 
     settings: Settings
     store: ConversationStore
+    coordinator: Coordinator
     scheduler: JobScheduler
     readiness: ops.Readiness
 
@@ -170,7 +171,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     readiness = ops.Readiness(settings, store, coordinator, scheduler)
-    app[SERVICES] = Services(settings, store, scheduler, readiness)
+    app[SERVICES] = Services(settings, store, coordinator, scheduler, readiness)
     if settings.serves_web:  # a worker answers only health, readiness and metrics
         app.router.add_post("/api/messages", messages_handler(
             adapter, bot, service_urls=service_urls, body_read_timeout=settings.body_read_timeout_seconds,
@@ -188,7 +189,6 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     if settings.runs_worker:
         app.cleanup_ctx.append(functools.partial(worker_services, worker))
         app.cleanup_ctx.append(functools.partial(standby, worker))
-    app.on_startup.append(functools.partial(log_ready, settings, type(store).__name__, coordinator))
     # After the rest: a separate ops listener starts once the stores are open. OPS_TOKEN / OPS_PORT.
     ops.serve_ops_endpoints(app, {"/readyz": readiness.readyz,
                                   "/metrics": ops.metrics_handler(functools.partial(metrics.refresh_jobs, store))},
@@ -214,12 +214,15 @@ async def standby(worker: Worker, _: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(waiting, return_exceptions=True)
 
 
-async def log_ready(settings: Settings, store_name: str, coordinator: Coordinator, _: web.Application) -> None:
-    """The start-up line: what runs where, the messaging endpoint and, in local mode, what to do next."""
-    standby = " (standby worker: another worker is active)" if settings.runs_worker and not coordinator.active else ""
+def log_ready(services: Services) -> None:
+    """Once listening: what runs where, the messaging endpoint and, in local mode, what to do next."""
+    settings = services.settings
+    standby = ""
+    if settings.runs_worker and not services.coordinator.active:
+        standby = " (standby worker: another worker is active)"
     log.info(
         "ready on port %d (host %s) as %s%s: %s store, %s job store, %s, %s mode",
-        settings.port, settings.listen_host, settings.role, standby, store_name,
+        settings.port, settings.listen_host, settings.role, standby, type(services.store).__name__,
         "PostgreSQL" if settings.shared_job_store else "SQLite", settings.model_description,
         "local (no auth)" if settings.local_mode else "authenticated",
     )
@@ -259,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        web.run_app(app, host=settings.listen_host, port=settings.port, print=None)
-    except StartupError as exc:  # one line; the traceback only with LOG_LEVEL=DEBUG
+        web.run_app(app, host=settings.listen_host, port=settings.port,
+                    print=lambda _: log_ready(app[SERVICES]))  # called once the port is bound
+    except (StartupError, OSError) as exc:  # one line; the traceback only with LOG_LEVEL=DEBUG
+        if not isinstance(exc, StartupError):  # binding the port: in use, or a host not on this machine
+            exc = StartupError(f"could not listen on {settings.listen_host}:{settings.port} ({exc}); "
+                               "check HOST and PORT")
         log.critical("start-up failed: %s", exc, exc_info=exc if settings.log_level == "DEBUG" else None)
         return 1
     return 0

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from runtime import metrics
 from runtime.config import Settings
+from runtime.lifecycle import naming, starting
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +145,12 @@ def serve_ops_endpoints(app: web.Application, routes: Mapping[str, Handler], *, 
         return
     target.router.add_get("/healthz", healthz)
 
-    async def listener(_: web.Application) -> AsyncIterator[None]:
+    async def listener(main: web.Application) -> AsyncIterator[None]:
         runner = web.AppRunner(target, access_log=None)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            async with starting(main), naming(f"the ops listener at {host}:{port}", "OPS_HOST and OPS_PORT"):
+                await web.TCPSite(runner, host, port).start()
             log.info("%s served on http://%s:%d%s", ", ".join(routes), host, port,
                      " (bearer token required)" if token else "")
             yield

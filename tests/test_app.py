@@ -6,6 +6,7 @@ others start the real app process (tests/support/botproc.py).
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,17 @@ def test_the_ready_line_names_the_port_used_the_endpoint_and_the_next_step(tmp_p
     assert f"ready on port {port} (host 127.0.0.1)" in text
     assert f"messaging endpoint: {endpoint}" in text
     assert f"agentsplayground -e {endpoint} -c msteams" in text
+
+
+@pytest.mark.e2e
+def test_a_port_in_use_stops_the_app_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bot = BotProcess(tmp_path, port=port)
+        with pytest.raises(BotStartError, match="exited with code 1"):
+            bot.start()
+    text = log_text(bot)
+    assert f"start-up failed: could not listen on 127.0.0.1:{port}" in text and "check HOST and PORT" in text, text
+    assert "Traceback" not in text and "ready on port" not in text, text
