@@ -6,7 +6,7 @@ several processes that share the stores (docs/deployment.md):
 
 - web: ``/api/messages``: ingest, card invokes and commands, answered from the shared store;
 - worker: inboxes (the agent), jobs (APScheduler) and proactive sends, on the one *active*
-  worker at a time (cluster/); standbys wait to take over;
+  worker at a time (agent/worker.py, cluster/); standbys wait to take over;
 - all (default): both in one process.
 """
 
@@ -14,67 +14,65 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import functools
 import logging
 import os
-import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from botbuilder.core import ConversationState
 
 from agent.budget import TokenBudget
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
-from agent.models import ModelClient, create_model_client
+from agent.models import create_model_client
 from agent.offline_model import OfflineChatCompletionClient
-from agent.offline_model import help_text as offline_help
 from agent.processor import ConversationProcessor
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tool_policy import ToolPolicy, ToolPolicyError
 from agent.tools import turn_tools
+from agent.worker import Wakeups, Worker
 from bot.auth import TenantPolicy
 from bot.cards import job_card_activity, jobs_list_card, welcome_activity
 from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
-from bot.handler import TeamsBot
+from bot.handler import TeamsBot, request_reset
 from bot.job_cards import JobCardUpdater
 from bot.rate_limits import IngestLimits
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
 from cluster import Coordinator, LocalCoordinator
 from dialogs.commands import CommandDialogs
-from jobs.access import CancelRefusedError, JobAccess
+from dialogs.help import help_text
+from jobs.access import JobAccess
+from jobs.cancel import JobCancels
 from jobs.caps import JobCaps
-from jobs.registry import DeclaredTool, JobRegistry, load_tool_modules
-from jobs.runner import CancelResult, JobRunner
+from jobs.registry import JobRegistry, load_tool_modules
+from jobs.runner import JobRunner
 from jobs.scheduler import JobScheduler
 from runtime import logs, metrics, ops, tracing
 from runtime.config import ConfigError, Settings
-from runtime.protocol import Requester
+from runtime.lifecycle import StartupError, resource, starting
 from storage.abc import ConversationStore
+from storage.inbox import Inbox
 from storage.sqlite import SqliteStore
 
 log = logging.getLogger("app")
 
+#: The next step in local mode (README, "Try it locally"): a client for the messaging endpoint.
+PLAYGROUND = "npx -y -p @microsoft/m365agentsplayground agentsplayground -e {url} -c msteams --disable-telemetry"
+
 
 @dataclass
 class Services:
+    """What create_app built that tests and the ops endpoints reach through ``app[SERVICES]``."""
+
     settings: Settings
     store: ConversationStore
-    processor: ConversationProcessor
-    job_runner: JobRunner
-    scheduler: JobScheduler
-    registry: JobRegistry
-    mcp_hub: McpHub
-    model_client: ModelClient
-    card_updater: JobCardUpdater
     coordinator: Coordinator
-    #: The active worker's background loops (sweep, retention), and the standby's wait.
-    tasks: list[asyncio.Task[object]] = field(default_factory=list)
-    worker_started: bool = False
+    scheduler: JobScheduler
+    readiness: ops.Readiness
 
 
 SERVICES = web.AppKey("services", Services)
@@ -117,18 +115,6 @@ def build_budget(settings: Settings, store: ConversationStore) -> TokenBudget:
                        per_conversation=settings.daily_token_budget_per_conversation)
 
 
-def help_text(settings: Settings, offline: bool, tools: Sequence[DeclaredTool] = ()) -> str:
-    if offline:
-        return offline_help(tools)
-    tries = "".join(f"\n- `{t.example}`" for t in tools if t.example)
-    return (
-        f"I'm an AI assistant ({settings.model_description}). Ask me anything; long tasks run in the "
-        "background and I message you when they finish.\n\n"
-        + (f"For example:{tries}\n\n" if tries else "")
-        + "Commands: `help`, `reset` (forget this conversation). Ask me about your jobs in plain words."
-    )
-
-
 def create_app(settings: Settings, store: ConversationStore | None = None,
                coordinator: Coordinator | None = None) -> web.Application:
     """The bot (the half ``settings.role`` names) as an aiohttp app; ``store`` and ``coordinator``
@@ -136,12 +122,12 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     store = store or build_store(settings)
     coordinator = coordinator or build_coordinator(settings)
     model_client = create_model_client(settings, offline_run_phrase=settings.local_mode)
+    offline = isinstance(model_client, OfflineChatCompletionClient)
     tool_policy = ToolPolicy.from_settings(settings.enabled_tools, settings.disabled_tools, settings.tool_policy_file)
     if tool_policy != ToolPolicy():
         log.info("tool policy: %s", tool_policy.describe())
     job_access = JobAccess(settings.admins)
     job_caps = JobCaps(settings.max_active_jobs_per_conversation, settings.max_active_jobs_per_user)
-    offline = isinstance(model_client, OfflineChatCompletionClient)
     declared = load_tool_modules(settings.tool_modules)  # TOOL_MODULES: each tool declared with @tool
     registry = JobRegistry([t for t in declared if t.long_running])
     plain_tools = [t for t in declared if not t.long_running]
@@ -154,15 +140,12 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     sender = ProactiveSender(adapter, settings.app_id, service_urls=service_urls,
                              timeout=settings.connector_timeout_seconds)
 
-    processor_ref: list[ConversationProcessor] = []
-
-    def wake_here(key: str) -> None:  # jobs run on the active worker, beside the processor
-        processor_ref[0].wake(key)
-
+    # The worker's half: jobs and the agent. Jobs run on the active worker, beside the processor.
+    wakeups = Wakeups()  # held until the worker's services are up, then the processor's
     card_updater = JobCardUpdater(store, sender)
-    job_runner = JobRunner(store, registry, wake_here, progress_listener=card_updater.job_changed,
-                           max_result_chars=settings.max_tool_result_chars)
-    scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
+    scheduler = JobScheduler(settings.effective_job_store_url)
+    job_runner = JobRunner(store, registry, wakeups.wake, progress_listener=card_updater.job_changed,
+                           scheduler=scheduler, max_result_chars=settings.max_tool_result_chars)
     runner = AgentTurnRunner(
         model_client,
         lambda scope: tool_policy.tools_for(scope.requester, [
@@ -178,221 +161,86 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         schedule_job=scheduler.schedule,
         job_card=job_card_activity, on_card_sent=card_updater.card_posted,
     )
-    processor_ref.append(processor)
+    worker = Worker(coordinator, wakeups, processor, job_runner, scheduler, registry, mcp_hub, card_updater, store,
+                    retention_days=settings.conversation_ttl_days,
+                    sweep_seconds=settings.work_sweep_seconds if settings.shared_job_store else None)
 
-    async def cancel_job(key: str, job_id: str, requester: Requester) -> CancelResult:
-        """A user's cancel, taken by any instance: recorded in the store, carried out by the active worker.
-        Only the job's starter or an admin may (else CancelRefusedError, and nothing changes)."""
-        try:
-            job_access.check_cancel(await store.get_job(key, job_id), requester)
-        except CancelRefusedError:
-            metrics.CANCELS_REFUSED.inc()
-            raise
-        result = await job_runner.request_cancel(key, job_id)
-        if result.already_finished:
-            return result
-        await coordinator.cancel(key, job_id)
-        return CancelResult(await store.get_job(key, job_id), already_finished=False)
-
-    conversation_state = ConversationState(ConversationStoreStorage(store))
-    bot_ref: list[TeamsBot] = []
-    commands = CommandDialogs(conversation_state, lambda: help_text(settings, offline, declared),
-                              on_reset=lambda tc: bot_ref[0].request_reset(tc),
+    # The web half: the edge posts to the inbox and wakes the active worker, wherever it runs.
+    inbox = Inbox(store, coordinator.wake)
+    cancel_job = JobCancels(store, job_runner, job_access, tell_worker=coordinator.cancel).cancel
+    commands = CommandDialogs(ConversationState(ConversationStoreStorage(store)),
+                              functools.partial(help_text, settings.model_description, offline, declared),
+                              on_reset=functools.partial(request_reset, inbox),
                               list_jobs=store.list_jobs, cancel_job=cancel_job,
                               jobs_card=lambda jobs, viewer: jobs_list_card(jobs, viewer=viewer))
-    bot = TeamsBot(store, coordinator.wake, commands, cancel_job, service_urls=service_urls,
+    bot = TeamsBot(store, inbox, commands, cancel_job, service_urls=service_urls,
                    tenants=TenantPolicy(settings.allowed_tenants), limits=build_ingest_limits(settings, store))
-    bot_ref.append(bot)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
-    app[SERVICES] = Services(settings, store, processor, job_runner, scheduler, registry, mcp_hub, model_client,
-                             card_updater, coordinator)
+    readiness = ops.Readiness(settings, store, coordinator, scheduler)
+    app[SERVICES] = Services(settings, store, coordinator, scheduler, readiness)
     if settings.serves_web:  # a worker answers only health, readiness and metrics
         app.router.add_post("/api/messages", messages_handler(
             adapter, bot, service_urls=service_urls, body_read_timeout=settings.body_read_timeout_seconds,
             max_json_depth=settings.max_json_depth))
-    app.router.add_get("/healthz", healthz)
-    app.cleanup_ctx.append(lifecycle)
-    # After lifecycle: a separate ops listener starts once the stores are open. OPS_TOKEN / OPS_PORT.
-    ops.serve_ops_endpoints(app, {"/readyz": readyz, "/metrics": metrics_endpoint}, healthz=healthz,
-                            token=settings.ops_token, host=settings.ops_host, port=settings.ops_port,
-                            shared={SERVICES: app[SERVICES]})
+    app.router.add_get("/healthz", ops.healthz)
+
+    # One cleanup context per resource: started in this order, stopped in reverse (tracing last: it
+    # flushes the spans); one that failed to open is not closed, those opened before it are.
+    app.cleanup_ctx.append(resource("tracing", close=functools.partial(asyncio.to_thread, tracing.shutdown)))
+    app.cleanup_ctx.append(resource("the conversation store", open=store.open, close=store.close,
+                                    check="COSMOS_ENDPOINT / COSMOS_KEY, or DATA_DIR for SQLite"))
+    app.cleanup_ctx.append(resource("the coordination database", open=coordinator.open, close=coordinator.close,
+                                    check="JOB_STORE_URL", quiet_close=True))  # closing it hands the role on
+    app.cleanup_ctx.append(resource("the model client", close=model_client.close))
+    if settings.runs_worker:
+        app.cleanup_ctx.append(functools.partial(worker_services, worker))
+        app.cleanup_ctx.append(functools.partial(standby, worker))
+    # After the rest: a separate ops listener starts once the stores are open. OPS_TOKEN / OPS_PORT.
+    ops.serve_ops_endpoints(app, {"/readyz": readiness.readyz,
+                                  "/metrics": ops.metrics_handler(functools.partial(metrics.refresh_jobs, store))},
+                            token=settings.ops_token, host=settings.ops_host, port=settings.ops_port)
     return app
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process serves HTTP. Says nothing about the store (that is /readyz)."""
-    return web.json_response({"status": "ok"})
+async def worker_services(worker: Worker, app: web.Application) -> AsyncIterator[None]:
+    """The active worker's services, started now if no other worker is active; stopped on shutdown
+    (also when a standby started them later)."""
+    async with starting(app):
+        await worker.lead(wait=False)
+    yield
+    await worker.stop()
 
 
-#: How long /readyz waits for the store before calling it unreachable.
-READINESS_TIMEOUT = 2.0
+async def standby(worker: Worker, _: web.Application) -> AsyncIterator[None]:
+    """While another worker is active: wait in the background to take over; stop waiting on shutdown."""
+    waiting = None if worker.leading else worker.stand_by()
+    yield
+    if waiting is not None:
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
 
 
-async def readiness(services: Services, timeout: float = READINESS_TIMEOUT) -> dict[str, str]:
-    """Each check by name: ``ok`` or what is wrong. Ready when every one is ``ok``."""
-    checks: dict[str, str] = {}
-    try:
-        async with asyncio.timeout(timeout):
-            await services.store.get_reference("__readyz__")  # one cheap point read
-        checks["store"] = "ok"
-    except TimeoutError:
-        checks["store"] = f"no answer within {timeout:g} s"
-    except Exception as exc:
-        checks["store"] = f"{type(exc).__name__}: {exc}"
-    if (coordination := await services.coordinator.check()) is not None:
-        if coordination != "ok" and not services.settings.runs_worker:
-            # A web instance still takes messages in durably; the active worker's sweep finds them.
-            coordination = f"degraded: {coordination}; new messages wait for the worker's sweep"
-        checks["coordination"] = coordination
-    if services.settings.runs_worker:
-        if services.coordinator.active or not services.settings.shared_job_store:
-            checks["scheduler"] = "ok" if services.scheduler.running else "not running"
-        else:
-            checks["scheduler"] = "standby"  # another worker is active; this one is ready to take over
-    return checks
-
-
-def ok(check: str) -> bool:
-    """Ready as far as this check goes: fine, a standby worker, or degraded but serving."""
-    return check in ("ok", "standby") or check.startswith("degraded")
-
-
-async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the store answers and the job scheduler runs (503 otherwise, with the reasons)."""
-    services = request.app[SERVICES]
-    checks = await readiness(services)
-    ready = all(ok(value) for value in checks.values())
-    if not ready:
-        log.warning("not ready: %s", ", ".join(f"{name}: {value}" for name, value in checks.items() if not ok(value)))
-    elif degraded := [f"{name}: {value}" for name, value in checks.items() if value.startswith("degraded")]:
-        log.warning("ready, but %s", ", ".join(degraded))
-    return web.json_response({"status": "ready" if ready else "not ready", "role": services.settings.role,
-                              "active_worker": services.coordinator.active, "checks": checks},
-                             status=200 if ready else 503)
-
-
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    """Prometheus metrics (text exposition format, or OpenMetrics if the scraper asks for it)."""
-    await metrics.refresh_jobs(request.app[SERVICES].store)
-    body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("Accept"))
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-async def purge_periodically(store: ConversationStore, ttl_days: int, every: float = 3600.0) -> None:
-    """Retention for stores without server-side TTL (SQLite): hourly, drop what expired."""
-    while True:
-        try:
-            removed = await store.purge_expired(time.time() - ttl_days * 86400)
-            if removed:
-                log.info("retention: removed %d item(s) untouched for %d days", removed, ttl_days)
-        except Exception:
-            log.exception("retention purge failed; it runs again in an hour")
-        await asyncio.sleep(every)
-
-
-async def sweep_periodically(processor: ConversationProcessor, every: float) -> None:
-    """The active worker's safety net for lost wake-ups (NOTIFY is fire-and-forget): look for
-    conversations with pending events or unsent messages every ``every`` seconds."""
-    while True:
-        await asyncio.sleep(every)
-        try:
-            found = await processor.recover(sweep=True)
-            if found:
-                metrics.WAKEUPS.labels("sweep").inc(found)
-        except Exception as exc:
-            log.warning("looking for missed work failed (%s); looking again in %.0f s", exc, every)
-
-
-async def start_worker(services: Services) -> None:
-    """This process became the active worker: tools, scheduler, recovery, background loops."""
-    services.worker_started = True
+def log_ready(services: Services) -> None:
+    """Once listening: what runs where, the messaging endpoint and, in local mode, what to do next."""
     settings = services.settings
-    await services.mcp_hub.start()
-    for tool in services.mcp_hub.long_running_tools():
-        services.registry.register(tool)  # before recovery: their unfinished jobs resume
-    await services.scheduler.start()
-    recovered_jobs = await services.scheduler.recover()
-    recovered_conversations = await services.processor.recover()
-    log.info("active worker: recovered %d job(s), %d conversation(s)", recovered_jobs, recovered_conversations)
-    services.tasks.append(asyncio.create_task(
-        purge_periodically(services.store, settings.conversation_ttl_days), name="retention"))
-    if settings.shared_job_store:
-        services.tasks.append(asyncio.create_task(
-            sweep_periodically(services.processor, settings.work_sweep_seconds), name="sweep"))
-
-
-async def lead(services: Services, *, wait: bool) -> bool:
-    """Become the active worker (waiting for it if ``wait``) and start the worker's services.
-
-    Wake-ups start arriving as soon as the lock is ours, before the scheduler runs: they are
-    held until the services are up (a turn must not create a job nobody can schedule yet).
-    """
-    held: set[str] | None = set()
-
-    def on_wake(key: str) -> None:
-        if held is None:
-            services.processor.wake(key)
-        else:
-            held.add(key)
-
-    if not await services.coordinator.lead(on_wake, services.job_runner.apply_cancel, wait=wait):
-        return False
-    await start_worker(services)
-    early, held = held or set(), None
-    for key in early:
-        services.processor.wake(key)
-    return True
-
-
-def stop_if_takeover_failed(task: asyncio.Task[bool]) -> None:
-    """A standby that won the lock but could not start its services must not sit on the lock:
-    stop gracefully (releasing it) and let the supervisor restart this process."""
-    if task.cancelled() or task.exception() is None:
-        return
-    log.critical("could not take over as the active worker (%s); stopping so that another worker can",
-                 task.exception(), exc_info=task.exception())
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
-async def stop_worker(services: Services) -> None:
-    await services.processor.close()
-    await services.job_runner.shutdown()
-    await services.card_updater.close()
-    await services.mcp_hub.stop()
-    await services.scheduler.shutdown()
-
-
-async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-    """Open stores, take the worker's part (at once, or as a standby), undo it all on shutdown."""
-    services = app[SERVICES]
-    settings = services.settings
-    await services.store.open()
-    await services.coordinator.open()
     standby = ""
-    if settings.runs_worker and not await lead(services, wait=False):
+    if settings.runs_worker and not services.coordinator.active:
         standby = " (standby worker: another worker is active)"
-        waiting = asyncio.create_task(lead(services, wait=True), name="standby")
-        waiting.add_done_callback(stop_if_takeover_failed)
-        services.tasks.append(waiting)
     log.info(
         "ready on port %d (host %s) as %s%s: %s store, %s job store, %s, %s mode",
         settings.port, settings.listen_host, settings.role, standby, type(services.store).__name__,
         "PostgreSQL" if settings.shared_job_store else "SQLite", settings.model_description,
         "local (no auth)" if settings.local_mode else "authenticated",
     )
-    yield
-    for task in services.tasks:
-        task.cancel()
-    await asyncio.gather(*services.tasks, return_exceptions=True)
-    if services.worker_started:
-        await stop_worker(services)
-    await services.model_client.close()
-    # Last: a standby takes over the moment this releases the lock, after running jobs were handed back.
-    with contextlib.suppress(Exception):
-        await services.coordinator.close()
-    await services.store.close()
-    await asyncio.to_thread(tracing.shutdown)  # flushes buffered spans
+    if not settings.serves_web:
+        return
+    host = "127.0.0.1" if settings.listen_host in ("", "0.0.0.0", "::") else settings.listen_host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}/api/messages"
+    log.info("messaging endpoint: %s", url)
+    if settings.local_mode:
+        log.info("next: chat with the bot in the Agents Playground: %s (or open %s in the Bot Framework Emulator)",
+                 PLAYGROUND.format(url=url), url)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", choices=("all", "web", "worker"),
                         help="overrides ROLE: web (ingest), worker (agent, jobs, sends) or all (both; the default)")
     args = parser.parse_args(argv)
+    overrides = {name: str(value) for name, value in (("PORT", args.port), ("ROLE", args.role)) if value}
     try:
-        settings = Settings.from_env({**os.environ, "ROLE": args.role} if args.role else None)
+        settings = Settings.from_env({**os.environ, **overrides} if overrides else None)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -414,13 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # AutoGen logs every model failure as a long traceback; AgentError logs it classified, once.
     logging.getLogger("autogen_core").setLevel(logging.CRITICAL)
-    port = args.port or settings.port
     try:
         app = create_app(settings)
     except (McpConfigError, ConfigError, ToolPolicyError) as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    web.run_app(app, host=settings.listen_host, port=port, print=None)
+    try:
+        web.run_app(app, host=settings.listen_host, port=settings.port,
+                    print=lambda _: log_ready(app[SERVICES]))  # called once the port is bound
+    except (StartupError, OSError) as exc:  # one line; the traceback only with LOG_LEVEL=DEBUG
+        if not isinstance(exc, StartupError):  # binding the port: in use, or a host not on this machine
+            exc = StartupError(f"could not listen on {settings.listen_host}:{settings.port} ({exc}); "
+                               "check HOST and PORT")
+        log.critical("start-up failed: %s", exc, exc_info=exc if settings.log_level == "DEBUG" else None)
+        return 1
     return 0
 
 

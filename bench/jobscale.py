@@ -155,14 +155,14 @@ async def run_ours(jobs: int, tmp: Path, per_conversation: int = 10) -> dict[str
     await store.open()
     registry = JobRegistry([tool])
     processors: list[ConversationProcessor] = []
-    job_runner = JobRunner(store, registry, lambda k: processors[0].wake(k))
+    scheduler = JobScheduler(f"sqlite:///{tmp / 'jobs.sqlite3'}")
+    job_runner = JobRunner(store, registry, lambda k: processors[0].wake(k), scheduler=scheduler)
     runner = AgentTurnRunner(OfflineChatCompletionClient(),
                              lambda scope: turn_tools(scope, registry, store, job_runner))
-    scheduler = JobScheduler(f"sqlite:///{tmp / 'jobs.sqlite3'}", job_runner, store)
     processor = ConversationProcessor(store, runner, CountingSender(), welcome=lambda: text_activity("hi"),
                                       schedule_job=scheduler.schedule)
     processors.append(processor)
-    await scheduler.start()
+    await scheduler.start(job_runner.run)
     # Warm up the agent path once (imports, pydantic schemas), then take the baseline RSS.
     await store.save_reference("warmup", {"conversation": {"id": "warmup"}, "serviceUrl": "http://127.0.0.1:9/"})
     await store.append_event("warmup", InboxEvent(id="w1", kind="message", payload={"text": "my name is Warm"}))

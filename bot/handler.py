@@ -8,7 +8,6 @@ and the conversation's processor is woken. The agent never runs inside the reque
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from botbuilder.core import TurnContext
@@ -28,6 +27,7 @@ from runtime import tracing
 from runtime.protocol import WELCOME_EVENT_ID, EventKind, Requester, message_event_id, reset_event_id
 from runtime.untrusted import inline_code
 from storage.abc import JSON, ConversationStore, InboxEvent, JobNotFoundError
+from storage.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class TeamsBot(TeamsActivityHandler):
     def __init__(
         self,
         store: ConversationStore,
-        wake: Callable[[str], None],
+        inbox: Inbox,
         commands: CommandDialogs,
         cancel_job: CancelJob,
         *,
@@ -79,7 +79,7 @@ class TeamsBot(TeamsActivityHandler):
         self._tenants = tenants or TenantPolicy()
         self._limits = limits  # None: no rate limits, no inbox cap (unit tests)
         self._store = store
-        self._wake = wake
+        self._inbox = inbox
         self._commands = commands
         self._cancel_job = cancel_job
         self._saved_references: dict[str, JSON] = {}
@@ -122,20 +122,17 @@ class TeamsBot(TeamsActivityHandler):
             return
         if (job_id := parse_cancel(activity.value)) is not None:  # Action.Submit fallback of Cancel
             await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id, requester(activity)))
-            await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.COMMAND,
-                                                                payload={"cancel": job_id}))
+            await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"cancel": job_id}))
             return
         text = message_text(activity)
         if await self._commands.handle(turn_context, text, requester(activity)):
             # Record handled commands too, so a redelivered one is not answered twice.
-            await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"text": text}))
-            self._wake(key)
+            await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"text": text}))
             return
         payload: JSON = {"text": text, "from": requester(activity).to_json()}
         if trace_context := tracing.carrier():  # lets the worker's turn span link back to this one
             payload[tracing.CARRIER_KEY] = trace_context
-        if await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.MESSAGE, payload=payload)):
-            self._wake(key)
+        await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.MESSAGE, payload=payload))
 
     async def on_adaptive_card_invoke(self, turn_context: TurnContext,
                                       invoke_value: AdaptiveCardInvokeValue) -> AdaptiveCardInvokeResponse:
@@ -174,15 +171,13 @@ class TeamsBot(TeamsActivityHandler):
     async def _welcome(self, turn_context: TurnContext) -> None:
         key = conversation_key(turn_context.activity)
         # One welcome per conversation, however many join events arrive.
-        if await self._store.append_event(key, InboxEvent(id=WELCOME_EVENT_ID, kind=EventKind.WELCOME,
-                                                                   payload={})):
-            self._wake(key)
+        await self._inbox.post(key, InboxEvent(id=WELCOME_EVENT_ID, kind=EventKind.WELCOME, payload={}))
 
-    async def request_reset(self, turn_context: TurnContext) -> None:
-        """Called by the reset dialog once the user confirmed."""
-        activity = turn_context.activity
-        key = conversation_key(activity)
-        event_id = reset_event_id(activity.id)
-        payload = reset_payload(requester(activity), [dialog_item_key(activity)])
-        if await self._store.append_event(key, InboxEvent(id=event_id, kind=EventKind.RESET, payload=payload)):
-            self._wake(key)
+
+async def request_reset(inbox: Inbox, turn_context: TurnContext) -> None:
+    """The reset dialog's ``on_reset``, once the user confirmed: the reset goes to the inbox, and the
+    processor forgets the conversation in order with what came before it."""
+    activity = turn_context.activity
+    payload = reset_payload(requester(activity), [dialog_item_key(activity)])
+    await inbox.post(conversation_key(activity), InboxEvent(id=reset_event_id(activity.id), kind=EventKind.RESET,
+                                                            payload=payload))

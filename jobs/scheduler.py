@@ -1,8 +1,10 @@
-"""APScheduler wiring: persisted schedules carry ids only, never live objects.
+"""APScheduler wiring: the timers of job attempts. Persisted schedules carry ids only, never live objects.
 
-Every job runs through the module-level :func:`run_scheduled_job`, which looks up the live
-:class:`JobRunner` (the python-telegram-bot JobQueue pattern), so a schedule stored in the
-SQLAlchemy job store survives restarts and never pickles a connection or a closure.
+Every schedule names the module-level :func:`run_scheduled_job` (the textual reference
+``jobs.scheduler:run_scheduled_job``, which deployed job stores hold: keep it). When a schedule
+fires, the executor of the scheduler that fired it hands that call its scheduler's ``run``
+(the job runner's) through a context variable, so a schedule stored in the SQLAlchemy job store
+survives restarts, never pickles a connection or a closure, and no module global holds a runner.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,22 +25,26 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 
-from jobs.runner import JobRunner
-from storage.abc import ConversationStore, JobRecord
+from storage.abc import JobRecord
 from storage.private_files import ensure_private_file, tighten_sidecars
 
 log = logging.getLogger(__name__)
 
-_runner: JobRunner | None = None
+#: Runs one job attempt: ``JobRunner.run(conversation_key, job_id)``.
+RunJob = Callable[[str, str], Awaitable[None]]
+
+#: The ``run`` of the scheduler whose executor started this job (set in the job task's context).
+_firing: ContextVar[RunJob | None] = ContextVar("firing_scheduler_run", default=None)
 
 
 async def run_scheduled_job(conversation_key: str, job_id: str) -> None:
-    """The one callable APScheduler persists; resolves the live runner at run time."""
-    if _runner is None:
-        log.error("job %s fired with no job runner installed; recovery will run it later", job_id)
+    """The one callable APScheduler persists; runs the job on the runner of the scheduler that fired it."""
+    run = _firing.get()
+    if run is None:
+        log.error("job %s fired outside a started JobScheduler; recovery will run it later", job_id)
         return
     try:
-        await _runner.run(conversation_key, job_id)
+        await run(conversation_key, job_id)
     except asyncio.CancelledError:  # a graceful stop: the runner handed the attempt back already
         log.info("job %s stopped by shutdown", job_id)
 
@@ -50,7 +58,12 @@ def sqlite_file(url: str) -> Path | None:
 
 
 class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APScheduler 3 is untyped
-    """Submits coroutine jobs to the loop even when called from the job-store polling thread."""
+    """Submits coroutine jobs to the loop even when called from the job-store polling thread, each
+    job's task started with ``run`` in its context (for :func:`run_scheduled_job`)."""
+
+    def __init__(self, run: RunJob) -> None:
+        super().__init__()
+        self._run = run
 
     def _do_submit_job(self, job: Any, run_times: Any) -> None:
         loop = self._eventloop
@@ -59,9 +72,16 @@ class _ThreadSafeAsyncIOExecutor(AsyncIOExecutor):  # type: ignore[misc]  # APSc
         except RuntimeError:
             on_loop = False
         if on_loop:
-            super()._do_submit_job(job, run_times)
+            self._submit_on_loop(job, run_times)
         else:
-            loop.call_soon_threadsafe(super()._do_submit_job, job, run_times)
+            loop.call_soon_threadsafe(self._submit_on_loop, job, run_times)
+
+    def _submit_on_loop(self, job: Any, run_times: Any) -> None:
+        token = _firing.set(self._run)  # the job's task copies the context when it is created
+        try:
+            super()._do_submit_job(job, run_times)
+        finally:
+            _firing.reset(token)
 
 
 class _OffLoopAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
@@ -74,6 +94,10 @@ class _OffLoopAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
 
     _processing = False
     _again = False
+
+    def __init__(self, run: RunJob, **options: Any) -> None:
+        self._run = run  # before BaseScheduler.__init__: start() creates the executor from it
+        super().__init__(**options)
 
     def wakeup(self) -> None:  # called from the loop and from worker threads (add_job)
         loop = self._eventloop
@@ -104,7 +128,7 @@ class _OffLoopAsyncIOScheduler(AsyncIOScheduler):  # type: ignore[misc]
         self._start_timer(wait)
 
     def _create_default_executor(self) -> AsyncIOExecutor:
-        return _ThreadSafeAsyncIOExecutor()
+        return _ThreadSafeAsyncIOExecutor(self._run)
 
 
 class JobScheduler:
@@ -112,15 +136,13 @@ class JobScheduler:
 
     APScheduler 3's job store API is synchronous: the scheduler polls it from a worker thread
     and our own calls go through ``asyncio.to_thread``, so it never stalls the event loop.
+    Built before the job runner (which schedules its retries here); :meth:`start` is given the
+    runner's ``run``, which every attempt that fires calls.
     """
 
-    def __init__(self, job_store_url: str, runner: JobRunner, store: ConversationStore) -> None:
+    def __init__(self, job_store_url: str) -> None:
         self._url = job_store_url
         self._scheduler: AsyncIOScheduler | None = None
-        self._runner = runner
-        self._store = store
-        self._recovered: set[asyncio.Task[None]] = set()  # recovered jobs started directly
-        runner.scheduler = self
 
     @property
     def scheduler(self) -> AsyncIOScheduler:
@@ -128,9 +150,8 @@ class JobScheduler:
             raise RuntimeError("JobScheduler used before start()")
         return self._scheduler
 
-    async def start(self) -> None:
-        global _runner
-        _runner = self._runner
+    async def start(self, run: RunJob) -> None:
+        """Open the job store and start firing: each due schedule calls ``run(conversation_key, job_id)``."""
         loop = asyncio.get_running_loop()
 
         def create_and_start() -> AsyncIOScheduler:
@@ -138,6 +159,7 @@ class JobScheduler:
             if database := sqlite_file(self._url):  # 0600 in a 0700 directory, created if missing
                 ensure_private_file(database)
             scheduler = _OffLoopAsyncIOScheduler(
+                run,
                 jobstores={"default": SQLAlchemyJobStore(url=self._url)},
                 job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
                 timezone=UTC,
@@ -151,7 +173,6 @@ class JobScheduler:
         self._scheduler = await asyncio.to_thread(create_and_start)
 
     async def shutdown(self) -> None:
-        global _runner
         if self._scheduler is not None and self._scheduler.running:
             scheduler = self._scheduler
             # BaseScheduler.shutdown would dispose the job store's engine on the loop. Do its
@@ -161,7 +182,6 @@ class JobScheduler:
             for executor in scheduler._executors.values():
                 executor.shutdown(wait=False)
             await asyncio.to_thread(lambda: [store.shutdown() for store in scheduler._jobstores.values()])
-        _runner = None
 
     @property
     def running(self) -> bool:
@@ -187,26 +207,6 @@ class JobScheduler:
     async def is_scheduled(self, job_id: str) -> bool:
         return await asyncio.to_thread(self.scheduler.get_job, job_id) is not None
 
-    async def recover(self) -> int:
-        """Restart queued/running jobs that have no live schedule (after a crash).
-
-        Jobs due now start at once, straight on the runner: the store is the source of truth,
-        so going through the persisted schedule first would only cost a job-store write each
-        (about 13 ms per job on SQLite: 13 s for 1,000 jobs). Jobs waiting for a retry are
-        scheduled for their time.
-        """
-        count = 0
-        scheduled = {job.id for job in await asyncio.to_thread(self.scheduler.get_jobs)}
-        for job in await self._store.unfinished_jobs():
-            if self._runner.is_live(job.id) or job.id in scheduled:
-                continue
-            if job.next_retry_at and job.next_retry_at > time.time():
-                await self.schedule(job, run_at=job.next_retry_at)
-            else:
-                task = asyncio.create_task(self._runner.run(job.conversation_key, job.id), name=f"job:{job.id}")
-                self._recovered.add(task)
-                task.add_done_callback(self._recovered.discard)
-            count += 1
-        if count:
-            log.info("recovered %d unfinished job(s) and scheduled them again", count)
-        return count
+    async def scheduled_ids(self) -> set[str]:
+        """The ids of the jobs that have a schedule (waiting to fire)."""
+        return {job.id for job in await asyncio.to_thread(self.scheduler.get_jobs)}

@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import SERVICES, create_app, readiness
+from app import SERVICES, create_app
 from runtime import logs, metrics
 from runtime.config import ConfigError, Settings
 from storage.abc import JSON, JobRecord, StoreUnavailableError
@@ -203,7 +203,7 @@ async def test_a_store_that_does_not_answer_is_not_ready(tmp_path: Path, aiohttp
     app = create_app(settings_for(tmp_path), store=HangingStore())
     await aiohttp_client(app)
     started = time.monotonic()
-    checks = await readiness(app[SERVICES], timeout=0.1)
+    checks = await app[SERVICES].readiness.checks(timeout=0.1)
     assert checks == {"store": "no answer within 0.1 s", "scheduler": "ok"}
     assert time.monotonic() - started < 2
 

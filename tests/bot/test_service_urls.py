@@ -15,6 +15,7 @@ from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
 from runtime.config import ConfigError, Settings
 from runtime.protocol import DeliveryError
+from storage.inbox import Inbox
 from storage.memory import MemoryStore
 from tests.support.activities import message
 
@@ -188,7 +189,7 @@ async def test_the_sender_never_connects_to_an_untrusted_stored_reference(operat
 async def test_the_handler_never_stores_a_reference_naming_an_untrusted_url() -> None:
     store = MemoryStore()
     await store.open()
-    bot = TeamsBot(store, lambda key: None, commands=None, cancel_job=None,  # type: ignore[arg-type]
+    bot = TeamsBot(store, Inbox(store, lambda key: None), commands=None, cancel_job=None,  # type: ignore[arg-type]
                    service_urls=LOOPBACK)
     activity = Activity().deserialize(message("hi", conversation_id="c1", service_url="https://evil.example/"))
     await bot.on_turn(TurnContext(TestAdapter(), activity))

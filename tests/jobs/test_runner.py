@@ -82,9 +82,9 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
         LongRunningTool("sleepy", "times out", NoArgs, sleepy, timeout=0.3, retry=RetryPolicy(max_attempts=1)),
         LongRunningTool("polite", "checks for cancellation", NoArgs, polite, timeout=30),
     ])
-    runner = JobRunner(store, registry, woken.append)
-    scheduler = JobScheduler(f"sqlite:///{tmp_path / 'jobs.sqlite3'}", runner, store)
-    await scheduler.start()
+    scheduler = JobScheduler(f"sqlite:///{tmp_path / 'jobs.sqlite3'}")
+    runner = JobRunner(store, registry, woken.append, scheduler=scheduler)
+    await scheduler.start(runner.run)
     yield Harness(store, runner, scheduler, woken)
     await scheduler.shutdown()
 
@@ -153,8 +153,8 @@ async def test_recovery_reschedules_unfinished_jobs_once(harness: Harness) -> No
     orphan = JobRecord(id="job-orphan", conversation_key=KEY, tool="polite", arguments={}, status="running",
                        attempt=1, max_attempts=3)
     await add_job(harness.store, orphan)  # as a crash mid-run leaves it: no live schedule
-    assert await harness.scheduler.recover() == 1
-    await harness.scheduler.recover()  # a second pass must not make it run twice
+    assert await harness.runner.recover() == 1
+    await harness.runner.recover()  # a second pass must not make it run twice
     done = await harness.until("job-orphan", lambda j: j.finished)
     await asyncio.sleep(0.2)
     done = await harness.store.get_job(KEY, "job-orphan")
@@ -174,7 +174,7 @@ async def test_a_job_that_keeps_dying_with_the_process_is_given_up(harness: Harn
     poison = JobRecord(id="job-poison", conversation_key=KEY, tool="polite", arguments={}, status="running",
                        attempt=1, max_attempts=3, interruptions=MAX_INTERRUPTIONS)
     await add_job(harness.store, poison)
-    await harness.scheduler.recover()
+    await harness.runner.recover()
     job = await harness.until("job-poison", lambda j: j.finished)
     assert job.status == "failed" and f"stopped during this job {MAX_INTERRUPTIONS + 1} times" in (job.error or "")
 
