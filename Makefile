@@ -35,10 +35,10 @@ run: setup ## start the bot on http://localhost:3978/api/messages
 
 # --- peer servers --------------------------------------------------------------------------
 # No separate step: pytest starts the peers the tests talk to itself, on loopback, and stops
-# them when it ends. Session fixtures run the Cosmos DB wire server (tests/peers/cosmos.py),
-# PostgreSQL (tests/peers/postgres.py, from Debian's package, see `postgresql` below) and the
-# recording Bot Connector (tests/support/connector.py); the Agents Playground
-# (tests/support/playground.py) and the bot processes are started per test. A peer that is not
+# them when it ends. Session fixtures run the Cosmos DB wire server (harness/peers/cosmos.py),
+# PostgreSQL (harness/peers/postgres.py, from Debian's package, see `postgresql` below) and the
+# recording Bot Connector (harness/connector.py); the Agents Playground
+# (harness/playground.py) and the bot processes are started per test. A peer that is not
 # installed makes its tests skip, with the reason in pytest's summary.
 # -------------------------------------------------------------------------------------------
 
@@ -112,7 +112,7 @@ chromium: ## install Debian's chromium for the browser tests (root + apt-get; el
 			chromium fonts-noto-color-emoji; \
 	fi
 
-# --- Debian's PostgreSQL (tests/peers/postgres.py runs a throwaway server from it) ----------
+# --- Debian's PostgreSQL (harness/peers/postgres.py runs a throwaway server from it) ----------
 # Quick when a server binary is already in /usr/lib/postgresql/*/bin; skipped with a warning
 # (the PostgreSQL tests are then skipped) when apt-get is missing or we are not root. The
 # package's own cluster service is not used: the tests run initdb and postgres themselves.

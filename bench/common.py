@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.support.connector import RecordingConnector  # noqa: E402
+from harness.connector import RecordingConnector  # noqa: E402
 
 
 @dataclass(frozen=True)

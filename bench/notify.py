@@ -26,8 +26,8 @@ from typing import Any
 import aiohttp
 
 from bench.common import Arrival, Progress, SignallingConnector, env_for_bot, percentile, post_until_acknowledged
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess
 
 _DONE = re.compile(r"is active \(job `(?P<id>[0-9a-f]+)`\)")
 _ECHO_DONE = re.compile(r"^done (?P<tag>\S+) (?P<finished>[0-9.]+)$")

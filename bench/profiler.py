@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, SignallingConnector, env_for_bot, quiet_env
-from tests.support.botproc import free_port, http_request
+from harness.botproc import free_port, http_request
 
 IDLE = ("epoll.poll", "select.select")
 
@@ -266,8 +266,8 @@ def profile_state(backend: str, turns: int) -> str:
         if backend == "sqlite":
             figures = asyncio.run(go(SqliteStore(Path(tmp) / "s.sqlite3")))
         else:
+            from harness.peers import cosmos as cosmos_peer
             from storage.cosmos import CosmosStore
-            from tests.peers import cosmos as cosmos_peer
 
             with cosmos_peer.cosmos_server() as endpoint:
                 pids = _children_matching("cosmos_server.js")

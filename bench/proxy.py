@@ -1,4 +1,4 @@
-"""The test suite's round-robin proxy (tests/support/roundrobin.py) in a process of its own.
+"""The test suite's round-robin proxy (harness/roundrobin.py) in a process of its own.
 
 ``python -m bench.proxy http://127.0.0.1:A http://127.0.0.1:B ...`` prints ``ready <base url>``
 once it listens and serves until stdin closes (or SIGTERM). The scale-out benchmark runs it
@@ -14,7 +14,7 @@ import sys
 import threading
 
 from bench.common import REPO
-from tests.support.roundrobin import RoundRobinProxy
+from harness.roundrobin import RoundRobinProxy
 
 
 class ProxyProcess:

@@ -23,8 +23,8 @@ from typing import Any
 import aiohttp
 
 from bench.common import Progress, SignallingConnector, env_for_bot, post_until_acknowledged
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess
 
 POLL = 0.025
 

@@ -1,19 +1,19 @@
 """6. Scale-out: the app as one process against 1, 2 and 4 web instances + a worker (+ a standby).
 
 Every deployment runs on the same kind of stores, fresh for each: a PostgreSQL database
-(``JOB_STORE_URL``: job schedule, worker lock, NOTIFY wake-ups; ``tests/peers/postgres.py``) and
+(``JOB_STORE_URL``: job schedule, worker lock, NOTIFY wake-ups; ``harness/peers/postgres.py``) and
 the conversation store, by default the SQLite file in one ``DATA_DIR`` shared by every process
-(``--store cosmos``: the Cosmos wire server of ``tests/peers/cosmos.py`` instead). Deployments:
+(``--store cosmos``: the Cosmos wire server of ``harness/peers/cosmos.py`` instead). Deployments:
 
 - ``all, no PostgreSQL`` (wake-up phase only): ``--role all`` on its SQLite job store, the
   default single instance, whose wake-ups stay in the process;
 - ``all``: the single process ``app.py --role all`` on the same stores (the baseline; it wakes
   its own worker half through NOTIFY too);
 - ``N web``: N ``--role web`` instances + 2 ``--role worker`` (one active, one standby) started
-  by ``tests/support/cluster.py``'s BotCluster.
+  by ``harness/cluster.py``'s BotCluster.
 
 Every deployment is reached through the test suite's round-robin proxy
-(``tests/support/roundrobin.py``), the baseline too (one backend), run in a process of its own
+(``harness/roundrobin.py``), the baseline too (one backend), run in a process of its own
 (``bench/proxy.py``) so that it shares no interpreter with the load generator. Load generator
 and recording connector are the turn benchmark's (``bench/turns.py``, ``bench/common.py``).
 Three phases per deployment, in this order (so that no phase inherits another's backlog):
@@ -62,9 +62,9 @@ from bench.common import (
 )
 from bench.proxy import ProxyProcess
 from bench.turns import LoadResult, closed_loop
-from tests.peers import postgres as postgres_peer
-from tests.support.botproc import BotProcess
-from tests.support.cluster import BotCluster
+from harness.botproc import BotProcess
+from harness.cluster import BotCluster
+from harness.peers import postgres as postgres_peer
 
 #: How many conversations the wake-up phase's single sender cycles through (so the per-conversation
 #: pacing of 7 messages/s never delays a reply).
@@ -234,7 +234,7 @@ def run(plan: Plan, progress: Progress, weight: float) -> dict[str, Any]:
         cosmos_endpoint, cosmos_key = "", ""
         trees: dict[str, int] = {}
         if plan.store == "cosmos":
-            from tests.peers import cosmos as cosmos_peer
+            from harness.peers import cosmos as cosmos_peer
 
             cosmos_endpoint = stack.enter_context(cosmos_peer.cosmos_server())
             cosmos_key = cosmos_peer.EMULATOR_KEY  # the public emulator key  secret-scan: allow

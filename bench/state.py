@@ -188,7 +188,7 @@ def run(checkpoints: tuple[int, ...], progress: Progress, weight_sqlite: float, 
 
         out["sqlite"] = asyncio.run(sqlite_run())
 
-    from tests.peers import cosmos as cosmos_peer
+    from harness.peers import cosmos as cosmos_peer
 
     reason = cosmos_peer.unavailable_reason()
     if reason:

@@ -21,8 +21,8 @@ from typing import Any
 import aiohttp
 
 from bench.common import Arrival, Progress, SignallingConnector, cpu_seconds, env_for_bot, percentile
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess
 
 
 @dataclass

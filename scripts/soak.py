@@ -16,7 +16,7 @@ after the load stopped; while they still arrive the bot is only behind and the s
 Two deployments, the same load, killer and ledger:
 
 * one process (``--role all``) on SQLite in the data dir: every kill hits it;
-* ``--cluster``: 2 web + 2 worker processes on Cosmos DB (the wire server from tests/peers) and
+* ``--cluster``: 2 web + 2 worker processes on Cosmos DB (the wire server from harness/peers) and
   PostgreSQL (a throwaway server), the channel posting through the round-robin proxy. Each kill
   hits one process: the active worker half of the time (turns, jobs and sends run there), else
   any other one (the standby or a web instance); the summary says how many hit which.
@@ -45,12 +45,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from harness.activities import message, new_conversation_id  # noqa: E402
+from harness.botproc import BotProcess, HttpEndpoint  # noqa: E402
+from harness.cluster import BotCluster  # noqa: E402
+from harness.connector import RecordingConnector  # noqa: E402
 from storage.abc import ConversationStore  # noqa: E402
 from storage.sqlite import SqliteStore  # noqa: E402
-from tests.support.activities import message, new_conversation_id  # noqa: E402
-from tests.support.botproc import BotProcess, HttpEndpoint  # noqa: E402
-from tests.support.cluster import BotCluster  # noqa: E402
-from tests.support.connector import RecordingConnector  # noqa: E402
 
 #: In cluster mode, the share of kills that hit the active worker (the rest: any other process).
 ACTIVE_WORKER_SHARE = 0.5
@@ -160,9 +160,9 @@ Deployment = SingleBot | Cluster
 
 def cluster_store_env(cosmos_endpoint: str, postgres_base_url: str) -> dict[str, str]:
     """Settings for a cluster on running servers: a fresh Cosmos DB container and a fresh PostgreSQL
-    database (``JOB_STORE_URL``; the caller drops it with ``tests.peers.postgres.drop_database``)."""
-    from tests.peers.cosmos import EMULATOR_KEY
-    from tests.peers.postgres import create_database
+    database (``JOB_STORE_URL``; the caller drops it with ``harness.peers.postgres.drop_database``)."""
+    from harness.peers.cosmos import EMULATOR_KEY
+    from harness.peers.postgres import create_database
 
     return {"COSMOS_ENDPOINT": cosmos_endpoint, "COSMOS_KEY": EMULATOR_KEY, "COSMOS_DATABASE": "soak",
             "COSMOS_CONTAINER": f"soak-{uuid.uuid4().hex[:12]}", "JOB_STORE_URL": create_database(postgres_base_url)}
@@ -336,7 +336,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         cluster_env = None
         if args.cluster:
-            from tests.peers import cosmos, postgres
+            from harness.peers import cosmos, postgres
 
             if reason := cosmos.unavailable_reason() or postgres.unavailable_reason():
                 print(f"cannot run the cluster soak: {reason}", file=sys.stderr)

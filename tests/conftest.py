@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from blockbuster import BlockBuster, blockbuster_ctx
 
-from tests.peers import postgres as postgres_peer
-from tests.support.fake_openai import FakeOpenAI
+from harness.fake_openai import FakeOpenAI
+from harness.peers import postgres as postgres_peer
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def postgres_base_url() -> Iterator[str]:
 def postgres_url(postgres_base_url: str) -> Iterator[str]:
     """A fresh database per test, as a SQLAlchemy URL ``postgresql+psycopg://postgres@127.0.0.1:PORT/t_xxx``.
 
-    For psycopg itself use ``tests.peers.postgres.psycopg_url(postgres_url)``. Dropped after the test.
+    For psycopg itself use ``harness.peers.postgres.psycopg_url(postgres_url)``. Dropped after the test.
     """
     url = postgres_peer.create_database(postgres_base_url)
     yield url
@@ -50,7 +50,7 @@ def postgres_url(postgres_base_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def model_server() -> Iterator[FakeOpenAI]:
-    """The local chat-completions server (tests/support/fake_openai.py), one per session."""
+    """The local chat-completions server (harness/fake_openai.py), one per session."""
     with FakeOpenAI() as server:
         yield server
 

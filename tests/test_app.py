@@ -1,7 +1,7 @@
 """app.py's wiring: one cleanup context per resource, start-up failures in one line, the ready line.
 
 The in-process tests drive the app's start-up as ``web.run_app`` does (``AppRunner.setup``); the
-others start the real app process (tests/support/botproc.py).
+others start the real app process (harness/botproc.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from aiohttp import web
 
 from app import create_app
 from cluster import LocalCoordinator
+from harness.botproc import BotProcess, BotStartError, free_port, log_text, wait_for_log
 from runtime.config import Settings
 from runtime.lifecycle import StartupError
 from storage.memory import MemoryStore
-from tests.support.botproc import BotProcess, BotStartError, free_port, log_text, wait_for_log
 
 
 class TrackedStore(MemoryStore):

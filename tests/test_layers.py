@@ -119,3 +119,25 @@ def test_the_checks_see_the_imports() -> None:
     assert third_party("bot.sender", BOTBUILDER)
     assert {"agent.processor", "agent.turns", "runtime.protocol", "storage.abc", "agent"} <= closure("agent.processor")
     assert "agent.runner" not in closure("agent.processor")
+
+
+def _imported_tops(path: Path) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(top(alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(top(node.module))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(ROOT).as_posix() for folder in ("bench", "scripts", "harness")
+                                        for p in (ROOT / folder).rglob("*.py")))
+def test_the_shared_harness_never_reaches_into_the_tests(path: str) -> None:
+    """Tests, benchmarks and the soak share ``harness/``; none of them but the tests imports ``tests``."""
+    assert "tests" not in _imported_tops(ROOT / path), f"{path} imports tests/: use harness/"
+
+
+@pytest.mark.parametrize("name", sorted(modules()))
+def test_the_product_never_imports_the_harness(name: str) -> None:
+    assert not [i for i in imports(name) if top(i) == "harness"], f"{name} imports the test harness"

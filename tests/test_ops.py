@@ -1,6 +1,6 @@
 """Operations: /readyz, Prometheus metrics at /metrics, JSON logs (LOG_FORMAT=json).
 
-The first test starts the real app process (tests/support/botproc.py) against a recording Bot
+The first test starts the real app process (harness/botproc.py) against a recording Bot
 Connector; the readiness failures run in-process with aiohttp's test client, where a broken
 store can be handed to ``create_app``.
 """
@@ -21,13 +21,13 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import SERVICES, create_app
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess, BotStartError
+from harness.connector import RecordingConnector
 from runtime import logs, metrics
 from runtime.config import ConfigError, Settings
 from storage.abc import JSON, JobRecord, StoreUnavailableError
 from storage.memory import MemoryStore
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess, BotStartError
-from tests.support.connector import RecordingConnector
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 
 REPO = Path(__file__).resolve().parents[1]
 SCANNER = [sys.executable, str(REPO / "scripts" / "check_secrets.py")]
@@ -51,7 +51,7 @@ def test_placeholders_and_allowed_lines_pass(tmp_path: Path) -> None:
 def test_no_secret_reaches_the_logs(tmp_path: Path) -> None:
     secrets = {"OPENAI_API_KEY": "sk-SENTINELopenai0123456789abcdefghijkl",  # secret-scan: allow
                "AZURE_OPENAI_API_KEY": "SENTINELazure0123456789abcdef"}
-    from tests.support.fake_openai import FakeOpenAI
+    from harness.fake_openai import FakeOpenAI
 
     with FakeOpenAI() as model, RecordingConnector() as conn:
         model.require_auth("authorization", "Bearer another-key")  # refused: the failure path logs too

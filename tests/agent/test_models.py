@@ -28,6 +28,9 @@ from agent.processor import ConversationProcessor, text_activity
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tools import turn_tools
 from agent.turns import AgentError, AgentInput, TurnOutcome
+from harness import fake_openai as fm
+from harness.botproc import free_port
+from harness.fake_openai import FakeOpenAI
 from jobs.activate_line import make_activate_line_tool
 from jobs.registry import JobRegistry
 from jobs.runner import JobRunner
@@ -35,9 +38,6 @@ from runtime.config import ConfigError, Settings
 from runtime.untrusted import tool_output_data
 from storage.abc import JSON, InboxEvent
 from storage.memory import MemoryStore
-from tests.support import fake_openai as fm
-from tests.support.botproc import free_port
-from tests.support.fake_openai import FakeOpenAI
 
 KEY = "emulator:c1"
 REFERENCE = {"conversation": {"id": "c1"}, "serviceUrl": "http://127.0.0.1:9/"}

@@ -32,9 +32,9 @@ from bot.auth import (
     rejection_reason,
 )
 from bot.edge import create_adapter, messages_handler
+from harness.activities import message
+from harness.openid import OpenIdServer
 from runtime.config import ConfigError, Settings
-from tests.support.activities import message
-from tests.support.openid import OpenIdServer
 
 APP_ID = "app-0001"
 PASSWORD = "secret-0001"

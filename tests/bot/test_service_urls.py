@@ -13,11 +13,11 @@ from botbuilder.schema import Activity
 from bot.handler import TeamsBot
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
+from harness.activities import message
 from runtime.config import ConfigError, Settings
 from runtime.protocol import DeliveryError
 from storage.inbox import Inbox
 from storage.memory import MemoryStore
-from tests.support.activities import message
 
 MICROSOFT = ServiceUrlPolicy(["microsoft"])
 LOOPBACK = ServiceUrlPolicy(["loopback"])

@@ -12,11 +12,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from app import create_app
+from harness.activities import message, new_conversation_id
+from harness.connector import RecordingConnector
 from runtime.config import Settings
 from storage.abc import StoreUnavailableError
 from storage.sqlite import SqliteStore
-from tests.support.activities import message, new_conversation_id
-from tests.support.connector import RecordingConnector
 
 
 class FlakyStore(SqliteStore):

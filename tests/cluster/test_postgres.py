@@ -1,4 +1,4 @@
-"""PostgresCoordinator against the suite's throwaway PostgreSQL (tests/peers/postgres.py), one database per test.
+"""PostgresCoordinator against the suite's throwaway PostgreSQL (harness/peers/postgres.py), one database per test.
 
 Each coordinator stands for one instance: the advisory lock elects one active worker, NOTIFY
 carries wake-ups and cancel requests to it, and losing the lock's connection stops it.
@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from cluster.postgres import CANCEL_CHANNEL, PostgresCoordinator
-from tests.peers.postgres import psycopg_url
+from harness.peers.postgres import psycopg_url
 
 #: How long a notification or takeover may take on a loaded machine (each normally takes milliseconds).
 PATIENCE = 5.0

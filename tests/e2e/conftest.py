@@ -1,9 +1,9 @@
 """End-to-end fixtures: the real app process, talking to a recording Bot Connector.
 
 Every e2e test that uses ``backend_env`` runs twice: on the embedded SQLite store and on
-Cosmos DB (the wire-protocol server from tests/peers, one fresh container per test). Tests
+Cosmos DB (the wire-protocol server from harness/peers, one fresh container per test). Tests
 marked ``cluster`` run a third time on a cluster: 2 web + 2 worker processes on Cosmos DB and
-PostgreSQL (a fresh database per test), behind a round-robin proxy (tests/support/cluster.py).
+PostgreSQL (a fresh database per test), behind a round-robin proxy (harness/cluster.py).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any, TypeVar
 
 import pytest
 
+from harness.activities import new_conversation_id
+from harness.botproc import BotProcess
+from harness.cluster import BotCluster
+from harness.connector import RecordingConnector
+from harness.peers import cosmos as cosmos_peer
+from harness.playground import Playground
 from storage.abc import ConversationStore
 from storage.sqlite import SqliteStore
-from tests.peers import cosmos as cosmos_peer
-from tests.support.activities import new_conversation_id
-from tests.support.botproc import BotProcess
-from tests.support.cluster import BotCluster
-from tests.support.connector import RecordingConnector
-from tests.support.playground import Playground
 
 T = TypeVar("T")
 

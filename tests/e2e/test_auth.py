@@ -1,6 +1,6 @@
 """Bot Framework authentication, end to end: the real app process with ``MicrosoftAppId`` set.
 
-Tokens are validated against a local OpenID metadata + JWKS server (tests/support/openid.py) via
+Tokens are validated against a local OpenID metadata + JWKS server (harness/openid.py) via
 botbuilder's own ``TO_BOT_FROM_CHANNEL_OPENID_METADATA_URL`` settings, and the bot's outbound token
 comes from the same server acting as the Entra ID tenant (``TO_CHANNEL_FROM_BOT_LOGIN_URL``), so
 the reply path is exercised too: no network, no Microsoft credentials.
@@ -18,10 +18,10 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.support.activities import conversation_update, message, new_conversation_id, teams_channel_mention
-from tests.support.botproc import BotProcess, free_port, log_text, wait_for_log
-from tests.support.connector import RecordingConnector
-from tests.support.openid import OpenIdServer
+from harness.activities import conversation_update, message, new_conversation_id, teams_channel_mention
+from harness.botproc import BotProcess, free_port, log_text, wait_for_log
+from harness.connector import RecordingConnector
+from harness.openid import OpenIdServer
 
 pytestmark = pytest.mark.e2e
 

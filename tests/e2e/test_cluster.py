@@ -1,6 +1,6 @@
 """Several instances on shared stores: failover of the active worker, wake-ups across processes,
 readiness and metrics by role. Real processes of the app on the Cosmos DB wire server and a
-throwaway PostgreSQL (tests/peers), 2 web + 2 worker behind a round-robin proxy.
+throwaway PostgreSQL (harness/peers), 2 web + 2 worker behind a round-robin proxy.
 
 The suites in test_conversation.py and test_jobs.py also run on such a cluster (``[cluster]``).
 """
@@ -17,15 +17,15 @@ from typing import Any
 import psycopg
 import pytest
 
+from harness.activities import new_conversation_id
+from harness.botproc import BotProcess
+from harness.cluster import BotCluster
+from harness.connector import RecordingConnector
+from harness.otlp import OtlpCollector
+from harness.peers.postgres import create_database, drop_database, psycopg_url
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_jobs import completions, job_id_in
-from tests.peers.postgres import create_database, drop_database, psycopg_url
-from tests.support.activities import new_conversation_id
-from tests.support.botproc import BotProcess
-from tests.support.cluster import BotCluster
-from tests.support.connector import RecordingConnector
-from tests.support.otlp import OtlpCollector
 from tests.test_ops import scrape, value
 
 pytestmark = pytest.mark.e2e

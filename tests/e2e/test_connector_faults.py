@@ -6,9 +6,9 @@ import time
 
 import pytest
 
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 from tests.e2e.test_conversation import say
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
 
 pytestmark = pytest.mark.e2e
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
+from harness.activities import conversation_update, message, teams_channel_mention
+from harness.botproc import BotProcess, HttpEndpoint
+from harness.connector import RecordingConnector
 from tests.e2e.conftest import StoreProbe
-from tests.support.activities import conversation_update, message, teams_channel_mention
-from tests.support.botproc import BotProcess, HttpEndpoint
-from tests.support.connector import RecordingConnector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from harness.activities import message, teams_channel_mention
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 from storage.abc import ConversationStore
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
-from tests.support.activities import message, teams_channel_mention
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
 
 pytestmark = [pytest.mark.e2e]
 

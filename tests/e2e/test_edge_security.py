@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import REPO_ROOT, BotProcess, BotStartError, free_port, http_request, log_text, wait_for_log
-from tests.support.connector import RecordingConnector
-from tests.support.openid import OpenIdServer
+from harness.activities import message, new_conversation_id
+from harness.botproc import REPO_ROOT, BotProcess, BotStartError, free_port, http_request, log_text, wait_for_log
+from harness.connector import RecordingConnector
+from harness.openid import OpenIdServer
 
 pytestmark = pytest.mark.e2e
 

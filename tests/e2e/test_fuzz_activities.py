@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 
 pytestmark = pytest.mark.e2e
 

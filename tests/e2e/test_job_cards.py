@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
+from harness.activities import message
+from harness.botproc import BotProcess
+from harness.connector import Recorded, RecordingConnector
+from harness.playground import Playground, message_text, playground_available
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
-from tests.support.activities import message
-from tests.support.botproc import BotProcess
-from tests.support.connector import Recorded, RecordingConnector
-from tests.support.playground import Playground, message_text, playground_available
 
 pytestmark = pytest.mark.e2e
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
+from harness.activities import message, new_conversation_id
+from harness.botproc import HttpEndpoint
+from harness.connector import RecordingConnector
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_job_cards import cancel_data, card_in, execute_cancel, facts, post_invoke, wait_for_card
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import HttpEndpoint
-from tests.support.connector import RecordingConnector
 
 pytestmark = pytest.mark.e2e
 

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 from runtime.untrusted import tool_output_data
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 

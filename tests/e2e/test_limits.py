@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from harness.activities import message
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
+from harness.fake_openai import FakeOpenAI
 from storage.abc import ConversationStore
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_models import telecom_model
-from tests.support.activities import message
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
-from tests.support.fake_openai import FakeOpenAI
 from tests.test_ops import scrape, scrape_until, value
 
 pytestmark = pytest.mark.e2e

@@ -14,18 +14,18 @@ from pathlib import Path
 
 import pytest
 
+from harness.activities import message
+from harness.botproc import BotProcess, free_port, http_request
+from harness.connector import RecordingConnector
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
-from tests.support.activities import message
-from tests.support.botproc import BotProcess, free_port, http_request
-from tests.support.connector import RecordingConnector
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 EVERYTHING = REPO / "node_modules/@modelcontextprotocol/server-everything/dist/index.js"
 TIME_SERVER = Path(sys.executable).parent / "mcp-server-time"
-CRASHY = REPO / "tests/support/crashy_mcp.py"
+CRASHY = REPO / "harness/crashy_mcp.py"
 
 
 @pytest.fixture(params=["sqlite"])

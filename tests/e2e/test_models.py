@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
+from harness import fake_openai as fm
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
+from harness.fake_openai import ChatRequest, FakeOpenAI
 from runtime.untrusted import tool_output_data
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
-from tests.support import fake_openai as fm
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
-from tests.support.fake_openai import ChatRequest, FakeOpenAI
 
 pytestmark = pytest.mark.e2e
 

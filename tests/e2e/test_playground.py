@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.support.playground import Playground, message_text, playground_available
+from harness.playground import Playground, message_text, playground_available
 
 pytestmark = pytest.mark.e2e
 

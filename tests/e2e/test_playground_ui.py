@@ -1,7 +1,7 @@
 """The live job card as a person sees it: the Agents Playground's web UI in headless Chromium.
 
 The bot and the Playground run as in ``test_playground.py``; the page is opened with Debian's
-chromium through npm playwright-core (``tests/support/screenshot.mjs``). The Playground keeps
+chromium through npm playwright-core (``harness/screenshot.mjs``). The Playground keeps
 no history for its UI (it shows what arrives on its WebSocket once connected), so the page is
 opened first and the user's request is then sent through the Playground's API, as the UI's
 compose box would. Screenshots land in ``test-artifacts/`` (git-ignored) for a human to check.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.browser import ARTIFACTS_DIR, PlaygroundPage, browser_unavailable, png_size
-from tests.support.playground import Playground, playground_available
+from harness.browser import ARTIFACTS_DIR, PlaygroundPage, browser_unavailable, png_size
+from harness.playground import Playground, playground_available
 
 pytestmark = pytest.mark.e2e
 

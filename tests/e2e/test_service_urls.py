@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
+from harness.activities import conversation_update, message, new_conversation_id
+from harness.botproc import BotProcess, BotStartError, log_text, wait_for_log
+from harness.connector import RecordingConnector
+from harness.openid import OpenIdServer
 from storage.abc import ConversationStore, InboxEvent
 from tests.e2e.conftest import Deployment, Launch, StoreProbe
 from tests.e2e.test_auth import stored_rows
 from tests.e2e.test_conversation import say
-from tests.support.activities import conversation_update, message, new_conversation_id
-from tests.support.botproc import BotProcess, BotStartError, log_text, wait_for_log
-from tests.support.connector import RecordingConnector
-from tests.support.openid import OpenIdServer
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers.postgres import drop_database
+from harness.peers.postgres import drop_database
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from agent.processor import TOO_LARGE_TO_STORE
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_untrusted_content import huge_server
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
 
 pytestmark = pytest.mark.e2e
 

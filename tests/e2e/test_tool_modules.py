@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.activities import conversation_update
+from harness.botproc import REPO_ROOT, BotProcess
+from harness.connector import RecordingConnector
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_jobs import job_id_in
-from tests.support.activities import conversation_update
-from tests.support.botproc import REPO_ROOT, BotProcess
-from tests.support.connector import RecordingConnector
 
 pytestmark = [pytest.mark.e2e]
 

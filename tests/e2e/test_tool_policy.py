@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
+from harness import fake_openai as fm
+from harness.activities import message, new_conversation_id
+from harness.botproc import BotProcess, BotStartError, HttpEndpoint
+from harness.connector import RecordingConnector
+from harness.fake_openai import FakeOpenAI
+from harness.openid import OpenIdServer
 from tests.e2e.conftest import Launch, StoreProbe
-from tests.support import fake_openai as fm
-from tests.support.activities import message, new_conversation_id
-from tests.support.botproc import BotProcess, BotStartError, HttpEndpoint
-from tests.support.connector import RecordingConnector
-from tests.support.fake_openai import FakeOpenAI
-from tests.support.openid import OpenIdServer
 
 pytestmark = pytest.mark.e2e
 

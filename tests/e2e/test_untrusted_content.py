@@ -1,5 +1,5 @@
 """Untrusted content on the real app (issue 13, findings 11, 15, 16), with a hostile stdio MCP server
-(tests/support/huge_mcp.py): a 3 MB in-turn result, a 1 MB job result, markdown links in arguments,
+(harness/huge_mcp.py): a 3 MB in-turn result, a 1 MB job result, markdown links in arguments,
 results and user text. What counts is what reaches the connector, the store and the model."""
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ from typing import Any
 import pytest
 
 from agent.outgoing import TEAMS_MESSAGE_BYTES, activity_bytes
+from harness.botproc import BotProcess
+from harness.connector import RecordingConnector
 from runtime.untrusted import TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_HEADER
 from storage.abc import ConversationStore
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_job_cards import card_in, facts
 from tests.e2e.test_mcp import write_config
-from tests.support.botproc import BotProcess
-from tests.support.connector import RecordingConnector
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-HUGE_MCP = REPO / "tests/support/huge_mcp.py"
+HUGE_MCP = REPO / "harness/huge_mcp.py"
 PHISH = "[Microsoft login](https://login.micros0ft.example/)"
 ESCAPED_PHISH = r"\[Microsoft login\]\(https://login.micros0ft.example/\)"
 JOB_ID = re.compile(r"background job `([0-9a-f]{12})`")

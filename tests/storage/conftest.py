@@ -4,7 +4,7 @@ Every implementation is a :class:`Backend` in :data:`BACKENDS`; the ``store`` fi
 parametrised over that list, so adding an implementation (e.g. Cosmos) is one more entry.
 A backend that needs a server gets it from a session-scoped fixture named by
 ``Backend.peer_fixture`` and is skipped when that server cannot run here. Cosmos runs against
-the local wire-protocol server (tests/peers/cosmos.py), or against a real account or emulator
+the local wire-protocol server (harness/peers/cosmos.py), or against a real account or emulator
 when ``COSMOS_TEST_ENDPOINT`` (+ ``COSMOS_TEST_KEY``, blank = Entra ID) is set. Tests use
 :func:`make_key`-generated keys so that they also work against a shared server that keeps data
 between tests.
@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+from harness.peers import cosmos as cosmos_peer_server
 from storage.abc import ConversationStore
 from storage.memory import MemoryStore
 from storage.sqlite import SqliteStore
-from tests.peers import cosmos as cosmos_peer_server
 
 #: Builds an unopened store from a per-test scratch directory (for file-based stores) and the
 #: value of the backend's peer fixture (None if it has none).

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Starts the Cosmos DB wire-protocol server (npm @vercel/cosmosdb-server) on 127.0.0.1 for tests.
 //
-// Usage: node tests/peers/cosmos_server.js [PORT]    (or env COSMOS_SERVER_PORT; 0 = any free port)
+// Usage: node harness/peers/cosmos_server.js [PORT]    (or env COSMOS_SERVER_PORT; 0 = any free port)
 // The package is looked up in $COSMOS_SERVER_NODE_MODULES, else in the repo root's node_modules.
 // Prints one line "cosmosdb-server ready https://127.0.0.1:PORT" once it accepts connections,
 // then serves until killed (SIGTERM/SIGINT exit cleanly).

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from jwt.algorithms import RSAAlgorithm
 
-from tests.support.loop_thread import LoopServer
+from harness.loop_thread import LoopServer
 
 __all__ = ["CHANNEL_ISSUER", "EMULATOR_ISSUER_V1", "EMULATOR_ISSUER_V2", "OpenIdServer", "TokenRequest"]
 

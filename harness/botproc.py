@@ -21,8 +21,8 @@ from typing import Any, Protocol, Self
 
 __all__ = ["BotProcess", "BotStartError", "HttpEndpoint", "free_port", "http_request", "log_text", "wait_for_log"]
 
-#: Repository root: tests/support/botproc.py -> parents[2].
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Repository root: harness/botproc.py -> parents[1].
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Never route test traffic to 127.0.0.1 through an HTTP proxy from the environment.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

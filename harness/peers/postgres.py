@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tests.support.botproc import free_port
+from harness.botproc import free_port
 
 __all__ = ["create_database", "drop_database", "find_bin_dir", "postgres_server", "psycopg_url", "unavailable_reason"]
 

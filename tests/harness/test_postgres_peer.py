@@ -1,4 +1,4 @@
-"""The throwaway PostgreSQL server from tests/peers/postgres.py does what the cluster code relies on."""
+"""The throwaway PostgreSQL server from harness/peers/postgres.py does what the cluster code relies on."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from tests.peers.postgres import psycopg_url
-from tests.support.botproc import REPO_ROOT
+from harness.botproc import REPO_ROOT
+from harness.peers.postgres import psycopg_url
 
 LOCK_KEY = 7_340_033
 
@@ -29,7 +29,7 @@ def test_server_runs_and_urls_have_the_documented_form(postgres_base_url: str, p
 
 
 def test_each_test_database_is_isolated(postgres_base_url: str, postgres_url: str) -> None:
-    from tests.peers.postgres import create_database, drop_database
+    from harness.peers.postgres import create_database, drop_database
 
     other = create_database(postgres_base_url)
     try:

@@ -23,7 +23,7 @@ from aiohttp import web
 from multidict import CIMultiDict, MultiMapping
 from yarl import URL
 
-from tests.support.loop_thread import LoopServer
+from harness.loop_thread import LoopServer
 
 __all__ = ["RoundRobinProxy"]
 

@@ -65,7 +65,7 @@ from typing import Any, Self
 
 import aiohttp
 
-from tests.support.botproc import REPO_ROOT, http_request
+from harness.botproc import REPO_ROOT, http_request
 
 __all__ = [
     "PACKAGE",

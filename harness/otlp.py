@@ -16,7 +16,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.support.loop_thread import LoopServer
+from harness.loop_thread import LoopServer
 
 
 @dataclass(frozen=True)

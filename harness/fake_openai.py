@@ -19,7 +19,7 @@ with an optional delay); with the queue empty, the *responder* decides (by defau
 and llama.cpp (and unlike OpenAI), it refuses a history whose tool calls have arguments that are
 not a JSON object (``strict_history``, on by default).
 
-It runs in a background thread with its own event loop (like tests/support/connector.py), so it
+It runs in a background thread with its own event loop (like harness/connector.py), so it
 answers a bot process, a synchronous test and an async test on pytest's loop alike.
 """
 
@@ -36,8 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
+from harness.loop_thread import LoopServer
 from runtime.untrusted import tool_output_data
-from tests.support.loop_thread import LoopServer
 
 __all__ = [
     "ChatRequest",

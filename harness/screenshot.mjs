@@ -2,7 +2,7 @@
 // /usr/bin/chromium, through npm playwright-core): open a chat, wait until an Adaptive Card
 // showing given texts is rendered, take screenshots.
 //
-//   node tests/support/screenshot.mjs '<spec JSON>'
+//   node harness/screenshot.mjs '<spec JSON>'
 //
 // spec: {
 //   "url": "http://127.0.0.1:PORT/",          the Playground

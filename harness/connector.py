@@ -24,7 +24,7 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from tests.support.loop_thread import LoopServer
+from harness.loop_thread import LoopServer
 
 __all__ = ["Recorded", "RecordingConnector"]
 

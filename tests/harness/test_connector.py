@@ -13,9 +13,9 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from tests.support import activities
-from tests.support.botproc import BotProcess, BotStartError, free_port, http_request
-from tests.support.connector import RecordingConnector
+from harness import activities
+from harness.botproc import BotProcess, BotStartError, free_port, http_request
+from harness.connector import RecordingConnector
 
 TEAMS_CONV = "19:abc@thread.skype;messageid=1"
 

@@ -1,4 +1,4 @@
-"""The round-robin test proxy (tests/support/roundrobin.py) against two tiny aiohttp backends."""
+"""The round-robin test proxy (harness/roundrobin.py) against two tiny aiohttp backends."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from tests.support.botproc import free_port
-from tests.support.loop_thread import LoopThread
-from tests.support.roundrobin import RoundRobinProxy
+from harness.botproc import free_port
+from harness.loop_thread import LoopThread
+from harness.roundrobin import RoundRobinProxy
 
 
 class EchoBackend:

@@ -1,7 +1,7 @@
 """Look at the Agents Playground's web UI the way a person would: headless Chromium.
 
 Debian's ``chromium`` (``make chromium``) is driven by npm ``playwright-core`` (no browser
-download) through ``tests/support/screenshot.mjs``, a Node script that opens a chat, waits
+download) through ``harness/screenshot.mjs``, a Node script that opens a chat, waits
 until an Adaptive Card showing given texts is rendered and takes screenshots. It reports in
 JSON lines on stdout; :class:`PlaygroundPage` runs it and hands those events to the test.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from tests.support.botproc import REPO_ROOT
+from harness.botproc import REPO_ROOT
 
 __all__ = [
     "ARTIFACTS_DIR",
@@ -39,7 +39,7 @@ __all__ = [
 
 #: Where screenshots go (git-ignored; ``make clean`` removes it).
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
-SCREENSHOT_SCRIPT = REPO_ROOT / "tests" / "support" / "screenshot.mjs"
+SCREENSHOT_SCRIPT = REPO_ROOT / "harness" / "screenshot.mjs"
 #: Debian's chromium; ``$CHROMIUM`` overrides it.
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """Several processes of the real app on shared stores: web instances behind a round-robin proxy,
 and workers (one active, the others standby).
 
-:class:`BotCluster` looks like a :class:`~tests.support.botproc.BotProcess` to a test (the same
+:class:`BotCluster` looks like a :class:`~harness.botproc.BotProcess` to a test (the same
 ``post_activity``, ``get``, ``start``, ``kill``, ``terminate``, ``alive``, ``log_tail`` and
 ``extra_env``), so the end-to-end suites run unchanged against a cluster. ``kill`` SIGKILLs every
 process; ``start`` starts the ones that are not running (with the current ``extra_env``), all at
@@ -18,8 +18,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from tests.support.botproc import BotProcess, HttpEndpoint
-from tests.support.roundrobin import RoundRobinProxy
+from harness.botproc import BotProcess, HttpEndpoint
+from harness.roundrobin import RoundRobinProxy
 
 
 class BotCluster(HttpEndpoint):
