@@ -1,8 +1,8 @@
 """The conversation processor: folds inbox events into agent state, one conversation at a time.
 
-DESIGN.md's protocol, steps 2, 3 and 5. For each conversation at most one drain task runs
-in this process; ``wake`` from ingest or a finished job either starts it or asks the running
-one to look again. A turn is committed in one conditional write (state + processed events +
+The durability protocol's steps 2 to 4 (docs/architecture.md). For each conversation at most
+one drain task runs in this process; ``wake`` from ingest or a finished job either starts it or
+asks the running one to look again. A turn is committed in one conditional write (state + processed events +
 outbox + new jobs); only then are messages sent and jobs scheduled. Sending removes each
 message from the outbox after the connector accepted it, so a crash can repeat at most the
 one message that was in flight.

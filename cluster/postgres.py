@@ -13,7 +13,7 @@ before the server's keepalives (idle 5 s + 3 x 2 s) could release the lock to so
 that arrived meanwhile) and reach the active worker, which LISTENs on its lock connection.
 NOTIFY is fire-and-forget: a notification sent while no worker listens (a takeover in
 progress, PostgreSQL restarting) is lost, so the active worker also sweeps the store for work
-every ``WORK_SWEEP_SECONDS`` (see app.py). The event itself is already in the store: a lost
+every ``WORK_SWEEP_SECONDS`` (agent/housekeeping.py). The event itself is already in the store: a lost
 notification delays work, it never loses it.
 """
 

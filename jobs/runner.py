@@ -1,6 +1,6 @@
 """Runs one job attempt: the tool with its context, timeout, retries, and the finish event.
 
-Ordering that makes a crash at any point safe (DESIGN.md, step 4):
+Ordering that makes a crash at any point safe (docs/architecture.md, the durability protocol, step 5):
 the "job finished" inbox event is appended *before* the job record is marked finished. A
 crash in between re-runs the job on recovery (at-least-once; the tool dedupes on its job id)
 and the re-run's event is a no-op because its id (``job:<id>``) already exists, so the

@@ -1,7 +1,7 @@
 """Starts the Cosmos DB wire-protocol test server (npm ``@vercel/cosmosdb-server``) on loopback.
 
-The server is an in-memory HTTPS imitation of Cosmos DB (see DESIGN.md, "Real peers for
-tests"); ``cosmos_server.js`` beside this file patches its missing-item point read (500 -> 404)
+The server is an in-memory HTTPS imitation of Cosmos DB (docs/architecture.md, "Real peers
+for tests"); ``cosmos_server.js`` beside this file patches its missing-item point read (500 -> 404)
 and starts it. The package is looked up in ``$COSMOS_SERVER_NODE_MODULES``, else in the repo
 root's ``node_modules``. The Python SDK skips TLS verification for ``127.0.0.1`` by itself, so
 the self-signed certificate needs no extra setting.
