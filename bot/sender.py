@@ -43,7 +43,7 @@ class ProactiveSender:
 
     Transient failures (429, 5xx, timeouts, dropped connections) are retried a few times here
     with backoff honouring Retry-After; if they persist a transient DeliveryError lets the
-    processor retry later. 4xx other than 429 are permanent.
+    processor retry later. 400, 401, 403, 404, 405 and 413 are permanent (PERMANENT_STATUSES); other 4xx are retried.
     """
 
     def __init__(self, adapter: CloudAdapter, app_id: str, *, service_urls: ServiceUrlPolicy, attempts: int = 4,
