@@ -167,7 +167,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         max_tool_result_chars=settings.max_tool_result_chars,
     )
     processor = ConversationProcessor(
-        store, runner, sender, welcome=lambda: welcome_activity(offline), schedule_job=scheduler.schedule,
+        store, runner, sender, schedule_job=scheduler.schedule,
+        welcome=lambda: welcome_activity(offline, examples=["activate line 555-0100"]),
         job_card=job_card_activity, on_card_sent=card_updater.card_posted,
     )
     processor_ref.append(processor)

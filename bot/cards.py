@@ -1,8 +1,10 @@
-"""Adaptive Cards: the live job card, the jobs list and the welcome card (plain JSON).
+"""Adaptive Cards: the live job card, the jobs list, the welcome card and the reset question (plain JSON).
 
 Cards use schema 1.5 (Teams desktop, web and mobile). The job card's Cancel button is an
 ``Action.Execute`` (answered inline with the refreshed card) whose ``fallback`` is an
-``Action.Submit`` carrying the same data, for clients without Universal Actions.
+``Action.Submit`` carrying the same data, for clients without Universal Actions. Buttons that
+answer for the user ("Try: ...", Help, Yes / No) are :func:`say_action`: never ``imBack``,
+which the Agents Playground does not support.
 
 A job's arguments, result, error and progress text come from users, models and tools: on a card
 they are escaped (:func:`untrusted.escape_markdown`: TextBlock and FactSet values render
@@ -12,6 +14,7 @@ Markdown) and clipped, so a card shows them literally and stays within Teams' me
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -166,7 +169,32 @@ def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: R
     return _card(rows)
 
 
-def welcome_card(offline: bool) -> JSON:
+#: Where a "say" button puts its words in ``Activity.value``. Teams sends a messageBack's
+#: ``text`` as the message text; the Agents Playground sends an Action.Submit as a message with
+#: only ``value`` (the button's ``data``), so the bot reads the words from here (:func:`said_text`).
+SAY_KEY = "say"
+
+
+def say_action(title: str, text: str, **extra: Any) -> JSON:
+    """A button that says ``text`` for the user, as if they had typed it.
+
+    An ``Action.Submit`` with Teams' ``messageBack`` (Teams shows ``text`` in the chat and sends it
+    as the message text) whose data also carries the words under :data:`SAY_KEY` (the Playground,
+    which supports neither ``imBack`` nor ``messageBack``, sends only the data).
+    """
+    return {"type": "Action.Submit", "title": title, **extra,
+            "data": {"msteams": {"type": "messageBack", "text": text, "displayText": text}, SAY_KEY: text}}
+
+
+def said_text(value: Any) -> str | None:
+    """The words of a :func:`say_action` click from ``Activity.value``, else None."""
+    if isinstance(value, dict) and isinstance(value.get(SAY_KEY), str):
+        return str(value[SAY_KEY])
+    return None
+
+
+def welcome_card(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
+    """The card a new conversation opens with: one "Try:" button per example prompt, and Help."""
     lines = [
         "I remember this conversation, even if I restart.",
         "Long tasks run in the background and I post the result here when they finish.",
@@ -178,17 +206,24 @@ def welcome_card(offline: bool) -> JSON:
          "wrap": True},
         *({"type": "TextBlock", "text": line, "wrap": True} for line in lines),
     ]
-    actions: list[JSON] = [
-        {"type": "Action.Submit", "title": "Try: activate line 555-0100",
-         "data": {"msteams": {"type": "imBack", "value": "activate line 555-0100"}}},
-        {"type": "Action.Submit", "title": "Help", "data": {"msteams": {"type": "imBack", "value": "help"}}},
-    ]
+    actions = [say_action(f"Try: {clip(example, 60)}", example) for example in examples[:4]]
+    actions.append(say_action("Help", "help"))
     return _card(body, actions)
 
 
-def welcome_activity(offline: bool) -> JSON:
+def welcome_activity(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
     # Card only: Teams and the Playground would show a text beside it as a separate message.
-    return card_activity(welcome_card(offline), summary="👋 Hi! I'm your durable agent")
+    return card_activity(welcome_card(offline, examples=examples), summary="👋 Hi! I'm your durable agent")
+
+
+#: The words the reset question's buttons say; typing them works as well.
+RESET_YES, RESET_NO = "yes", "no"
+
+
+def reset_question_card() -> JSON:
+    """Just the Yes / No buttons: the question is the message's text, which Teams shows above the
+    card (the Playground shows the card as a message of its own, right below)."""
+    return _card([], [say_action("Yes", RESET_YES, style="destructive"), say_action("No", RESET_NO)])
 
 
 def parse_cancel(value: Any) -> str | None:

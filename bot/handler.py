@@ -19,7 +19,7 @@ from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCard
 from agent.events import Requester
 from agent.forgetting import RESET_EVENT_PREFIX, reset_payload
 from bot.auth import TenantPolicy, activity_tenants
-from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
+from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel, said_text
 from bot.dialog_storage import dialog_item_key
 from bot.keys import conversation_key
 from bot.rate_limits import IngestLimits
@@ -37,7 +37,7 @@ GROUP_CONVERSATION_TYPES = {"channel", "groupChat"}
 
 def message_text(activity: Activity) -> str:
     """The user's text with the bot's @mention removed (channels and group chats)."""
-    text = activity.text or ""
+    text = activity.text or said_text(activity.value) or ""  # a say_action click in the Playground
     bot_id = getattr(activity.recipient, "id", None)
     # Read the entities defensively (not TurnContext.get_mentions): a channel may send odd shapes.
     for entity in activity.entities or []:
