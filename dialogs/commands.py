@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 COMMANDS = {
     "help": "show what I can do",
     "jobs": "list this conversation's background jobs",
-    "cancel": "cancel a background job: cancel <job id>",
+    "cancel": "cancel a background job: cancel JOB_ID",
     "reset": "forget this conversation (asks first)",
 }
 
