@@ -154,7 +154,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         processor_ref[0].wake(key)
 
     card_updater = JobCardUpdater(store, sender)
-    job_runner = JobRunner(store, registry, wake_here, progress_listener=card_updater.job_changed,
+    job_runner = JobRunner(store, registry, card_updater.after_final_card(wake_here),
+                           progress_listener=card_updater.job_changed,
                            max_result_chars=settings.max_tool_result_chars)
     scheduler = JobScheduler(settings.effective_job_store_url, job_runner, store)
     runner = AgentTurnRunner(
