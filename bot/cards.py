@@ -169,21 +169,20 @@ def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: R
     return _card(rows)
 
 
-#: Where a "say" button puts its words in ``Activity.value``. Teams sends a messageBack's
-#: ``text`` as the message text; the Agents Playground sends an Action.Submit as a message with
-#: only ``value`` (the button's ``data``), so the bot reads the words from here (:func:`said_text`).
+#: Where a "say" button puts its words: the message its press sends carries them in
+#: ``Activity.value`` (the button's ``data``) and no text; :func:`said_text` reads them back.
 SAY_KEY = "say"
 
 
 def say_action(title: str, text: str, **extra: Any) -> JSON:
     """A button that says ``text`` for the user, as if they had typed it.
 
-    An ``Action.Submit`` with Teams' ``messageBack`` (Teams shows ``text`` in the chat and sends it
-    as the message text) whose data also carries the words under :data:`SAY_KEY` (the Playground,
-    which supports neither ``imBack`` nor ``messageBack``, sends only the data).
+    A plain ``Action.Submit`` whose data the bot reads: Teams and the Agents Playground both
+    send it as a message with ``value`` = data. Not ``imBack`` (the Playground refuses it:
+    "Action type imBack is not supported yet"), and no ``msteams`` key in the data (pressing an
+    Action.Submit whose data has one throws in the Playground's card renderer, so nothing is sent).
     """
-    return {"type": "Action.Submit", "title": title, **extra,
-            "data": {"msteams": {"type": "messageBack", "text": text, "displayText": text}, SAY_KEY: text}}
+    return {"type": "Action.Submit", "title": title, **extra, "data": {SAY_KEY: text}}
 
 
 def said_text(value: Any) -> str | None:
@@ -220,10 +219,10 @@ def welcome_activity(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
 RESET_YES, RESET_NO = "yes", "no"
 
 
-def reset_question_card() -> JSON:
-    """Just the Yes / No buttons: the question is the message's text, which Teams shows above the
-    card (the Playground shows the card as a message of its own, right below)."""
-    return _card([], [say_action("Yes", RESET_YES, style="destructive"), say_action("No", RESET_NO)])
+def reset_question_card(question: str | None = None) -> JSON:
+    """Yes / No for "forget this conversation?", under ``question`` when the card carries it."""
+    body: list[JSON] = [{"type": "TextBlock", "text": question, "wrap": True}] if question else []
+    return _card(body, [say_action("Yes", RESET_YES, style="destructive"), say_action("No", RESET_NO)])
 
 
 def parse_cancel(value: Any) -> str | None:

@@ -7,8 +7,10 @@ activity id is stored on the job record, so updates carry on after a restart.
 
 The final state may wait out that interval; the completion message must not overtake it (the
 card would still show "Running ... Cancel" under "Line ... is active"). So the job runner's wake
-goes through :meth:`JobCardUpdater.after_final_card`: while a conversation has a live card, the
-processor is woken (and the completion sent) once the card's final update is out.
+goes through :meth:`JobCardUpdater.after_final_card`: while a conversation has a card that has
+shown progress, the processor is woken (and the completion sent) once the card's final update is
+out. A job that ends before its card was ever updated is not held back (its card turns final
+within the interval).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class JobCardUpdater:
         self._min_interval = min_interval
         self._last_update: dict[str, float] = {}
         self._trailing: dict[str, asyncio.Task[None]] = {}
-        self._live: dict[str, str] = {}  # job id -> conversation key, for cards not yet final
+        # job id -> conversation key: cards that have shown progress and are not final yet
+        self._live: dict[str, str] = {}
         self._held: dict[str, asyncio.TimerHandle] = {}  # conversation key -> its held wake's deadline
         self._wake: Wake | None = None
 
@@ -68,8 +71,6 @@ class JobCardUpdater:
         except JobNotFoundError:
             return
         self._last_update[job_id] = time.monotonic()
-        if not job.finished:
-            self._live[job_id] = conversation_key
         if job.status != "queued" or job.progress is not None:
             await self.job_changed(job)
 
@@ -110,6 +111,8 @@ class JobCardUpdater:
 
     async def _update(self, job: JobRecord) -> None:
         self._last_update[job.id] = time.monotonic()
+        if not job.finished:
+            self._live[job.id] = job.conversation_key
         reference = await self._store.get_reference(job.conversation_key)
         if reference is None or job.card_activity_id is None:
             return

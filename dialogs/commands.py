@@ -81,13 +81,17 @@ def reset_answer(text: str) -> bool | None:
     return None
 
 
-def reset_question() -> Activity:
-    """The question as text (what notifications and tests read) with a Yes / No card."""
-    return Activity(
-        type="message",
-        text="This makes me forget everything in this conversation (background jobs keep running). "
-             "Reset? Answer **yes** or **no**.",
-        attachments=[CardFactory.adaptive_card(reset_question_card())])
+RESET_QUESTION = ("This makes me forget everything in this conversation (background jobs keep running). "
+                  "Reset? Answer **yes** or **no**.")
+
+
+def reset_question(channel_id: str | None) -> Activity:
+    """The question with Yes / No buttons. In Teams (and the Playground) one card says it all,
+    as one message; other channels (the Emulator) get the question as text, the buttons below."""
+    if channel_id == "msteams":
+        return Activity(type="message", summary="Reset? Answer yes or no.",
+                        attachments=[CardFactory.adaptive_card(reset_question_card(RESET_QUESTION))])
+    return Activity(type="message", text=RESET_QUESTION, attachments=[CardFactory.adaptive_card(reset_question_card())])
 
 
 class ResetDialog(ComponentDialog):
@@ -102,7 +106,7 @@ class ResetDialog(ComponentDialog):
         self.initial_dialog_id = "reset-steps"
 
     async def _ask(self, step: WaterfallStepContext) -> DialogTurnResult:
-        await step.context.send_activity(reset_question())
+        await step.context.send_activity(reset_question(step.context.activity.channel_id))
         return Dialog.end_of_turn
 
     async def _act(self, step: WaterfallStepContext) -> DialogTurnResult:

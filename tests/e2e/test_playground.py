@@ -115,27 +115,22 @@ def test_team_channel_reply_in_the_thread_with_the_mention_stripped(pg: Playgrou
 
 
 def test_reset_confirmation_in_a_group_chat(pg: Playground) -> None:
-    """The yes/no prompt is an Adaptive Card whose Yes / No are Action.Submit (messageBack in
-    Teams; the Playground supports no imBack); pressing No keeps, a mentioned "yes" confirms."""
+    """The yes/no prompt is one Adaptive Card whose Yes / No are Action.Submit (the Playground
+    supports no imBack); pressing No keeps, a mentioned "yes" confirms."""
     group = pg.chats.group
     pg.send(group, "my name is Bob", mention_bot=True)
     pg.wait_for_messages(1, group)
     pg.send(group, "reset", mention_bot=True)
-    pg.wait_for_text(group, lambda t: "Reset?" in t)
-    # The Playground shows a message's Adaptive Card as a message of its own, right after its text.
-    pg.wait_for(lambda p: len(p.messages(group)) >= 3)
-    buttons = pg.messages(group)[2]
+    buttons = pg.wait_for_text(group, lambda t: "Reset?" in t)  # one card: the question and its buttons
     [card] = buttons["attachments"]
     assert card["contentType"] == "application/vnd.microsoft.card.adaptive"
     actions = card["content"]["actions"]
     assert [(a["type"], a["title"]) for a in actions] == [("Action.Submit", "Yes"), ("Action.Submit", "No")]
-    assert [a["data"]["msteams"] for a in actions] == [
-        {"type": "messageBack", "text": "yes", "displayText": "yes"},
-        {"type": "messageBack", "text": "no", "displayText": "no"}]
+    assert [a["data"] for a in actions] == [{"say": "yes"}, {"say": "no"}]
     pg.submit(group, buttons["messageId"], actions[1]["data"])  # what pressing No sends in the Playground
     pg.wait_for_text(group, "OK, I kept everything.")
     pg.send(group, "reset", mention_bot=True)
-    pg.wait_for(lambda p: sum("Reset?" in str(m.get("text")) for m in p.messages(group)) == 2)
+    pg.wait_for(lambda p: sum("Reset?" in message_text(m) for m in p.messages(group)) == 2)
     pg.send(group, "Yes", mention_bot=True)  # typing the answer works as well
     pg.wait_for_text(group, lambda t: "forgotten" in t)
     pg.send(group, "what is my name?", mention_bot=True)
