@@ -2,6 +2,8 @@
 #
 # The first `make run` / `make test` creates .venv (Python 3.11) and node_modules; later runs
 # reuse them and reinstall only when requirements*.txt or package*.json change (stamp files).
+# Only `make test` (and `soak`) may install system packages: chromium and PostgreSQL, through
+# apt-get when run as root (see `test-setup`); `make run` needs nothing but .venv and node_modules.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -19,7 +21,7 @@ PYTEST_ARGS ?=
 # Extra arguments for the packager, e.g. `make package PACKAGE_ARGS="--bot-id GUID"`.
 PACKAGE_ARGS ?=
 
-.PHONY: help setup chromium postgresql run test soak lint package clean distclean
+.PHONY: help setup test-setup chromium postgresql run test soak lint package clean distclean
 
 help: ## list the targets
 	@echo "Durable AI agent for Microsoft Teams"
@@ -28,7 +30,11 @@ help: ## list the targets
 	@echo
 	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, KILLS and CLUSTER (soak), PYTHON (interpreter for the venv), PIP_QUIET"
 
-setup: $(VENV_STAMP) $(NODE_STAMP) chromium postgresql ## create .venv and node_modules (only what changed), install chromium and PostgreSQL
+setup: $(VENV_STAMP) $(NODE_STAMP) ## create .venv and node_modules (only what changed); nothing as root
+
+# The tests also need Debian's chromium and PostgreSQL: as root with apt-get, `make test`
+# installs them (`test-setup`); otherwise their tests are skipped. `make run` never does.
+test-setup: setup chromium postgresql ## setup, plus chromium and PostgreSQL for the tests (apt-get, as root)
 
 run: setup ## start the bot on http://localhost:3978/api/messages
 	$(VENV_PY) app.py
@@ -42,10 +48,10 @@ run: setup ## start the bot on http://localhost:3978/api/messages
 # installed makes its tests skip, with the reason in pytest's summary.
 # -------------------------------------------------------------------------------------------
 
-test: setup ## run the test suite (pytest)
+test: test-setup ## run the test suite (pytest); as root, apt-get installs chromium and PostgreSQL first
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
-soak: setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledger (lost must be 0); CLUSTER=1 for 2 web + 2 worker
+soak: test-setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledger (lost must be 0); CLUSTER=1 for 2 web + 2 worker
 	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60) $(if $(filter-out 0,$(CLUSTER)),--cluster)
 
 .PHONY: bench bench-quick
@@ -62,7 +68,7 @@ lint: $(VENV_STAMP) ## ruff check + mypy + secret scan
 	echo "mypy ."; $(VENV)/bin/mypy . || rc=1; \
 	exit $$rc
 
-package: $(VENV_STAMP) ## build build/appPackage.zip for Teams (needs MicrosoftAppId)
+package: $(VENV_STAMP) ## build build/appPackage.zip for Teams (needs MicrosoftAppId; BOT_DOMAIN, PRIVACY_URL, TERMS_URL optional)
 	$(VENV_PY) scripts/package_manifest.py $(PACKAGE_ARGS)
 
 clean: ## remove build output and caches (keeps .venv, node_modules and data/)

@@ -144,7 +144,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     wakeups = Wakeups()  # held until the worker's services are up, then the processor's
     card_updater = JobCardUpdater(store, sender)
     scheduler = JobScheduler(settings.effective_job_store_url)
-    job_runner = JobRunner(store, registry, wakeups.wake, progress_listener=card_updater.job_changed,
+    job_runner = JobRunner(store, registry, card_updater.after_final_card(wakeups.wake),
+                           progress_listener=card_updater.job_changed,
                            scheduler=scheduler, max_result_chars=settings.max_tool_result_chars)
     runner = AgentTurnRunner(
         model_client,

@@ -66,13 +66,13 @@ CONFIGURE_HINT = (
 HELP_HEAD = ("I'm running on the **offline model**: a built-in stand-in for a real LLM that understands a few "
              "phrases.\n\n")
 HELP_TAIL = (
-    "- `status` or `is it done?`: the state of your latest job (`status <job id>` for a given one)\n"
+    "- `status` or `is it done?`: the state of your latest job (`status JOB_ID` for a given one)\n"
     "- `list jobs`: every job in this conversation\n"
-    "- `cancel <job id>`: cancel a job\n"
+    "- `cancel JOB_ID`: cancel a job\n"
     "- `my name is Ada` / `what is my name?`: I remember this conversation, even across restarts\n"
     "- `think for 5 seconds`: a slow answer (to try stopping me mid-turn)\n"
     "- `time in Europe/Paris`: asks the MCP time server, if one is configured in `mcp.json`\n"
-    "- `run <tool> {json arguments}`: calls any tool I have, e.g. one from an MCP server (local mode only)\n"
+    "- `run TOOL {json arguments}`: calls any tool I have, e.g. one from an MCP server (local mode only)\n"
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
 )
 

@@ -162,19 +162,24 @@ def describe_job(job: JobRecord, *, full: bool = True) -> str:
     head = f"Job `{job.id}` ({escape_markdown(job.tool)}{' ' + args if args else ''}{by}): **{job.status}**"
     if not full:
         return head
+    # Short facts go in one pair of brackets; an outcome (a tool's sentence, which may hold
+    # brackets of its own) follows as a sentence, so brackets never nest.
     details: list[str] = []
     if job.status == "running" and job.progress is not None:
         details.append(f"{job.progress:.0%}" + (f", {escape_markdown(job.progress_text)}" if job.progress_text else ""))
     if job.max_attempts > 1 and (job.attempt > 1 or job.next_retry_at):
         details.append(f"attempt {job.attempt} of {job.max_attempts}")
+    outcome = ""
     if job.status == "queued" and job.next_retry_at:
         wait = max(0.0, job.next_retry_at - time.time())
-        details.append(f"retrying in {wait:.0f} s after: {escape_markdown(job.error or '')}")
+        details.append(f"retrying in {wait:.0f} s")
+        outcome = f"Last error: {escape_markdown(job.error or '')}"
     if job.status == "failed" and job.error:
-        details.append(escape_markdown(job.error))
+        outcome = escape_markdown(job.error)
     if job.status == "succeeded" and isinstance(job.result, dict) and job.result.get("message"):
-        details.append(escape_markdown(str(job.result["message"])))
-    return head + (" (" + "; ".join(details) + ")" if details else "")
+        outcome = escape_markdown(str(job.result["message"]))
+    line = head + (" (" + "; ".join(details) + ")" if details else "")
+    return f"{line}. {outcome}" if outcome else line
 
 
 def not_found(job_id: str) -> str:

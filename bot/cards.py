@@ -1,8 +1,10 @@
-"""Adaptive Cards: the live job card, the jobs list and the welcome card (plain JSON).
+"""Adaptive Cards: the live job card, the jobs list, the welcome card and the reset question (plain JSON).
 
 Cards use schema 1.5 (Teams desktop, web and mobile). The job card's Cancel button is an
 ``Action.Execute`` (answered inline with the refreshed card) whose ``fallback`` is an
-``Action.Submit`` carrying the same data, for clients without Universal Actions.
+``Action.Submit`` carrying the same data, for clients without Universal Actions. Buttons that
+answer for the user ("Try: ...", Help, Yes / No) are :func:`say_action`: never ``imBack``,
+which the Agents Playground does not support.
 
 A job's arguments, result, error and progress text come from users, models and tools: on a card
 they are escaped (:func:`untrusted.escape_markdown`: TextBlock and FactSet values render
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from dialogs.buttons import adaptive_card, say_action
 from jobs.access import shows_arguments, started_by_label
 from runtime.protocol import Requester
 from runtime.untrusted import clip, escape_markdown, inline_code
@@ -39,12 +42,7 @@ def card_activity(card: JSON, *, summary: str) -> JSON:
             "attachments": [{"contentType": CARD_CONTENT_TYPE, "content": card}]}
 
 
-def _card(body: list[JSON], actions: list[JSON] | None = None) -> JSON:
-    card: JSON = {"type": "AdaptiveCard", "$schema": "http://adaptivecards.io/schemas/adaptive-card.json",
-                  "version": "1.5", "body": body}
-    if actions:
-        card["actions"] = actions
-    return card
+_card = adaptive_card
 
 
 def tool_title(tool: str) -> str:
@@ -168,7 +166,7 @@ def jobs_list_card(jobs: list[JobRecord], now: float | None = None, *, viewer: R
 
 
 def welcome_card(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
-    """``examples``: prompts to try (the declared tools' ``example``), one button each."""
+    """The card a new conversation opens with: one "Try:" button per example prompt, and Help."""
     lines = [
         "I remember this conversation, even if I restart.",
         "Long tasks run in the background and I post the result here when they finish.",
@@ -180,11 +178,8 @@ def welcome_card(offline: bool, *, examples: Sequence[str] = ()) -> JSON:
          "wrap": True},
         *({"type": "TextBlock", "text": line, "wrap": True} for line in lines),
     ]
-    actions: list[JSON] = [
-        *({"type": "Action.Submit", "title": f"Try: {example}",
-           "data": {"msteams": {"type": "imBack", "value": example}}} for example in examples),
-        {"type": "Action.Submit", "title": "Help", "data": {"msteams": {"type": "imBack", "value": "help"}}},
-    ]
+    actions = [say_action(f"Try: {clip(example, 60)}", example) for example in examples[:4]]
+    actions.append(say_action("Help", "help"))
     return _card(body, actions)
 
 

@@ -21,6 +21,7 @@ from bot.dialog_storage import dialog_item_key
 from bot.keys import conversation_key
 from bot.rate_limits import IngestLimits
 from bot.service_urls import ServiceUrlPolicy
+from dialogs.buttons import said_text
 from dialogs.commands import CancelJob, CommandDialogs, cancel_reply
 from jobs.access import CancelRefusedError
 from runtime import tracing
@@ -36,7 +37,7 @@ GROUP_CONVERSATION_TYPES = {"channel", "groupChat"}
 
 def message_text(activity: Activity) -> str:
     """The user's text with the bot's @mention removed (channels and group chats)."""
-    text = activity.text or ""
+    text = activity.text or said_text(activity.value) or ""  # a say_action click in the Playground
     bot_id = getattr(activity.recipient, "id", None)
     # Read the entities defensively (not TurnContext.get_mentions): a channel may send odd shapes.
     for entity in activity.entities or []:

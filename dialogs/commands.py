@@ -1,7 +1,9 @@
-"""Fixed conversational flows that never go to the model: help, reset (with confirmation).
+"""Fixed conversational flows that never go to the model: help, jobs, cancel, reset (asks first).
 
 They run inline, inside the HTTP request, on botbuilder-dialogs; dialog state lives in
 ``ConversationState`` over the durable store, so a pending "are you sure?" survives restarts.
+While it is pending, a yes or a no answers it and any other message ends it and is handled as
+if no question had been asked.
 """
 
 from __future__ import annotations
@@ -13,15 +15,16 @@ from collections.abc import Awaitable, Callable
 from botbuilder.core import CardFactory, ConversationState, MessageFactory, TurnContext
 from botbuilder.dialogs import (
     ComponentDialog,
+    Dialog,
     DialogSet,
     DialogTurnResult,
-    DialogTurnStatus,
     WaterfallDialog,
     WaterfallStepContext,
 )
-from botbuilder.dialogs.prompts import ConfirmPrompt, PromptOptions
+from botbuilder.dialogs.prompts import ConfirmPrompt
 from botbuilder.schema import Activity
 
+from dialogs.buttons import RESET_NO, RESET_YES, reset_question_card
 from jobs.access import CancelRefusedError
 from jobs.runner import CancelResult
 from runtime.protocol import JSON, Requester, conversation_key
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 COMMANDS = {
     "help": "show what I can do",
     "jobs": "list this conversation's background jobs",
-    "cancel": "cancel a background job: cancel <job id>",
+    "cancel": "cancel a background job: cancel JOB_ID",
     "reset": "forget this conversation (asks first)",
 }
 
@@ -68,32 +71,59 @@ def normalise_command(text: str) -> str:
     return " ".join(text.strip().lower().lstrip("/").split())
 
 
+#: What answers the reset question (typed, or said by the card's Yes / No buttons).
+YES_ANSWERS = frozenset({RESET_YES, "y", "yeah", "yep", "sure", "ok", "okay", "yes please", "yes, reset"})
+NO_ANSWERS = frozenset({RESET_NO, "n", "nope", "nah", "no thanks", "keep", "keep it"})
+#: turn_state: the answer (True/False) CommandDialogs.handle read for the pending question.
+RESET_ANSWER = "reset_answer"
+
+
+def reset_answer(text: str) -> bool | None:
+    """True for yes, False for no, None when the message is about something else."""
+    answer = normalise_command(text).rstrip(".!")
+    if answer in YES_ANSWERS:
+        return True
+    if answer in NO_ANSWERS:
+        return False
+    return None
+
+
+RESET_QUESTION = ("This makes me forget everything in this conversation (background jobs keep running). "
+                  "Reset? Answer **yes** or **no**.")
+
+
+def reset_question(channel_id: str | None) -> Activity:
+    """The question with Yes / No buttons. In Teams (and the Playground) one card says it all,
+    as one message; other channels (the Emulator) get the question as text, the buttons below."""
+    if channel_id == "msteams":
+        return Activity(type="message", summary="Reset? Answer yes or no.",
+                        attachments=[CardFactory.adaptive_card(reset_question_card(RESET_QUESTION))])
+    return Activity(type="message", text=RESET_QUESTION, attachments=[CardFactory.adaptive_card(reset_question_card())])
+
+
 class ResetDialog(ComponentDialog):
+    """Asks before forgetting; the answer is the next message. Only a yes or a no reaches
+    :meth:`_act`: any other message ends the question (:meth:`CommandDialogs.handle`)."""
+
     def __init__(self, on_reset: OnReset) -> None:
         super().__init__("reset")
         self._on_reset = on_reset
-        self.add_dialog(ConfirmPrompt("confirm"))
+        self.add_dialog(ConfirmPrompt("confirm"))  # only for questions asked before the upgrade
         self.add_dialog(WaterfallDialog("reset-steps", [self._ask, self._act]))
         self.initial_dialog_id = "reset-steps"
 
     async def _ask(self, step: WaterfallStepContext) -> DialogTurnResult:
-        return await step.prompt(
-            "confirm",
-            PromptOptions(
-                prompt=MessageFactory.text(
-                    "This makes me forget everything in this conversation (background jobs keep running). "
-                    "Reset? Answer **yes** or **no**."),
-                retry_prompt=MessageFactory.text("Please answer **yes** to reset or **no** to keep things."),
-            ),
-        )
+        await step.context.send_activity(reset_question(step.context.activity.channel_id))
+        return Dialog.end_of_turn
 
     async def _act(self, step: WaterfallStepContext) -> DialogTurnResult:
-        if step.result:
+        confirmed = bool(step.context.turn_state.get(RESET_ANSWER))
+        if confirmed:
             step.context.turn_state[RESET_CONFIRMED] = True
             await self._on_reset(step.context)
         else:
             await step.context.send_activity("OK, I kept everything.")
-        return await step.end_dialog(bool(step.result))
+        return await step.end_dialog(confirmed)
 
 
 class CommandDialogs:
@@ -114,9 +144,14 @@ class CommandDialogs:
         requester = requester or Requester()
         dialog_context = await self._dialogs.create_context(turn_context)
         try:
-            if dialog_context.active_dialog is not None:
-                result = await dialog_context.continue_dialog()
-                return result.status != DialogTurnStatus.Empty
+            if dialog_context.active_dialog is not None:  # the reset question is pending
+                if (answer := reset_answer(text)) is not None:
+                    turn_context.turn_state[RESET_ANSWER] = answer
+                    await dialog_context.continue_dialog()
+                    return True
+                # Anything else ends the question silently and is answered as usual, so the bot
+                # never looks stuck; the user can say `reset` again.
+                await dialog_context.cancel_all_dialogs()
             command = normalise_command(text)
             if command == "help":
                 await turn_context.send_activity(MessageFactory.text(self._help_text()))

@@ -10,7 +10,9 @@
 //   "steps": [{"name": "running",             one step per state to capture, in order
 //              "card": ["Activate new line"],  texts one rendered card must all show ...
 //              "any": ["Running", "Queued"],   ... plus at least one of these (optional)
-//              "screenshot": "/abs/path.png"}],   (optional)
+//              "screenshot": "/abs/path.png",  (optional)
+//              "nth": 1,                       wait for the (nth+1)-th card that matches (default 0)
+//              "click": "Help"}],              then press this button of that card (optional)
 //   "timeoutMs": 30000,                       per step
 //   "failureScreenshot": "/abs/path.png",     where to save the page when a step times out
 //   "executablePath": "/usr/bin/chromium",    (optional)
@@ -19,7 +21,7 @@
 //
 // It talks on stdout in JSON lines: {"event": "ready"} once the chat is open (the UI only
 // shows what arrives on its WebSocket from then on: the Playground keeps no history for it),
-// {"event": "step", "name", "text", "buttons", "screenshot"} per step, then
+// {"event": "step", "name", "text", "buttons", "screenshot", "clicked"} per step, then
 // {"event": "done", "consoleErrors": [...]}; or {"event": "error", "message"} and exit code 1.
 
 import fs from 'node:fs';
@@ -72,14 +74,14 @@ async function main() {
 
     for (const step of spec.steps || []) {
       const handle = await page.waitForFunction(
-        ({ all, any }) => {
+        ({ all, any, nth }) => {
           const cards = Array.from(document.querySelectorAll('.ac-adaptiveCard'));
-          return cards.find((card) => {
+          return cards.filter((card) => {
             const text = card.innerText;
             return all.every((t) => text.includes(t)) && (any.length === 0 || any.some((t) => text.includes(t)));
-          }) || null;
+          })[nth] || null;
         },
-        { all: step.card || [], any: step.any || [] },
+        { all: step.card || [], any: step.any || [], nth: step.nth || 0 },
         { timeout, polling: 100 },
       ).catch(async (error) => {
         const shown = await page.$$eval('.ac-adaptiveCard', (els) => els.map((el) => el.innerText.replace(/\s+/g, ' ')))
@@ -100,7 +102,19 @@ async function main() {
         fs.mkdirSync(path.dirname(step.screenshot), { recursive: true });
         await page.screenshot({ path: step.screenshot });
       }
-      say({ event: 'step', name: step.name, text, buttons, screenshot: step.screenshot || null });
+      let clicked = null;
+      if (step.click) {
+        let pressed = null;
+        for (const button of await card.$$('button')) {
+          const title = await button.evaluate((el) => el.title || el.innerText.trim());
+          if (title === step.click) pressed = button;
+        }
+        if (pressed) await pressed.click({ timeout });  // a real click, as a person's
+        if (!pressed) throw new Error(`step ${step.name}: no button ${JSON.stringify(step.click)} on the card (${buttons})`);
+        clicked = step.click;
+      }
+      say({ event: 'step', name: step.name, text, buttons, screenshot: step.screenshot || null, clicked,
+        consoleErrors: consoleErrors.slice() });
     }
     say({ event: 'done', consoleErrors });
   } finally {

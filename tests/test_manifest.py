@@ -31,7 +31,8 @@ def load_template() -> dict:
 
 def package(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the packaging script with a clean environment (no MicrosoftAppId/BOT_DOMAIN)."""
-    base = {k: v for k, v in os.environ.items() if k not in ("MicrosoftAppId", "BOT_DOMAIN")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MicrosoftAppId", "BOT_DOMAIN", "PRIVACY_URL", "TERMS_URL")}
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(tmp_path / "appPackage.zip"), *args],
         env={**base, **(env or {})}, capture_output=True, text=True, timeout=60,
@@ -97,6 +98,31 @@ def test_package_bot_id_argument_and_no_domain(tmp_path: Path) -> None:
     manifest = built_manifest(tmp_path)
     assert manifest["id"] == BOT_ID
     assert "validDomains" not in manifest
+
+
+def test_privacy_and_terms_links_name_files_in_the_repository() -> None:
+    developer = load_template()["developer"]
+    for key, name in (("privacyUrl", "PRIVACY.md"), ("termsOfUseUrl", "TERMS.md")):
+        url = developer[key]
+        assert url.startswith(developer["websiteUrl"] + "/blob/main/"), url
+        path = url.removeprefix(developer["websiteUrl"] + "/blob/main/")
+        assert path == name and (ROOT / path).is_file(), f"{key} points at {path}, which is not in the repository"
+
+
+def test_package_privacy_and_terms_urls_can_be_set(tmp_path: Path) -> None:
+    env = {"PRIVACY_URL": "https://bot.example.com/privacy"}
+    result = package(tmp_path, "--bot-id", BOT_ID, "--terms-url", "https://bot.example.com/terms", env=env)
+    assert result.returncode == 0, result.stderr
+    developer = built_manifest(tmp_path)["developer"]
+    assert (developer["privacyUrl"], developer["termsOfUseUrl"]) == (env["PRIVACY_URL"], "https://bot.example.com/terms")
+    assert package(tmp_path, "--bot-id", BOT_ID, "--terms-url", "http://x.example").returncode == 1
+
+
+def test_package_without_bot_domain_says_how_to_set_it(tmp_path: Path) -> None:
+    result = package(tmp_path, "--bot-id", BOT_ID)
+    assert result.returncode == 0, result.stderr
+    assert "BOT_DOMAIN" in result.stderr and "--bot-domain" in result.stderr
+    assert "BOT_DOMAIN" not in package(tmp_path, "--bot-id", BOT_ID, "--bot-domain", "bot.example.com").stderr
 
 
 def test_package_without_bot_id_exits_2(tmp_path: Path) -> None:

@@ -120,6 +120,26 @@ def test_help_and_reset_with_confirmation(bot: BotProcess, conn: RecordingConnec
     assert conn.wait_for_texts(7, conv)[6] == "You haven't told me your name yet."
 
 
+def test_another_message_ends_the_reset_question_and_is_answered(bot: BotProcess, conn: RecordingConnector,
+                                                                  conv: str) -> None:
+    """While "Reset?" is pending, `jobs` runs and a question goes to the agent; nothing is reset."""
+    say(bot, conn, conv, "my name is Ada")
+    conn.wait_for_texts(1, conv)
+    say(bot, conn, conv, "reset")
+    assert "Reset?" in conn.wait_for_texts(2, conv)[1]
+    say(bot, conn, conv, "jobs")
+    conn.wait_for(lambda c: any("No background jobs" in str(m.get("attachments")) for m in c.messages(conv)))
+    say(bot, conn, conv, "reset")
+    assert "Reset?" in conn.wait_for_texts(3, conv)[2]
+    say(bot, conn, conv, "what is my name?")
+    assert conn.wait_for_texts(4, conv)[3] == "Your name is Ada."
+    say(bot, conn, conv, "yes")  # the question was dropped: this is no confirmation
+    conn.wait_for_texts(5, conv)
+    say(bot, conn, conv, "what is my name?")
+    assert conn.wait_for_texts(6, conv)[5] == "Your name is Ada."
+    assert not any("forgotten" in t for t in conn.texts(conv)), conn.texts(conv)
+
+
 def test_unknown_slash_command_gets_a_helpful_answer(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     say(bot, conn, conv, "/frobnicate")
     [reply] = conn.wait_for_texts(1, conv)

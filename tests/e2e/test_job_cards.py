@@ -172,6 +172,11 @@ def test_the_card_is_posted_once_and_updated_in_place_until_it_succeeds(
     conn.wait_for(lambda c: f"✅ Line 555-0100 is active (job `{job_id}`)." in c.texts(conv), timeout=10)
     time.sleep(1.0)  # anything that would still trickle in (a late trailing update)
 
+    # The card shows its final state no later than the completion message says it.
+    completion = next(r for r in conn.delivered(conv)
+                      if r.activity and f"is active (job `{job_id}`)" in str(r.activity.get("text")))
+    assert done.time <= completion.time, (
+        f"the completion message went out {done.time - completion.time:.2f} s before the card's final update")
     updates = card_updates(conn, conv, card_id)
     assert updates == conn.updates(conv), "an update went to another message than the card"
     assert updates[-1] is done, "an update came after the final state"
@@ -429,7 +434,7 @@ def test_playground_job_commands(pg: Playground) -> None:
                 raise AssertionError(f"{where}: {text!r}: {exc}") from None
         return answers
 
-    in_each("help", lambda _: lambda t: "offline model" in t and "`cancel <job id>`" in t)
+    in_each("help", lambda _: lambda t: "offline model" in t and "`cancel JOB_ID`" in t)
     listings = in_each("jobs", lambda _: lambda t: t.startswith("Background jobs (1)"))
     for where, listing in listings.items():
         text, job_id = message_text(listing), started[where][1]

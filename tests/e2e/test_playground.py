@@ -115,15 +115,23 @@ def test_team_channel_reply_in_the_thread_with_the_mention_stripped(pg: Playgrou
 
 
 def test_reset_confirmation_in_a_group_chat(pg: Playground) -> None:
-    """The yes/no prompt is a hero card with imBack buttons; a mentioned "yes" confirms it."""
+    """The yes/no prompt is one Adaptive Card whose Yes / No are Action.Submit (the Playground
+    supports no imBack); pressing No keeps, a mentioned "yes" confirms."""
     group = pg.chats.group
     pg.send(group, "my name is Bob", mention_bot=True)
     pg.wait_for_messages(1, group)
     pg.send(group, "reset", mention_bot=True)
-    prompt = pg.wait_for_text(group, lambda t: "Reset?" in t)
-    [card] = prompt["attachments"]
-    assert [b["value"] for b in card["content"]["buttons"]] == ["Yes", "No"]
-    pg.send(group, "Yes", mention_bot=True)  # what pressing the imBack button sends
+    buttons = pg.wait_for_text(group, lambda t: "Reset?" in t)  # one card: the question and its buttons
+    [card] = buttons["attachments"]
+    assert card["contentType"] == "application/vnd.microsoft.card.adaptive"
+    actions = card["content"]["actions"]
+    assert [(a["type"], a["title"]) for a in actions] == [("Action.Submit", "Yes"), ("Action.Submit", "No")]
+    assert [a["data"] for a in actions] == [{"say": "yes"}, {"say": "no"}]
+    pg.submit(group, buttons["messageId"], actions[1]["data"])  # what pressing No sends in the Playground
+    pg.wait_for_text(group, "OK, I kept everything.")
+    pg.send(group, "reset", mention_bot=True)
+    pg.wait_for(lambda p: sum("Reset?" in message_text(m) for m in p.messages(group)) == 2)
+    pg.send(group, "Yes", mention_bot=True)  # typing the answer works as well
     pg.wait_for_text(group, lambda t: "forgotten" in t)
     pg.send(group, "what is my name?", mention_bot=True)
     pg.wait_for_text(group, "You haven't told me your name yet.")

@@ -88,3 +88,55 @@ def test_the_job_card_renders_live_in_the_playground_web_ui(pg: Playground, tmp_
         assert shot.is_file(), f"{shot} was not written"
         assert shot.stat().st_size > 20_000, f"{shot} is suspiciously small ({shot.stat().st_size} bytes)"
         assert png_size(shot) == (1280, 900)
+
+
+BUTTONS_SCREENSHOT = ARTIFACTS_DIR / "playground-buttons.png"
+
+
+@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "1"}])
+def test_the_welcome_and_reset_buttons_work_in_the_playground_web_ui(pg: Playground, tmp_path: Path) -> None:
+    """Pressing the welcome card's buttons and reset's Yes / No in the UI: the bot gets each press as
+    a message and answers it (the Playground supports no imBack; these are Action.Submit)."""
+    BUTTONS_SCREENSHOT.unlink(missing_ok=True)
+    personal = pg.chats.personal
+    welcome = ["Hi! I'm your durable agent"]
+    spec = {
+        "url": f"{pg.base_url}/",
+        "chat": "Personal Chat",
+        "timeoutMs": 20000,
+        "failureScreenshot": str(ARTIFACTS_DIR / "playground-buttons-failed.png"),
+        "steps": [
+            {"name": "help", "card": welcome, "click": "Help"},
+            {"name": "try", "card": welcome, "click": "Try: activate line 555-0100"},
+            {"name": "no", "card": ["Reset?"], "click": "No"},
+            {"name": "yes", "card": ["Reset?"], "nth": 1, "click": "Yes", "screenshot": str(BUTTONS_SCREENSHOT)},
+        ],
+    }
+    with PlaygroundPage(spec, log_path=tmp_path / "browser.log") as page:
+        page.wait_ready(timeout=60)
+        pg.install(personal)
+        pg.wait_for_messages(1, personal)  # the welcome card
+
+        assert page.expect("step", timeout=30)["clicked"] == "Help"
+        pg.wait_for_text(personal, lambda t: "`list jobs`" in t and "`reset`" in t)
+        assert page.expect("step", timeout=30)["clicked"] == "Try: activate line 555-0100"
+        pg.wait_for_text(personal, lambda t: t.startswith("I've started activating line 555-0100"))
+        pg.wait_for_text(personal, lambda t: t.startswith("✅ Line 555-0100 is active"), timeout=20)
+
+        pg.send(personal, "my name is Ada")
+        pg.wait_for_text(personal, "Nice to meet you, Ada. I'll remember that.")
+        pg.send(personal, "reset")
+        no = page.expect("step", timeout=30)
+        assert no["clicked"] == "No" and [b for b in no["buttons"] if b in ("Yes", "No")] == ["Yes", "No"]
+        pg.wait_for_text(personal, "OK, I kept everything.")
+        pg.send(personal, "reset")
+        assert page.expect("step", timeout=30)["clicked"] == "Yes"
+        pg.wait_for_text(personal, lambda t: "forgotten" in t)
+        pg.send(personal, "what is my name?")
+        pg.wait_for_text(personal, "You haven't told me your name yet.")
+        done = page.expect("done", timeout=30)
+        assert page.stop() == 0
+    assert [e for e in done["consoleErrors"] if "Saga error" in e] == [], done["consoleErrors"]
+    # No press was refused by the Playground ("Action type ... is not supported yet").
+    assert not [n for n in pg.log_notes() if "not supported" in n], pg.log_notes()
+    assert BUTTONS_SCREENSHOT.is_file() and png_size(BUTTONS_SCREENSHOT) == (1280, 900)
