@@ -42,6 +42,7 @@ COPY agent/ agent/
 COPY bot/ bot/
 COPY cluster/ cluster/
 COPY dialogs/ dialogs/
+COPY examples/ examples/
 COPY jobs/ jobs/
 COPY runtime/ runtime/
 COPY storage/ storage/
