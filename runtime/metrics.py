@@ -99,7 +99,7 @@ MODEL_TOKENS = Counter(f"{PREFIX}model_tokens", "Tokens the model service report
 BUDGET_EXHAUSTED = Counter(f"{PREFIX}budget_exhausted", "Turns answered without the model because a daily token "
                            "budget was spent, by scope: tenant, conversation", ["scope"], registry=REGISTRY)
 
-UNFINISHED_STATES = ("queued", "running")
+UNFINISHED_STATES = ("queued", "running", "awaiting_approval")
 
 _backlog: dict[str, int] = {}
 

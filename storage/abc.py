@@ -141,12 +141,21 @@ class JobStore(ABC):
         """
 
     @abstractmethod
+    async def transition_job(self, key: str, job_id: str, from_status: str,
+                             changes: Mapping[str, Any]) -> JobRecord | None:
+        """Apply ``changes`` to a job only if its status is still ``from_status``, atomically (issue 16:
+        an approval decision is claimed once). Returns the job as stored when this call made the change,
+        None when the job's status was another (someone else moved first; nothing changed).
+        Raises :class:`JobNotFoundError` if there is no such job.
+        """
+
+    @abstractmethod
     async def list_jobs(self, key: str) -> list[JobRecord]:
         """The conversation's jobs, oldest first."""
 
     @abstractmethod
     async def unfinished_jobs(self) -> list[JobRecord]:
-        """Jobs queued or running in any conversation (for recovery at start-up)."""
+        """Jobs queued, running or awaiting approval in any conversation (recovery at start-up, caps)."""
 
 
 class ItemStore(ABC):

@@ -116,7 +116,7 @@ MAX_ID_LENGTH = 255
 #: Characters kept as they are in ids; everything else (including the forbidden ``/ \\ ? #``,
 #: the escape character ``*`` and the hash separator ``~``) is written as ``*XX`` per UTF-8 byte.
 _SAFE_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_.:;@=,+")
-_UNFINISHED = ("queued", "running")
+_UNFINISHED = ("queued", "running", "awaiting_approval")
 #: Status codes that mean "the server is busy or flaky": the SDK retries them; we log them.
 _RETRIED_STATUSES = frozenset({408, 429, 449, 503})
 #: Index only what queries filter on: agent state and payloads are large, and every indexed
@@ -593,6 +593,33 @@ class CosmosStore(ConversationStore):
             if doc is None:
                 raise JobNotFoundError(key, job_id)
             job = JobRecord.from_json(doc["job"]).evolve(**changes)
+            new_doc, what = self._job_doc(job), f"job {job_id!r}"
+            self._check_size(what, new_doc)
+            try:
+                await self._write(what, self.container.replace_item(item_id, new_doc, etag=doc["_etag"],
+                                                                    match_condition=MatchConditions.IfNotModified))
+            except exceptions.CosmosHttpResponseError as error:
+                if _is_status(error, 412):
+                    continue
+                raise
+            return job
+
+    async def transition_job(self, key: str, job_id: str, from_status: str,
+                             changes: Mapping[str, Any]) -> JobRecord | None:
+        """Read, check the status, replace with the item's etag: of two writers, the second gets a 412,
+        reads again and sees the status moved."""
+        pk, item_id = self.partition(key), cosmos_id(JOB_PREFIX, job_id)
+        while True:
+            doc = await self._read(pk, item_id)
+            if doc is None:
+                await self.get_job(key, job_id)  # materialises a job still held as an intent, or raises
+                doc = await self._read(pk, item_id)
+            if doc is None:
+                raise JobNotFoundError(key, job_id)
+            current = JobRecord.from_json(doc["job"])
+            if current.status != from_status:
+                return None
+            job = current.evolve(**changes)
             new_doc, what = self._job_doc(job), f"job {job_id!r}"
             self._check_size(what, new_doc)
             try:

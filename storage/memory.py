@@ -130,6 +130,18 @@ class MemoryStore(ConversationStore):
             self._job_written[key, job_id] = time.time()
             return job
 
+    async def transition_job(self, key: str, job_id: str, from_status: str,
+                             changes: Mapping[str, Any]) -> JobRecord | None:
+        async with self._lock:
+            current = await self.get_job(key, job_id)
+            if current.status != from_status:
+                return None
+            job = current.evolve(**changes)
+            check_item_size(f"job {job_id!r}", json.dumps(job.to_json()), self._max_item_bytes)
+            self._jobs[key][job_id] = copy.deepcopy(job)
+            self._job_written[key, job_id] = time.time()
+            return job
+
     async def list_jobs(self, key: str) -> list[JobRecord]:
         return copy.deepcopy(sorted(self._jobs.get(key, {}).values(), key=lambda j: j.created_at))
 

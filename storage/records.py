@@ -100,7 +100,7 @@ class JobRecord:
     conversation_key: str
     tool: str
     arguments: JSON
-    status: str = "queued"  # queued | running | succeeded | failed | cancelled
+    status: str = "queued"  # awaiting_approval | queued | running | succeeded | failed | cancelled | rejected | expired
     call_id: str | None = None
     attempt: int = 0
     max_attempts: int = 1
@@ -118,8 +118,11 @@ class JobRecord:
     card_activity_id: str | None = None
     #: Who asked for it (``agent.events.Requester.to_json()``); None if not recorded (older jobs).
     started_by: JSON | None = None
+    #: A job behind approval (issue 16, jobs/approval.py): ``{"expires_at", "decision", "by", "at"}``;
+    #: None for a job that needs none.
+    approval: JSON | None = None
 
-    FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+    FINISHED = frozenset({"succeeded", "failed", "cancelled", "rejected", "expired"})
 
     @property
     def finished(self) -> bool:

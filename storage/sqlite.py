@@ -99,8 +99,8 @@ CREATE INDEX IF NOT EXISTS conversation_references_idle ON conversation_referenc
 CREATE INDEX IF NOT EXISTS items_expiry ON items (updated_at);
 """
 
-_FINISHED = "('succeeded', 'failed', 'cancelled')"
-_UNFINISHED = "('queued', 'running')"
+_FINISHED = "('succeeded', 'failed', 'cancelled', 'rejected', 'expired')"
+_UNFINISHED = "('queued', 'running', 'awaiting_approval')"
 
 #: Idle conversations (see ConversationStore.purge_expired): nothing written since ``:t``, no
 #: pending event, no unsent message, no unfinished job. Candidates come from the two small
@@ -348,13 +348,38 @@ class SqliteStore(ConversationStore):
                 raise
         return job
 
+    async def transition_job(self, key: str, job_id: str, from_status: str,
+                             changes: Mapping[str, Any]) -> JobRecord | None:
+        async with self._lock:
+            db = self.db
+            await db.execute("BEGIN IMMEDIATE")  # the check and the write in one transaction, across processes
+            try:
+                async with db.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    raise JobNotFoundError(key, job_id)
+                current = JobRecord.from_json(json.loads(row[0]))
+                if current.status != from_status:
+                    await db.execute("ROLLBACK")
+                    return None
+                job = current.evolve(**changes)
+                doc = json.dumps(job.to_json())
+                check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
+                await db.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
+                                 (job.status, doc, time.time(), key, job_id))
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        return job
+
     async def list_jobs(self, key: str) -> list[JobRecord]:
         rows = await self._fetchall("SELECT doc FROM jobs WHERE key = ? ORDER BY created_at", (key,))
         return [JobRecord.from_json(json.loads(r[0])) for r in rows]
 
     async def unfinished_jobs(self) -> list[JobRecord]:
         rows = await self._fetchall(
-            "SELECT doc FROM jobs WHERE status IN ('queued', 'running') ORDER BY created_at"
+            f"SELECT doc FROM jobs WHERE status IN {_UNFINISHED} ORDER BY created_at"
         )
         return [JobRecord.from_json(json.loads(r[0])) for r in rows]
 

@@ -723,3 +723,33 @@ async def test_too_large_items_are_refused_with_a_distinct_error_and_nothing_wri
     done = await store.commit(small.evolve(agent_state={"v": 2}), processed=["e1"])
     assert (await store.load(key)).agent_state == {"v": 2} and done.etag
     assert not isinstance(ItemTooLargeError("x", 1, 0), StoreUnavailableError)
+
+
+# --- the conditional job transition (issue 16: an approval is decided once) ---
+
+
+async def test_transition_job_changes_only_from_the_expected_status(store: ConversationStore, key: str) -> None:
+    await add_job(store, JobRecord(id="t1", conversation_key=key, tool="t", arguments={}, status="awaiting_approval"))
+    won = await store.transition_job(key, "t1", "awaiting_approval", {"status": "queued", "approval": {"by": "a"}})
+    assert won is not None and (won.status, won.approval) == ("queued", {"by": "a"})
+    assert await store.get_job(key, "t1") == won
+    assert await store.transition_job(key, "t1", "awaiting_approval", {"status": "rejected"}) is None
+    assert (await store.get_job(key, "t1")).status == "queued"  # the loser changed nothing
+    with pytest.raises(JobNotFoundError):
+        await store.transition_job(key, "nope", "awaiting_approval", {"status": "queued"})
+
+
+async def test_concurrent_transitions_have_one_winner(store: ConversationStore, key: str) -> None:
+    await add_job(store, JobRecord(id="t2", conversation_key=key, tool="t", arguments={}, status="awaiting_approval"))
+    outcomes = await asyncio.gather(*(store.transition_job(key, "t2", "awaiting_approval",
+                                                           {"status": "queued", "approval": {"by": f"p{n}"}})
+                                      for n in range(8)))
+    winners = [o for o in outcomes if o is not None]
+    assert len(winners) == 1
+    assert await store.get_job(key, "t2") == winners[0]
+
+
+async def test_jobs_awaiting_approval_are_unfinished(store: ConversationStore, key: str) -> None:
+    await add_job(store, JobRecord(id="t3", conversation_key=key, tool="t", arguments={}, status="awaiting_approval"),
+                  JobRecord(id="t4", conversation_key=key, tool="t", arguments={}, status="rejected"))
+    assert [j.id for j in await store.unfinished_jobs() if j.conversation_key == key] == ["t3"]
