@@ -33,8 +33,10 @@ from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tool_policy import ToolPolicy, ToolPolicyError
 from agent.tools import turn_tools
 from agent.worker import Wakeups, Worker
+from bot.approval_cards import card_for_activity
+from bot.approvals import ApprovalClicks
 from bot.auth import TenantPolicy
-from bot.cards import job_card_activity, jobs_list_card, welcome_activity
+from bot.cards import jobs_list_card, welcome_activity
 from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
 from bot.handler import TeamsBot, request_reset
@@ -46,6 +48,7 @@ from cluster import Coordinator, LocalCoordinator
 from dialogs.commands import CommandDialogs
 from dialogs.help import help_text
 from jobs.access import JobAccess
+from jobs.approval import ApprovalPolicy, Approvals
 from jobs.cancel import JobCancels
 from jobs.caps import JobCaps
 from jobs.registry import JobRegistry, load_tool_modules
@@ -132,6 +135,10 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     registry = JobRegistry([t for t in declared if t.long_running])
     plain_tools = [t for t in declared if not t.long_running]
     examples = [t.example for t in declared if t.example]
+    # Issue 16: APPROVAL_REQUIRED_TOOLS / APPROVERS / APPROVAL_TIMEOUT_HOURS (a plain tool named: ConfigError).
+    approval = ApprovalPolicy.of(settings.approval_required_tools, settings.approvers, settings.approval_timeout_hours)
+    for warning in approval.check_tools(declared):
+        log.warning(warning)
     if isinstance(model_client, OfflineChatCompletionClient):
         model_client.learn(declared)
     mcp_hub = McpHub(load_mcp_config(settings.mcp_config))
@@ -150,7 +157,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     runner = AgentTurnRunner(
         model_client,
         lambda scope: tool_policy.tools_for(scope.requester, [
-            *turn_tools(scope, registry, store, job_runner, job_caps, job_access, plain_tools),
+            *turn_tools(scope, registry, store, job_runner, job_caps, job_access, plain_tools, approval),
             *mcp_hub.agent_tools()]),
         context_messages=settings.context_messages,
         system_message=settings.agent_system_prompt or DEFAULT_SYSTEM_MESSAGE,
@@ -160,7 +167,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     processor = ConversationProcessor(
         store, runner, sender, welcome=lambda: welcome_activity(offline, examples=examples),
         schedule_job=scheduler.schedule,
-        job_card=job_card_activity, on_card_sent=card_updater.card_posted,
+        job_card=card_for_activity, on_card_sent=card_updater.card_posted,  # a job awaiting approval: its card
     )
     worker = Worker(coordinator, wakeups, processor, job_runner, scheduler, registry, mcp_hub, card_updater, store,
                     retention_days=settings.conversation_ttl_days,
@@ -174,8 +181,10 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
                               on_reset=functools.partial(request_reset, inbox),
                               list_jobs=store.list_jobs, cancel_job=cancel_job,
                               jobs_card=lambda jobs, viewer: jobs_list_card(jobs, viewer=viewer))
+    approvals = ApprovalClicks(Approvals(store, inbox, approval, on_decided=card_updater.job_changed))
     bot = TeamsBot(store, inbox, commands, cancel_job, service_urls=service_urls,
-                   tenants=TenantPolicy(settings.allowed_tenants), limits=build_ingest_limits(settings, store))
+                   tenants=TenantPolicy(settings.allowed_tenants), limits=build_ingest_limits(settings, store),
+                   approvals=approvals)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     readiness = ops.Readiness(settings, store, coordinator, scheduler)

@@ -23,6 +23,9 @@ JOB_RESULT_SOURCE = "background_job"
 _HEADER = "Background job finished. Tell the user the outcome of their request."
 #: What prompts the agent once a job's outcome is in its context (contains no tool output).
 JOB_FINISHED_PROMPT = "A background job finished; its result is the tool result above. Tell the user the outcome."
+#: What prompts the agent once a person approved a job that awaited approval (issue 16).
+APPROVAL_PROMPT = ("A background job that awaited approval was approved; the decision is the tool result above. "
+                   "Tell the user what happens next.")
 
 
 def format_job_result(result: JobResult) -> str:

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
+from agent.events import APPROVAL_PROMPT, JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
 from agent.forgetting import Forgetter, reset_confirmation
 from agent.outgoing import split_text
 from agent.turns import AgentError, AgentInput, TurnRunner
@@ -46,6 +46,7 @@ from storage.abc import (
     ConversationStore,
     InboxEvent,
     ItemTooLargeError,
+    JobNotFoundError,
     JobRecord,
     OutboxMessage,
 )
@@ -223,6 +224,8 @@ class ConversationProcessor:
                 replies.append(text_activity(reset_confirmation(event.payload)))
             elif event.kind == EventKind.COMMAND:
                 pass  # answered inline by a dialog; recorded only so a redelivery is ignored
+            elif event.kind == EventKind.APPROVAL and event.payload.get("decision") != "approved":
+                pass  # rejected: the job runner ends the job, and its job:<id> result tells the agent
             elif (item := self._agent_input(event)) is not None:
                 started = time.perf_counter()
                 try:
@@ -263,6 +266,12 @@ class ConversationProcessor:
                  len(committed.outbox), len(new_jobs))
         for job in new_jobs:
             await self._start_job(job)
+        for event in events:  # issue 16: a decided job is scheduled once its decision is committed
+            if event.kind == EventKind.APPROVAL:
+                try:
+                    await self._start_job(await self._store.get_job(record.key, str(event.payload.get("job_id"))))
+                except JobNotFoundError:
+                    log.warning("approval event %s names no job of %s", event.id, record.key)
         return committed
 
     async def _commit_too_large(self, record: ConversationRecord, events: Sequence[InboxEvent],
@@ -294,6 +303,9 @@ class ConversationProcessor:
         if event.kind == EventKind.JOB_FINISHED:
             # The outcome goes in as a tool result (untrusted data); the prompt is ours.
             return AgentInput(text=JOB_FINISHED_PROMPT, source=JOB_RESULT_SOURCE,
+                              job_result=JobResult.from_json(event.payload))
+        if event.kind == EventKind.APPROVAL:  # approved: the decision is the tool's interim result
+            return AgentInput(text=APPROVAL_PROMPT, source=JOB_RESULT_SOURCE,
                               job_result=JobResult.from_json(event.payload))
         return None
 

@@ -22,6 +22,7 @@ from autogen_core.tools import BaseTool, FunctionTool
 from pydantic import BaseModel, ValidationError
 
 from jobs.access import JobAccess, public_view, shows_arguments, started_by_label
+from jobs.approval import ApprovalPolicy, decision_line, when
 from jobs.caps import JobCaps
 from jobs.registry import DeclaredTool, JobRegistry, LongRunningTool, PermanentJobError
 from jobs.runner import JobRunner
@@ -76,12 +77,15 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
     requester, starts none) and only within the active-job caps (``jobs/caps.py``)."""
 
     def __init__(self, spec: LongRunningTool, scope: TurnScope, store: ConversationStore | None = None,
-                 caps: JobCaps | None = None) -> None:
+                 caps: JobCaps | None = None, approval: ApprovalPolicy | None = None) -> None:
         super().__init__(spec.args_model, str, spec.name, spec.description)
         self._spec = spec
         self._scope = scope
         self._store = store
         self._caps = caps
+        #: Issue 16: a call of a tool behind approval records a job that waits (nothing runs).
+        self._awaits = approval is not None and approval.requires(spec)
+        self._approval = approval
 
     async def run_json(self, args: Any, cancellation_token: CancellationToken, call_id: str | None = None) -> Any:
         try:
@@ -110,6 +114,14 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
             max_attempts=self._spec.retry.max_attempts,
             started_by=requester.to_json(),
         )
+        if self._awaits and self._approval is not None:  # caps count it: requests cannot pile up unbounded
+            job = job.evolve(**self._approval.awaiting())
+            self._scope.new_jobs.append(job)
+            return json.dumps({"job_id": job.id, "status": job.status, "message": (
+                f"`{job.tool}` needs a person's approval before it runs, so nothing has been done yet: I posted "
+                f"a card asking for it (job `{job.id}`). {requester.label} or an approver can approve or reject "
+                f"it until {when(job.approval['expires_at'] if job.approval else None)}; I'll carry on when "
+                "someone decides.")})
         self._scope.new_jobs.append(job)
         message = (
             self._spec.scheduled_message(args, job.id)
@@ -160,6 +172,8 @@ def describe_job(job: JobRecord, *, full: bool = True) -> str:
     args = escape_markdown(", ".join(str(v) for v in job.arguments.values())) if full else ""
     by = f", started by {escape_markdown(who)}" if (who := started_by_label(job)) else ""
     head = f"Job `{job.id}` ({escape_markdown(job.tool)}{' ' + args if args else ''}{by}): **{job.status}**"
+    if (decided := decision_line(job)) is not None:  # issue 16: who decided and when
+        head += f" ({escape_markdown(decided)})"
     if not full:
         return head
     # Short facts go in one pair of brackets; an outcome (a tool's sentence, which may hold
@@ -240,9 +254,12 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner,
 
 def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner,
                caps: JobCaps | None = None, access: JobAccess | None = None,
-               plain: Sequence[DeclaredTool] = ()) -> Sequence[BaseTool[Any, Any]]:
+               plain: Sequence[DeclaredTool] = (), approval: ApprovalPolicy | None = None,
+               ) -> Sequence[BaseTool[Any, Any]]:
     """The turn's tools: the declared plain ones, one per long-running tool (it records a job), and the
-    job helper tools; ``caps`` None: no caps (the app passes its settings')."""
+    job helper tools; ``caps`` None: no caps (the app passes its settings'); ``approval``: which tools
+    wait for a person's yes (None: only those declared with ``approval=True``)."""
+    approval = approval or ApprovalPolicy()
     return ([PlainTool(declared) for declared in plain]
-            + [ScheduleJobTool(spec, scope, store, caps) for spec in registry]
+            + [ScheduleJobTool(spec, scope, store, caps, approval) for spec in registry]
             + job_tools(scope, store, runner, access))

@@ -20,6 +20,7 @@ from typing import Any
 
 from dialogs.buttons import adaptive_card, say_action
 from jobs.access import shows_arguments, started_by_label
+from jobs.approval import decision_line
 from runtime.protocol import Requester
 from runtime.untrusted import clip, escape_markdown, inline_code
 from storage.abc import JSON, JobRecord
@@ -33,6 +34,9 @@ STATUS_LABELS = {
     "succeeded": ("✅", "Succeeded", "good"),
     "failed": ("❌", "Failed", "attention"),
     "cancelled": ("⛔", "Cancelled", "warning"),
+    "awaiting_approval": ("✋", "Awaiting approval", "warning"),  # issue 16
+    "rejected": ("🚫", "Rejected", "attention"),
+    "expired": ("⌛", "Expired", "warning"),
 }
 
 
@@ -94,6 +98,8 @@ def job_card(job: JobRecord, now: float | None = None, *, notice: str | None = N
     facts += [{"title": shown(name.replace("_", " ").capitalize(), 60), "value": shown(value)}
               for name, value in list(job.arguments.items())[:10]]
     facts.append({"title": "Status", "value": f"{icon} {label}"})
+    if (decided := decision_line(job)) is not None:  # a job that awaited approval: who decided, when
+        facts.append({"title": "Approval", "value": shown(decided)})
     if job.status == "running" or (job.progress is not None and not job.finished):
         facts.append({"title": "Progress", "value": progress_bar(job.progress)})
     if job.progress_text and not job.finished:

@@ -15,6 +15,7 @@ from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
 from agent.forgetting import reset_payload
+from bot.approvals import ApprovalClicks
 from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.dialog_storage import dialog_item_key
@@ -75,6 +76,7 @@ class TeamsBot(TeamsActivityHandler):
         service_urls: ServiceUrlPolicy,
         tenants: TenantPolicy | None = None,
         limits: IngestLimits | None = None,
+        approvals: ApprovalClicks | None = None,
     ) -> None:
         self._service_urls = service_urls
         self._tenants = tenants or TenantPolicy()
@@ -83,6 +85,7 @@ class TeamsBot(TeamsActivityHandler):
         self._inbox = inbox
         self._commands = commands
         self._cancel_job = cancel_job
+        self._approvals = approvals  # issue 16: Approve / Reject on approval cards
         self._saved_references: dict[str, JSON] = {}
 
     async def on_turn(self, turn_context: TurnContext) -> None:
@@ -121,6 +124,10 @@ class TeamsBot(TeamsActivityHandler):
         if await self._store.has_event(key, event_id):
             log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
             return
+        if self._approvals is not None and (decided := await self._approvals.on_submit(
+                turn_context, key, activity.value, requester(activity))) is not None:  # Approve / Reject fallback
+            await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"decided": decided}))
+            return
         if (job_id := parse_cancel(activity.value)) is not None:  # Action.Submit fallback of Cancel
             await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id, requester(activity)))
             await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"cancel": job_id}))
@@ -141,6 +148,9 @@ class TeamsBot(TeamsActivityHandler):
         action: Any = invoke_value.action  # botbuilder leaves it a plain dict
         verb = action.get("verb") if isinstance(action, dict) else getattr(action, "verb", None)
         data = action.get("data") if isinstance(action, dict) else getattr(action, "data", None)
+        if self._approvals is not None and (answer := await self._approvals.on_invoke(
+                conversation_key(turn_context.activity), verb, data, requester(turn_context.activity))) is not None:
+            return answer
         job_id = parse_cancel(data) if verb == CANCEL_VERB else None
         if job_id is None:
             return AdaptiveCardInvokeResponse(status_code=400, type="application/vnd.microsoft.error",

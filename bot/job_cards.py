@@ -20,8 +20,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from bot.cards import job_card_activity
+from bot.approval_cards import card_for_activity
 from bot.sender import ProactiveSender
+from jobs.approval import AWAITING
 from storage.abc import ConversationStore, JobNotFoundError, JobRecord
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class JobCardUpdater:
         except JobNotFoundError:
             return
         self._last_update[job_id] = time.monotonic()
-        if job.status != "queued" or job.progress is not None:
+        if job.status not in ("queued", AWAITING) or job.progress is not None:
             await self.job_changed(job)
 
     async def job_changed(self, job: JobRecord) -> None:
@@ -111,13 +112,13 @@ class JobCardUpdater:
 
     async def _update(self, job: JobRecord) -> None:
         self._last_update[job.id] = time.monotonic()
-        if not job.finished:
+        if not job.finished and job.status != AWAITING:  # a request waiting for days holds no wake back
             self._live[job.id] = job.conversation_key
         reference = await self._store.get_reference(job.conversation_key)
         if reference is None or job.card_activity_id is None:
             return
         try:
-            await self._sender.update(reference, job.card_activity_id, job_card_activity(job))
+            await self._sender.update(reference, job.card_activity_id, card_for_activity(job))
         except Exception as exc:
             log.warning("could not update the card of job %s: %s", job.id, exc)
 

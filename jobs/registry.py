@@ -90,6 +90,8 @@ class LongRunningTool:
     timeout: float = 600.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     scheduled_message: Callable[[Any, str], str] | None = None
+    #: A call waits for a person's yes before it runs (``@tool(approval=True)``; jobs/approval.py).
+    approval: bool = False
 
 
 #: Names the bot's own tools use (agent/tools.py, agent/tool_output.py): a declared tool may not take them.
@@ -115,6 +117,8 @@ class DeclaredTool:
     scheduled_message: Callable[[Any, str], str] | None = None
     #: The function takes the whole args model (one parameter) rather than one parameter per field.
     takes_model: bool = False
+    #: A call waits for a person's yes before it runs (long-running tools only; jobs/approval.py).
+    approval: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
         return self.fn(*args, **kwargs)  # still callable as the plain function (tests, other code)
@@ -142,7 +146,7 @@ class DeclaredTool:
             return as_result(await self.invoke(args, ctx))
 
         return LongRunningTool(self.name, f"{self.description} {LONG_RUNNING_NOTE}", self.args_model, run,
-                               self.timeout, self.retry, self.scheduled_message)
+                               self.timeout, self.retry, self.scheduled_message, self.approval)
 
 
 def as_result(value: Any) -> dict[str, Any]:
@@ -165,19 +169,21 @@ def tool(fn: Callable[..., Awaitable[Any]], /) -> DeclaredTool: ...
 def tool(*, name: str | None = ..., long_running: bool = ..., args: type[BaseModel] | None = ...,
          timeout: float | None = ..., retry: RetryPolicy | None = ..., example: str | None = ...,
          offline_phrase: re.Pattern[str] | None = ...,
-         scheduled_message: Callable[[Any, str], str] | None = ...) -> Callable[[F], DeclaredTool]: ...
+         scheduled_message: Callable[[Any, str], str] | None = ...,
+         approval: bool = ...) -> Callable[[F], DeclaredTool]: ...
 
 
 def tool(fn: Callable[..., Awaitable[Any]] | None = None, /, *, name: str | None = None, long_running: bool = False,
          args: type[BaseModel] | None = None, timeout: float | None = None, retry: RetryPolicy | None = None,
          example: str | None = None, offline_phrase: re.Pattern[str] | None = None,
-         scheduled_message: Callable[[Any, str], str] | None = None,
+         scheduled_message: Callable[[Any, str], str] | None = None, approval: bool = False,
          ) -> DeclaredTool | Callable[[F], DeclaredTool]:
     """Declare an async function as a tool (see the module docstring).
 
     ``timeout`` in seconds (default 30 for a plain tool, 600 for a long-running one); ``retry``:
     attempts and backoff (default: one attempt for a plain tool, three for a long-running one);
-    ``scheduled_message(args, job_id)``: what the model is told when a long-running call is recorded.
+    ``scheduled_message(args, job_id)``: what the model is told when a long-running call is recorded;
+    ``approval``: a call waits for a person's yes before it runs (long-running tools only).
     A wrong declaration raises :class:`ToolDeclarationError` when its module is imported."""
 
     def declare(function: Callable[..., Awaitable[Any]]) -> DeclaredTool:
@@ -201,6 +207,9 @@ def tool(fn: Callable[..., Awaitable[Any]] | None = None, /, *, name: str | None
                 raise ToolDeclarationError(f"{where}: offline_phrase does not match its own example {example!r}")
         if scheduled_message is not None and not long_running:
             raise ToolDeclarationError(f"{where}: scheduled_message is for long-running tools only")
+        if approval and not long_running:
+            raise ToolDeclarationError(f"{where}: approval=True is for long-running tools only (a call waits as a "
+                                       "durable job until a person decides); add long_running=True")
         seconds = timeout if timeout is not None else (600.0 if long_running else 30.0)
         if seconds <= 0:
             raise ToolDeclarationError(f"{where}: timeout must be positive seconds, got {seconds!r}")
@@ -208,7 +217,7 @@ def tool(fn: Callable[..., Awaitable[Any]] | None = None, /, *, name: str | None
         if policy.max_attempts < 1:
             raise ToolDeclarationError(f"{where}: retry.max_attempts must be at least 1")
         return DeclaredTool(tool_name, description, model, function, long_running, float(seconds), policy,
-                            example, offline_phrase, scheduled_message, takes_model)
+                            example, offline_phrase, scheduled_message, takes_model, approval)
 
     return declare(fn) if fn is not None else declare
 

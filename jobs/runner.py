@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from pydantic import ValidationError
 
+from jobs import approval
 from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
 from runtime import logs, metrics, tracing
@@ -88,7 +89,11 @@ def finished_event(job: JobRecord) -> InboxEvent:
         content = json.dumps(job.result)
     elif job.status == "cancelled":
         what = job.tool.replace("_", " ")
-        content = json.dumps({"message": f"Job `{job.id}` ({what}) was cancelled.", "job_id": job.id})
+        withdrawn = (" while it awaited approval: it never ran"
+                     if job.approval is not None and approval.decision(job) is None else "")
+        content = json.dumps({"message": f"Job `{job.id}` ({what}) was cancelled{withdrawn}.", "job_id": job.id})
+    elif job.status in (approval.REJECTED, approval.EXPIRED):  # issue 16: the tool did not run
+        content = json.dumps({"message": approval.outcome_message(job), "job_id": job.id})
     else:
         content = job.error or "unknown error"
     result = JobResult(
@@ -179,9 +184,17 @@ class JobRunner:
             # It finished and was announced just before a crash: restore the record, don't re-run.
             await self._save(job_from_finished_event(job, event))
             return
+        if job.status == approval.AWAITING:  # its expiry timer fired (or recovery found it)
+            await self._expire_if_due(job)
+            return
         if job.cancel_requested:
             await self._finish(job.evolve(status="cancelled", finished_at=time.time()))
             return
+        if (decided := approval.decision(job)) in (approval.REJECTED, approval.EXPIRED):
+            await self._finish(job.evolve(status=decided, finished_at=time.time()))  # the tool never runs
+            return
+        if decided == approval.APPROVED:  # the event a crash after the claim may have lost (else a no-op)
+            await self._until_stored(lambda: self._inbox.post(conversation_key, approval.approval_event(job)), job_id)
         try:
             tool = self._registry.get(job.tool)
         except LookupError as exc:
@@ -261,6 +274,21 @@ class JobRunner:
             self._tasks.pop(job.id, None)
             span.end()
 
+    async def _expire_if_due(self, job: JobRecord) -> None:
+        """An awaiting job past its expiry: claim ``expired`` (unless a decision wins first) and announce it;
+        one not yet due gets its timer back."""
+        now = time.time()
+        if now < approval.expires_at(job):
+            if self._scheduler is not None:
+                await self._scheduler.schedule(job)
+            return
+        expired = await self._store.transition_job(job.conversation_key, job.id, approval.AWAITING, {
+            "status": "queued", "approval": {**(job.approval or {}), "decision": approval.EXPIRED, "at": now}})
+        if expired is None:
+            return  # decided (or withdrawn) a moment ago: that path carries it on
+        log.info("job %s: its approval request expired", job.id)
+        await self._finish(expired.evolve(status=approval.EXPIRED, finished_at=now))
+
     async def _retry_or_fail(self, job: JobRecord, error: str, max_attempts: int, delay: float) -> None:
         if job.attempt >= max_attempts:
             await self._finish(job.evolve(status="failed", error=f"{error} (after {job.attempt} attempts)",
@@ -327,6 +355,13 @@ class JobRunner:
         for job in await self._store.unfinished_jobs():
             if self.is_live(job.id) or job.id in scheduled:
                 continue
+            if job.status == approval.AWAITING:  # waits for a person: only its expiry timer must exist
+                if approval.expiry_timer_id(job.id) in scheduled:
+                    continue
+                if self._scheduler is not None and time.time() < approval.expires_at(job):
+                    await self._scheduler.schedule(job)
+                    count += 1
+                    continue
             if job.next_retry_at and job.next_retry_at > time.time() and self._scheduler is not None:
                 await self._scheduler.schedule(job, run_at=job.next_retry_at)
             else:
@@ -363,6 +398,13 @@ class JobRunner:
                 task.cancel()
             return
         job = await self._store.get_job(conversation_key, job_id)
+        if job.status == approval.AWAITING and job.cancel_requested:
+            # Withdrawn: claimed like a decision, so an approval at the same moment wins or loses cleanly.
+            withdrawn = await self._store.transition_job(conversation_key, job_id, approval.AWAITING,
+                                                         {"status": "queued"})
+            if withdrawn is None:
+                return  # decided a moment ago: the run sees the cancel request and ends it cancelled
+            job = withdrawn
         if job.status == "queued" and job.cancel_requested and job_id not in self._claimed:
             if self._scheduler is not None:
                 await self._scheduler.unschedule(job_id)

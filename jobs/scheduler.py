@@ -25,6 +25,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 
+from jobs import approval
 from storage.abc import JobRecord
 from storage.private_files import ensure_private_file, tighten_sidecars
 
@@ -188,6 +189,14 @@ class JobScheduler:
         return self._scheduler is not None and bool(self._scheduler.running)
 
     async def schedule(self, job: JobRecord, run_at: float | None = None) -> None:
+        """Run the job's next attempt at ``run_at`` (now by default). A job awaiting approval gets its
+        expiry timer instead (issue 16: the same entry point, under ``expiry_timer_id``); a decided one
+        loses that timer."""
+        timer_id = job.id
+        if job.status == approval.AWAITING:
+            timer_id, run_at = approval.expiry_timer_id(job.id), approval.expires_at(job)
+        elif job.approval is not None:
+            await self.unschedule(approval.expiry_timer_id(job.id))
         when = datetime.fromtimestamp(run_at or time.time(), tz=UTC)
         await asyncio.to_thread(
             self.scheduler.add_job,
@@ -195,8 +204,8 @@ class JobScheduler:
             trigger="date",
             run_date=when,
             args=[job.conversation_key, job.id],
-            id=job.id,
-            name=f"{job.tool}:{job.id}",
+            id=timer_id,
+            name=f"{job.tool}:{timer_id}",
             replace_existing=True,
         )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,19 @@ def _csv(env: Mapping[str, str], name: str) -> frozenset[str]:
     return frozenset(part.strip().lower() for part in env.get(name, "").split(",") if part.strip())
 
 
+_OBJECT_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _object_ids(env: Mapping[str, str], name: str) -> frozenset[str]:
+    """Comma-separated Entra ID (AAD) object ids (GUIDs), lower-cased; anything else is a ConfigError."""
+    ids = _csv(env, name)
+    if wrong := sorted(i for i in ids if not _OBJECT_ID.match(i)):
+        raise ConfigError(f"{name} must list Entra ID (AAD) object ids (GUIDs such as "
+                          f"00000000-0000-0000-0000-000000000000, found in Entra ID > Users > Object ID), got "
+                          f"{', '.join(repr(w) for w in wrong[:3])}")
+    return ids
+
+
 def _names(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     """Comma-separated names or globs, as written (tool names are case-sensitive)."""
     return tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
@@ -298,6 +312,13 @@ class Settings:
     #: STORE_MAX_ITEM_BYTES: the largest item a store writes (Cosmos DB's 2 MB by default); a turn
     #: whose result is larger is dropped as a permanent failure and the user told.
     store_max_item_bytes: int = 2 * 1024 * 1024
+    # --- durable human approval (issue 16, jobs/approval.py) ---
+    #: APPROVAL_REQUIRED_TOOLS: long-running tools that wait for a person's yes (beside ``@tool(approval=True)``).
+    approval_required_tools: tuple[str, ...] = ()
+    #: APPROVERS: lower-case AAD object ids who may decide any request, beside the person who asked.
+    approvers: frozenset[str] = frozenset()
+    #: APPROVAL_TIMEOUT_HOURS: how long a request waits before it expires.
+    approval_timeout_hours: float = 72.0
 
     @property
     def local_mode(self) -> bool:
@@ -440,5 +461,9 @@ class Settings:
             # --- untrusted content and size limits ---
             max_tool_result_chars=_at_least(e, "MAX_TOOL_RESULT_CHARS", 8000, minimum=100),
             store_max_item_bytes=_at_least(e, "STORE_MAX_ITEM_BYTES", 2 * 1024 * 1024, minimum=16 * 1024),
+            # --- durable human approval (issue 16) ---
+            approval_required_tools=_names(e, "APPROVAL_REQUIRED_TOOLS"),
+            approvers=_object_ids(e, "APPROVERS"),
+            approval_timeout_hours=_positive(e, "APPROVAL_TIMEOUT_HOURS", 72.0),
         )
 

@@ -90,6 +90,8 @@ TOOL_CALLS_REFUSED = Counter(f"{PREFIX}tool_calls_refused", "Tool calls refused 
                              ["reason"], registry=REGISTRY)
 CANCELS_REFUSED = Counter(f"{PREFIX}job_cancels_refused", "Job cancels refused because the requester neither "
                           "started the job nor is in ADMINS", registry=REGISTRY)
+APPROVALS_REFUSED = Counter(f"{PREFIX}job_approvals_refused", "Approve / Reject clicks refused because the clicker "
+                            "neither asked nor is in APPROVERS (issue 16)", registry=REGISTRY)
 # --- abuse limits (bot/rate_limits.py, agent/budget.py) ---
 RATE_LIMITED = Counter(f"{PREFIX}rate_limited", "Messages refused at ingest (not stored, not seen by the model), by "
                        "scope: user (the sender's rate), conversation (the conversation's rate), inbox "

@@ -32,10 +32,11 @@ class EventKind(StrEnum):
     WELCOME = "welcome"  # the bot joined the conversation: post the welcome card (once)
     RESET = "reset"  # a confirmed reset: clear the agent's state, forget the old texts
     JOB_FINISHED = "job_finished"  # a job's outcome (payload: :meth:`JobResult.to_json`)
+    APPROVAL = "approval"  # a person decided a job awaiting approval (payload: job id, decision, by, at)
 
 
 #: The kinds that run an agent turn (the others are answered without the model).
-AGENT_KINDS = (EventKind.MESSAGE, EventKind.JOB_FINISHED)
+AGENT_KINDS = (EventKind.MESSAGE, EventKind.JOB_FINISHED, EventKind.APPROVAL)
 
 
 # --- conversation keys ---
@@ -53,6 +54,7 @@ WELCOME_EVENT_ID = "welcome"
 _NO_ID = "noid-"
 _JOB = "job:"
 _RESET = "reset:"
+_APPROVAL = "approval:"
 
 
 def message_event_id(activity_id: str | None) -> str:
@@ -64,6 +66,11 @@ def message_event_id(activity_id: str | None) -> str:
 def finished_event_id(job_id: str) -> str:
     """``job:<job id>``: a re-run job's second announcement appends nothing."""
     return f"{_JOB}{job_id}"
+
+
+def approval_event_id(job_id: str) -> str:
+    """``approval:<job id>``: a job's approval is decided once, so it is announced once."""
+    return f"{_APPROVAL}{job_id}"
 
 
 def reset_event_id(activity_id: str | None) -> str:

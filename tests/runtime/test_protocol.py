@@ -18,7 +18,8 @@ RESULT = JobResult(job_id="0d73272971a7", call_id="call_1", tool="activate_new_l
 
 
 def test_event_kinds_are_the_stored_strings() -> None:
-    assert [k.value for k in EventKind] == ["message", "command", "welcome", "reset", "job_finished"]
+    assert [k.value for k in EventKind] == ["message", "command", "welcome", "reset", "job_finished",
+                                             "approval"]
     assert EventKind("job_finished") is EventKind.JOB_FINISHED
     assert EventKind.MESSAGE == "message" and json.dumps(EventKind.RESET) == '"reset"'
     assert "job_finished" in protocol.AGENT_KINDS and "welcome" not in protocol.AGENT_KINDS
@@ -26,6 +27,7 @@ def test_event_kinds_are_the_stored_strings() -> None:
 
 def test_id_conventions() -> None:
     assert protocol.finished_event_id("abc") == "job:abc"
+    assert protocol.approval_event_id("abc") == "approval:abc"
     assert protocol.message_event_id("1:xyz") == "1:xyz"
     assert protocol.message_event_id(None).startswith("noid-") and protocol.message_event_id("") != "noid-"
     assert protocol.message_event_id(None) != protocol.message_event_id(None)
