@@ -41,6 +41,7 @@ from typing import Any
 from jobs.access import same_person, starter
 from jobs.registry import DeclaredTool, LongRunningTool
 from runtime.config import ConfigError
+from runtime.crashpoints import crash_point
 from runtime.protocol import EventKind, JobResult, Requester, approval_event_id
 from storage.abc import ConversationStore, InboxEvent, JobRecord
 from storage.inbox import Inbox
@@ -216,6 +217,7 @@ class Approvals:
         if claimed is None:  # someone else decided (or it expired) a moment before
             return Decided(await self._store.get_job(key, job_id), won=False)
         log.info("job %s %s by %s", job_id, choice, requester.label)
+        crash_point("approval_claimed")  # claimed, its event not yet appended: recovery appends it
         await self._inbox.post(key, approval_event(claimed))
         if self._on_decided is not None:
             try:
