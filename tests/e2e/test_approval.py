@@ -57,7 +57,7 @@ def approval_cards(conn: RecordingConnector, conv: str) -> list[Recorded]:
 def ask(bot: BotProcess, conn: RecordingConnector, conv: str, number: str, **kwargs: Any) -> tuple[str, Recorded]:
     """The user asks for an activation: the bot's answer says it awaits approval; the approval card."""
     say(bot, conn, conv, f"activate line {number}", **kwargs)
-    conn.wait_for(lambda c: any(ASKED in t for t in c.texts(conv)) and approval_cards(c, conv), timeout=10)
+    conn.wait_for(lambda c: any(ASKED in t for t in c.texts(conv)) and bool(approval_cards(c, conv)), timeout=10)
     [text] = [t for t in conn.texts(conv) if ASKED in t]
     match = JOB_ID.search(text)
     assert match, text
@@ -237,6 +237,7 @@ def test_an_unanswered_request_expires_and_the_agent_is_told(launch: Launch, con
 def test_sigkill_while_pending_then_approve_after_the_restart_runs_once(launch: Launch, conn: RecordingConnector,
                                                                         conv: str, stored: StoreProbe) -> None:
     bot = launch(ENV)
+    assert isinstance(bot, BotProcess)
     job_id, card = ask(bot, conn, conv, "555-0108")
     bot.kill()
     bot.start()
@@ -253,6 +254,7 @@ def test_sigkill_between_the_claim_and_its_event_loses_nothing(launch: Launch, c
                                                                conv: str, stored: StoreProbe) -> None:
     """The window the claim opens: the job is decided in the store, its approval event not yet appended."""
     bot = launch({**ENV, "CRASH_AT": "approval_claimed"})
+    assert isinstance(bot, BotProcess)
     job_id, card = ask(bot, conn, conv, "555-0109")
     with contextlib.suppress(OSError):  # the process dies under the request
         click(bot, conn, conv, card, "approveJob", job_id)
