@@ -224,6 +224,7 @@ def test_the_action_submit_fallback_decides_too(approval_bot: BotProcess, conn: 
 def test_an_unanswered_request_expires_and_the_agent_is_told(launch: Launch, conn: RecordingConnector, conv: str,
                                                               stored: StoreProbe) -> None:
     bot = launch({**ENV, "APPROVAL_TIMEOUT_HOURS": "0.0005"})  # 1.8 s
+    assert isinstance(bot, BotProcess)
     job_id, card = ask(bot, conn, conv, "555-0107")
     conn.wait_for(lambda c: any("approval request expired" in t for t in c.texts(conv)), timeout=15)
     conn.wait_for(lambda c: any("Expired" in card_text(card_in(u.activity) or {})
