@@ -117,11 +117,12 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
         if self._awaits and self._approval is not None:  # caps count it: requests cannot pile up unbounded
             job = job.evolve(**self._approval.awaiting())
             self._scope.new_jobs.append(job)
+            deciders = f"{requester.label}{' or an approver' if self._approval.approvers else ''}"
+            until = when(job.approval["expires_at"] if job.approval else None)
             return json.dumps({"job_id": job.id, "status": job.status, "message": (
                 f"`{job.tool}` needs a person's approval before it runs, so nothing has been done yet: I posted "
-                f"a card asking for it (job `{job.id}`). {requester.label} or an approver can approve or reject "
-                f"it until {when(job.approval['expires_at'] if job.approval else None)}; I'll carry on when "
-                "someone decides.")})
+                f"a card asking for it (job `{job.id}`). {deciders} can approve or reject it until {until}; I'll "
+                "carry on when someone decides.")})
         self._scope.new_jobs.append(job)
         message = (
             self._spec.scheduled_message(args, job.id)

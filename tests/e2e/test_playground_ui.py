@@ -140,3 +140,50 @@ def test_the_welcome_and_reset_buttons_work_in_the_playground_web_ui(pg: Playgro
     # No press was refused by the Playground ("Action type ... is not supported yet").
     assert not [n for n in pg.log_notes() if "not supported" in n], pg.log_notes()
     assert BUTTONS_SCREENSHOT.is_file() and png_size(BUTTONS_SCREENSHOT) == (1280, 900)
+
+
+APPROVAL_SCREENSHOT = ARTIFACTS_DIR / "playground-approval-card.png"
+DECIDED_SCREENSHOT = ARTIFACTS_DIR / "playground-approval-decided.png"
+
+
+@pytest.mark.parametrize("bot_env", [{"ACTIVATE_LINE_SECONDS": "3", "APPROVAL_REQUIRED_TOOLS": "activate_new_line"}])
+def test_the_approval_card_is_approved_in_the_playground_web_ui(pg: Playground, tmp_path: Path) -> None:
+    """Issue 16: the approval card, Approve pressed in the UI (an Action.Execute), the card changing in
+    place to show who approved it, then the job's progress and its completion."""
+    for stale in (APPROVAL_SCREENSHOT, DECIDED_SCREENSHOT):
+        stale.unlink(missing_ok=True)
+    personal = pg.chats.personal
+    spec = {
+        "url": f"{pg.base_url}/",
+        "chat": "Personal Chat",
+        "timeoutMs": 20000,
+        "failureScreenshot": str(ARTIFACTS_DIR / "playground-approval-failed.png"),
+        "steps": [
+            {"name": "asked", "card": ["Approval needed", "555-0100", "Approve", "Reject"], "click": "Approve",
+             "screenshot": str(APPROVAL_SCREENSHOT)},
+            {"name": "decided", "card": ["Activate new line", "555-0100", "Approved by"],
+             "any": ["Queued", "Running"], "screenshot": str(DECIDED_SCREENSHOT)},
+            {"name": "succeeded", "card": ["Activate new line", "Succeeded", "Approved by"]},
+        ],
+    }
+    with PlaygroundPage(spec, log_path=tmp_path / "browser.log") as page:
+        page.wait_ready(timeout=60)
+        pg.install(personal)
+        pg.wait_for_messages(1, personal)  # the welcome card
+        pg.send(personal, "activate line 555-0100")
+        pg.wait_for_text(personal, lambda t: "needs a person's approval" in t)
+        asked = page.expect("step", timeout=30)
+        assert asked["clicked"] == "Approve", asked
+        decided = page.expect("step", timeout=30)  # the same card, changed in place
+        assert "Approve" not in decided["buttons"], decided["buttons"]
+        assert page.expect("step", timeout=30)["name"] == "succeeded"
+        pg.wait_for_text(personal, lambda t: "is starting now" in t)
+        pg.wait_for_text(personal, lambda t: t.startswith("✅ Line 555-0100 is active"), timeout=20)
+        done = page.expect("done", timeout=30)
+        assert page.stop() == 0
+    assert [e for e in done["consoleErrors"] if "Saga error" in e] == [], done["consoleErrors"]
+    assert not [n for n in pg.log_notes() if "not supported" in n], pg.log_notes()
+    cards = [m for m in pg.messages(personal) if "Phone number" in str(m.get("attachments"))]
+    assert len(cards) == 1, cards  # one card for the request, updated in place (not the welcome card)
+    for shot in (APPROVAL_SCREENSHOT, DECIDED_SCREENSHOT):
+        assert shot.is_file() and png_size(shot) == (1280, 900), shot
