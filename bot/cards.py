@@ -20,7 +20,7 @@ from typing import Any
 
 from dialogs.buttons import adaptive_card, say_action
 from jobs.access import shows_arguments, started_by_label
-from jobs.approval import decision_line
+from jobs.approval import EXPIRED, REJECTED, decision, decision_line
 from runtime.protocol import Requester
 from runtime.untrusted import clip, escape_markdown, inline_code
 from storage.abc import JSON, JobRecord
@@ -89,7 +89,9 @@ def job_card(job: JobRecord, now: float | None = None, *, notice: str | None = N
     """The live card for one job: what, who started it, state, progress, times, and Cancel while
     it can be; ``notice`` (why a cancel was refused) is shown below."""
     now = now or time.time()
-    icon, label, color = STATUS_LABELS.get(job.status, ("•", job.status, "default"))
+    # Rejected or expired, and the runner has not ended it yet (a moment): show the decision, no Cancel.
+    declined = job.status == "queued" and decision(job) in (REJECTED, EXPIRED)
+    icon, label, color = STATUS_LABELS.get((declined and decision(job)) or job.status, ("•", job.status, "default"))
     if job.cancel_requested and not job.finished:
         icon, label, color = "⛔", "Cancelling…", "warning"
     facts = [{"title": "Job", "value": shown(job.id)}]
@@ -125,7 +127,7 @@ def job_card(job: JobRecord, now: float | None = None, *, notice: str | None = N
         body.append({"type": "TextBlock", "text": shown(job.result["message"], MAX_CARD_TEXT_CHARS), "wrap": True})
     if notice:
         body.append({"type": "TextBlock", "text": notice, "wrap": True, "color": "attention", "weight": "Bolder"})
-    actions = None if job.finished or job.cancel_requested else [cancel_action(job)]
+    actions = None if job.finished or job.cancel_requested or declined else [cancel_action(job)]
     return _card(body, actions)
 
 

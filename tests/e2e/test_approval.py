@@ -130,7 +130,9 @@ def test_reject_never_runs_the_tool_and_the_model_is_told_who(approval_bot: BotP
     job_id, card = ask(approval_bot, conn, conv, "555-0102")
     status, body = click(approval_bot, conn, conv, card, "rejectJob", job_id)
     assert status == 200, body
-    assert "Rejected by Ada" in facts(shown_card(body))["Approval"]
+    answered = shown_card(body)
+    assert "Rejected by Ada" in facts(answered)["Approval"] and "Rejected" in answered["body"][1]["text"]
+    assert "actions" not in answered  # no Cancel on a request that will not run
     conn.wait_for(lambda c: any("rejected by Ada" in t for t in c.texts(conv)), timeout=10)
     stored = job(probe(approval_bot), conv, job_id)
     assert (stored["status"], stored["attempt"], stored["started_at"]) == ("rejected", 0, None)
