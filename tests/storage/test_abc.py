@@ -30,7 +30,8 @@ def test_the_seams_are_disjoint_and_compose_into_the_store() -> None:
     log, jobs, items = _abstract(ConversationLog), _abstract(JobStore), _abstract(ItemStore)
     assert not (log & jobs or log & items or jobs & items)
     assert {"commit", "append_event", "get_reference"} <= log
-    assert jobs == {"get_job", "patch_job", "list_jobs", "unfinished_jobs"}  # born in a commit, only patched
+    # born in a commit, then patched (transition_job: a patch only from a given status, issue 16)
+    assert jobs == {"get_job", "patch_job", "transition_job", "list_jobs", "unfinished_jobs"}
     assert items == {"read_items", "write_items", "delete_items"}
     assert ConversationStore.__abstractmethods__ == log | jobs | items | {"forget_conversation"}
     store = MemoryStore()
