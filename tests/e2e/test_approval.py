@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from harness.activities import message
-from harness.botproc import BotProcess
+from harness.botproc import BotProcess, HttpEndpoint
+from harness.cluster import BotCluster
 from harness.connector import Recorded, RecordingConnector
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
@@ -54,7 +55,7 @@ def approval_cards(conn: RecordingConnector, conv: str) -> list[Recorded]:
             and "Approval needed" in json.dumps((card_in(e.activity) or {}).get("body", [])[:1])]
 
 
-def ask(bot: BotProcess, conn: RecordingConnector, conv: str, number: str, **kwargs: Any) -> tuple[str, Recorded]:
+def ask(bot: HttpEndpoint, conn: RecordingConnector, conv: str, number: str, **kwargs: Any) -> tuple[str, Recorded]:
     """The user asks for an activation: the bot's answer says it awaits approval; the approval card."""
     say(bot, conn, conv, f"activate line {number}", **kwargs)
     conn.wait_for(lambda c: any(ASKED in t for t in c.texts(conv)) and bool(approval_cards(c, conv)), timeout=10)
@@ -65,12 +66,13 @@ def ask(bot: BotProcess, conn: RecordingConnector, conv: str, number: str, **kwa
     return match.group(1), card
 
 
-def click(bot: BotProcess, conn: RecordingConnector, conv: str, card: Recorded, verb: str, job_id: str,
+def click(bot: HttpEndpoint, conn: RecordingConnector, conv: str, card: Recorded, verb: str, job_id: str,
           **who: Any) -> tuple[int, Any]:
     activity = invoke(conn, conv, card.response_id or "", {"type": "Action.Execute", "verb": verb,
                                                            "data": {"action": verb, "jobId": job_id}})
     activity["from"].update(who)
-    return post_invoke(bot, activity)
+    status, body = bot.post_activity(activity)
+    return status, json.loads(body) if body else None
 
 
 def shown_card(body: Any) -> dict[str, Any]:
@@ -275,3 +277,28 @@ def test_sigkill_between_the_claim_and_its_event_loses_nothing(launch: Launch, c
     assert len([t for t in conn.texts(conv) if "is starting now" in t]) == 1, conn.texts(conv)
     assert job(stored, conv, job_id)["attempt"] == 1
 
+
+
+class TestOnACluster:
+    """2 web + 2 worker processes on Cosmos DB and PostgreSQL (harness/cluster.py): the click lands on a
+    web process, the job runs on whichever worker is active, the expiry timer is in the shared job store."""
+
+    @pytest.fixture
+    def backend(self) -> str:
+        return "cluster"
+
+    def test_a_request_outlives_the_active_worker_and_is_approved_through_a_web_process(
+            self, launch: Launch, conn: RecordingConnector, conv: str, stored: StoreProbe) -> None:
+        cluster = launch(ENV)
+        assert isinstance(cluster, BotCluster)
+        job_id, card = ask(cluster, conn, conv, "555-0110")
+        active = cluster.active_worker()
+        active.kill()  # the worker that armed the expiry timer dies while the request waits
+        assert cluster.active_worker(timeout=10) is not active
+        status, body = click(cluster, conn, conv, card, "approveJob", job_id)
+        assert status == 200 and "Approved by Ada" in facts(shown_card(body))["Approval"], body
+        conn.wait_for(lambda c: len(completions(c, conv)) == 1, timeout=20)
+        time.sleep(1.0)
+        assert len(completions(conn, conv)) == 1, conn.texts(conv)
+        assert len([t for t in conn.texts(conv) if "is starting now" in t]) == 1, conn.texts(conv)
+        assert (job(stored, conv, job_id)["status"], job(stored, conv, job_id)["attempt"]) == ("succeeded", 1)
