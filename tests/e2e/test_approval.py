@@ -222,6 +222,17 @@ def test_the_action_submit_fallback_decides_too(approval_bot: BotProcess, conn: 
     assert job(probe(approval_bot), conv, job_id)["status"] == "rejected"
 
 
+def test_bad_clicks_get_clear_answers_and_change_nothing(approval_bot: BotProcess, conn: RecordingConnector,
+                                                         conv: str) -> None:
+    job_id, card = ask(approval_bot, conn, conv, "555-0111")
+    no_id = invoke(conn, conv, card.response_id or "", {"type": "Action.Execute", "verb": "approveJob", "data": {}})
+    status, body = post_invoke(approval_bot, no_id)
+    assert 400 <= body.get("statusCode", status) < 500 and body["type"] == "application/vnd.microsoft.error", body
+    status, body = click(approval_bot, conn, conv, card, "approveJob", "0123456789ab")
+    assert status == 200 and "There is no job `0123456789ab`" in card_text(shown_card(body))
+    assert job(probe(approval_bot), conv, job_id)["status"] == "awaiting_approval"
+
+
 # --------------------------------------------------------------- their own process: expiry, crashes
 
 
