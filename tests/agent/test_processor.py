@@ -12,9 +12,11 @@ from autogen_core.models import CreateResult, LLMMessage
 from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
 from agent.runner import AgentTurnRunner
-from runtime.protocol import DeliveryError
-from storage.abc import JSON, ConversationRecord, InboxEvent
+from jobs.approval import approval_event
+from runtime.protocol import DeliveryError, Requester
+from storage.abc import JSON, ConversationRecord, InboxEvent, JobRecord
 from storage.memory import MemoryStore
+from tests.storage.jobs import add_job
 
 KEY = "emulator:c1"
 REFERENCE = {"conversation": {"id": "c1"}, "serviceUrl": "http://127.0.0.1:9/"}
@@ -147,4 +149,33 @@ async def test_an_unreadable_stored_state_fails_the_turn_not_the_processor() -> 
     await asyncio.wait_for(p.idle(), 5)
     assert len(sender.texts) == 1 and sender.texts[0].startswith("Sorry")
     assert (await store.load(KEY)).agent_state == record.agent_state
+    assert await store.pending_events(KEY) == []
+
+
+# --- issue 16: a decided approval ---
+
+
+async def test_an_approval_is_told_by_the_agent_and_a_decided_job_is_scheduled_after_the_commit() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    ada = Requester(id="user-1", name="Ada").to_json()
+    scheduled: list[tuple[str, int]] = []
+    await store.save_reference(KEY, REFERENCE)
+    for job_id, choice in (("yes", "approved"), ("no", "rejected")):
+        job = JobRecord(id=job_id, conversation_key=KEY, tool="activate_new_line", arguments={}, status="queued",
+                        started_by=ada, approval={"expires_at": 0, "decision": choice, "by": ada, "at": 1.0})
+        await add_job(store, job)
+        await store.append_event(KEY, approval_event(job))
+
+    async def schedule(job: JobRecord) -> None:
+        scheduled.append((job.id, len((await store.load(KEY)).outbox)))  # what was committed by then
+
+    runner = AgentTurnRunner(OfflineChatCompletionClient(), lambda scope: [])
+    proc = ConversationProcessor(store, runner, sender, welcome=lambda: text_activity("welcome"),
+                                 schedule_job=schedule)
+    proc.wake(KEY)
+    await proc.idle()
+    assert [job_id for job_id, _ in scheduled] == ["yes", "no"] and scheduled[0][1] >= 1  # after the commit
+    # The approval is relayed; the rejection waits for the runner's job:<id> result (no turn of its own).
+    assert sender.texts == ["Job `yes` (activate new line) was approved by Ada and is starting now; its result will "
+                            "follow when it finishes."]
     assert await store.pending_events(KEY) == []
