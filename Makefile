@@ -18,6 +18,9 @@ PYTHON      ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2
 PIP_QUIET   ?= -q
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k offline -x"`.
 PYTEST_ARGS ?=
+# Parallel test processes (pytest-xdist). Most tests wait on the real app's processes, not the
+# CPU, so 3 fit on 2 cores; `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= 3
 # Extra arguments for the packager, e.g. `make package PACKAGE_ARGS="--bot-id GUID"`.
 PACKAGE_ARGS ?=
 
@@ -28,7 +31,7 @@ help: ## list the targets
 	@echo
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  make \1\t\2/' | expand -t 20
 	@echo
-	@echo "Variables: PYTEST_ARGS, PACKAGE_ARGS, KILLS and CLUSTER (soak), PYTHON (interpreter for the venv), PIP_QUIET"
+	@echo "Variables: PYTEST_ARGS, PYTEST_WORKERS, PACKAGE_ARGS, KILLS and CLUSTER (soak), PYTHON (interpreter for the venv), PIP_QUIET"
 
 setup: $(VENV_STAMP) $(NODE_STAMP) ## create .venv and node_modules (only what changed); nothing as root
 
@@ -49,7 +52,7 @@ run: setup ## start the bot on http://localhost:3978/api/messages
 # -------------------------------------------------------------------------------------------
 
 test: test-setup ## run the test suite (pytest); as root, apt-get installs chromium and PostgreSQL first
-	$(VENV_PY) -m pytest $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 soak: test-setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledger (lost must be 0); CLUSTER=1 for 2 web + 2 worker
 	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60) $(if $(filter-out 0,$(CLUSTER)),--cluster)
