@@ -298,6 +298,14 @@ class Settings:
     #: STORE_MAX_ITEM_BYTES: the largest item a store writes (Cosmos DB's 2 MB by default); a turn
     #: whose result is larger is dropped as a permanent failure and the user told.
     store_max_item_bytes: int = 2 * 1024 * 1024
+    # --- replies like a Teams AI agent (issue 15: streaming, AI label, feedback, citations) ---
+    #: STREAMING: stream answers in one-on-one Teams chats (false: typing indicator and one message).
+    streaming: bool = True
+    #: STREAM_INTERVAL_SECONDS: the least time between two updates of a stream (Teams throttles faster).
+    stream_interval_seconds: float = 1.0
+    #: STREAM_MAX_SECONDS: a stream is closed this long after it opened (Teams ends streams at 2 minutes);
+    #: the rest of the answer follows as a new message.
+    stream_max_seconds: float = 110.0
 
     @property
     def local_mode(self) -> bool:
@@ -440,5 +448,9 @@ class Settings:
             # --- untrusted content and size limits ---
             max_tool_result_chars=_at_least(e, "MAX_TOOL_RESULT_CHARS", 8000, minimum=100),
             store_max_item_bytes=_at_least(e, "STORE_MAX_ITEM_BYTES", 2 * 1024 * 1024, minimum=16 * 1024),
+            # --- replies like a Teams AI agent (issue 15) ---
+            streaming=_bool(e, "STREAMING", True),
+            stream_interval_seconds=_positive(e, "STREAM_INTERVAL_SECONDS", 1.0),
+            stream_max_seconds=_positive(e, "STREAM_MAX_SECONDS", 110.0),
         )
 
