@@ -122,11 +122,11 @@ class TeamsStream:
     def _next(self) -> JSON | None:
         """The next typing activity, or None if nothing changed (or nothing more fits one message)."""
         sequence = self._sequence + 1
-        if self._text:
+        if self._stream_id is not None and self._text:  # the first send is always informative: it opens the stream
             if self._text == self._sent_text or utf16_units(self._text) > MAX_TEXT_UNITS:
                 return None
             kind, text = "streaming", self._text
-        elif self._informative != self._sent_informative:
+        elif not self._sent_text and self._informative != self._sent_informative:
             kind, text = "informative", self._informative
         else:
             return None
