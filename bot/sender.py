@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from botbuilder.core import TurnContext
@@ -28,7 +28,8 @@ class _Entity(Entity):
     """An entity with all its fields: botbuilder's ``Entity`` serialises only ``type``, which would
     strip streaminfo, the AI label and citations (issue 15) from what the bot sends."""
 
-    _attribute_map = {**Entity._attribute_map, "additional_properties": {"key": "", "type": "{object}"}}
+    _attribute_map: ClassVar[dict[str, Any]] = {**Entity._attribute_map,
+                                                "additional_properties": {"key": "", "type": "{object}"}}
 
 
 def _status_and_retry_after(error: BaseException) -> tuple[int | None, float | None]:

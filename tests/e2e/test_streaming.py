@@ -8,6 +8,7 @@ the crash tests start their own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import urllib.parse
@@ -37,7 +38,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="module")
 def streaming_bot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BotProcess]:
     bot = BotProcess(tmp_path_factory.mktemp("streaming-bot"),
-                     env={"STREAM_MAX_SECONDS": f"{MAX_SECONDS:g}", "STREAM_INTERVAL_SECONDS": f"{INTERVAL:g}"}).start()
+                     env={"STREAM_MAX_SECONDS": f"{MAX_SECONDS:g}", "STREAM_INTERVAL_SECONDS": f"{INTERVAL:g}",
+                          "TOOL_MODULES": "jobs.activate_line,harness.sourced_tool"}).start()
     yield bot
     bot.kill()
 
@@ -92,8 +94,8 @@ def assert_stream_protocol(chunks: list[Recorded]) -> str:
     assert kinds == sorted(kinds, key=lambda k: k != "informative"), kinds  # no update after the text began
     texts = [c.activity["text"] for c in chunks if c.activity and entity(c.activity, "streaminfo")
              and entity(c.activity, "streaminfo")["streamType"] == "streaming"]  # type: ignore[index]
-    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(texts, texts[1:], strict=False)), texts
-    gaps = [b.time - a.time for a, b in zip(chunks, chunks[1:], strict=False)]
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in itertools.pairwise(texts)), texts
+    gaps = [b.time - a.time for a, b in itertools.pairwise(chunks)]
     assert all(gap >= INTERVAL * 0.9 for gap in gaps), gaps  # our pacing (a floor), not our speed
     return stream_id
 
@@ -188,6 +190,25 @@ def test_the_time_limit_closes_the_stream_and_the_rest_follows(sbot: BotProcess,
     assert chunks[-1].activity and chunks[-1].activity["text"] == shown  # closed with what was shown
     assert rest["text"].startswith("…") and shown + rest["text"][1:] == DURABILITY  # the whole answer, once
     assert ai_labelled(closing) and ai_labelled(rest)
+
+
+def test_a_tool_is_announced_and_its_sources_become_citations(sbot: BotProcess, conn: RecordingConnector) -> None:
+    conv = new_conversation_id()
+    say(sbot, conn, conv, "look up durability")
+    final = final_message(conn, conv)
+    chunks = [e for e in conn.stream_sends(conv) if e.activity and e.activity["type"] == "typing"]
+    assert chunks and chunks[0].activity and chunks[0].activity["text"] == "Starting look_up…"
+    assert final.activity is not None and "[1]" in final.activity["text"] and "[2]" in final.activity["text"]
+    ai = entity(final.activity, "https://schema.org/Message")
+    assert ai is not None and ai["additionalType"] == ["AIGeneratedContent"]
+    first, second = ai["citation"]  # only the two the text cites, of the 25 the tool returned
+    assert first == {"@type": "Claim", "position": 1, "appearance": {
+        "@type": "DigitalDocument", "name": "Durable execution", "abstract": "What survives a crash.",
+        "url": "https://example.com/durable", "keywords": ["durability", "a keyword far longer than t…", "inbox"]}}
+    assert second["position"] == 2
+    assert second["appearance"]["name"] == "The outbox  pattern"  # control characters gone
+    assert "url" not in second["appearance"]  # a javascript: URL is dropped
+    assert len(second["appearance"]["abstract"]) == 160
 
 
 def invoke_feedback(bot: BotProcess, conn: RecordingConnector, conv: str, reply_to: str | None,
