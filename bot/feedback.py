@@ -8,7 +8,8 @@ Stored in the store's key/value items, with the message it is about:
 
 * ``feedback-msg/<conversation key>/<message id>``: written when a model-written message went out
   (:meth:`Feedback.message_sent`, through ``bot.streaming.FinalMessages``), so feedback on a
-  message the bot never sent is refused (404) and stores nothing;
+  message the bot never sent is refused (404) and stores nothing (feedback naming no message, as
+  the Agents Playground sends it, is kept with ``message_id`` null);
 * ``feedback/<conversation key>``: the conversation's feedback, one entry per (message, person), the
   latest :data:`MAX_ENTRIES` kept: reaction, the comment (clipped to :data:`MAX_COMMENT_CHARS`,
   control characters removed), who (from the authenticated activity: ``from.aadObjectId``, id,
@@ -102,15 +103,16 @@ class Feedback:
         except FeedbackError:
             metrics.FEEDBACK.labels("malformed").inc()
             raise
-        if not reply_to_id or len(reply_to_id) > 200:
+        if reply_to_id is not None and len(reply_to_id) > 200:
             metrics.FEEDBACK.labels("malformed").inc()
-            raise FeedbackError(400, "feedback must name the message it is about (replyToId)")
-        sent = _sent_key(key, reply_to_id)
-        if not (await self._items.read_items([sent])).get(sent):
-            metrics.FEEDBACK.labels("unknown_message").inc()
-            raise FeedbackError(404, "there is no answer of mine with that id in this conversation")
+            raise FeedbackError(400, "replyToId is not a message id")
+        if reply_to_id:  # Teams names the message; the Agents Playground (0.2.28) does not: kept without one
+            sent = _sent_key(key, reply_to_id)
+            if not (await self._items.read_items([sent])).get(sent):
+                metrics.FEEDBACK.labels("unknown_message").inc()
+                raise FeedbackError(404, "there is no answer of mine with that id in this conversation")
         who = by.aad_object_id or by.id
-        entry = {"message_id": reply_to_id, "reaction": reaction, "comment": comment, "at": time.time(),
+        entry = {"message_id": reply_to_id or None, "reaction": reaction, "comment": comment, "at": time.time(),
                  "by": {"aadObjectId": by.aad_object_id, "id": by.id, "name": by.name}}
         item = feedback_item_key(key)
         async with self._locks.setdefault(key, asyncio.Lock()):  # one read-modify-write at a time here

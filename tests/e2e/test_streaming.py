@@ -20,7 +20,7 @@ import pytest
 
 from agent.offline_model import DURABILITY
 from harness.activities import message, new_conversation_id
-from harness.botproc import BotProcess, http_request
+from harness.botproc import BotProcess, HttpEndpoint, http_request
 from harness.connector import Recorded, RecordingConnector
 from tests.e2e.conftest import Launch
 
@@ -52,7 +52,7 @@ def sbot(streaming_bot: BotProcess, request: pytest.FixtureRequest) -> Iterator[
         print(streaming_bot.log_tail(120))
 
 
-def say(bot: BotProcess, conn: RecordingConnector, conv: str, text: str, *, conversation_type: str = "personal",
+def say(bot: HttpEndpoint, conn: RecordingConnector, conv: str, text: str, *, conversation_type: str = "personal",
         activity_id: str | None = None) -> None:
     activity = message(text, conversation_id=conv, service_url=conn.url, channel_id="msteams",
                        conversation_type=conversation_type, activity_id=activity_id)
@@ -262,7 +262,7 @@ def test_hostile_feedback_gets_a_clear_answer_and_damages_nothing(sbot: BotProce
     assert answer.response_id
     # A message the bot never sent, none at all, a malformed value: refused, nothing stored.
     assert invoke_feedback(sbot, conn, conv, "made-up-id", like("x"))[0] == 404
-    assert invoke_feedback(sbot, conn, conv, None, like("x"))[0] == 400
+    assert invoke_feedback(sbot, conn, conv, "x" * 300, like("x"))[0] == 400
     for value in ({"actionName": "feedback", "actionValue": {"reaction": "love"}}, {"actionName": "other"},
                   "not an object", {"actionName": "feedback", "actionValue": {"reaction": "like", "feedback": 7}}):
         status, body = invoke_feedback(sbot, conn, conv, answer.response_id, value)
