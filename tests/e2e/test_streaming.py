@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 
 from agent.offline_model import DURABILITY
+from harness import fake_openai as fm
 from harness.activities import message, new_conversation_id
 from harness.botproc import BotProcess, HttpEndpoint, http_request
 from harness.connector import Recorded, RecordingConnector
+from harness.fake_openai import FakeOpenAI
 from tests.e2e.conftest import Launch
 
 pytestmark = [pytest.mark.e2e]
@@ -276,6 +278,28 @@ def test_hostile_feedback_gets_a_clear_answer_and_damages_nothing(sbot: BotProce
     assert entry["comment"] == "bad" + "a" * 997 + "…"
     say(sbot, conn, conv, "what is my name?")  # the conversation goes on
     assert conn.wait_for_texts(2, conv)[1] == "Your name is Ada."
+
+
+def test_an_openai_model_streams_through_the_same_protocol(launch: Launch, conn: RecordingConnector,
+                                                           fake: FakeOpenAI) -> None:
+    """The OpenAI path: the request asks for a stream (with usage), the fake server answers with
+    server-sent events word by word, and the words reach Teams as growing chunks."""
+    answer = "Streaming works through the real OpenAI client, one word after another, to the very end."
+    fake.set_responder(lambda request: fm.text(answer, chunk_delay=0.25))
+    bot = launch({"OPENAI_API_KEY": "sk-e2e", "OPENAI_BASE_URL": fake.openai_base_url, "OPENAI_MODEL": "e2e-model",
+                  "NO_PROXY": "127.0.0.1,localhost"})
+    conv = new_conversation_id()
+    say(bot, conn, conv, "tell me something")
+    final = final_message(conn, conv)
+    [request] = fake.chat_requests()
+    assert request.body is not None and request.body["stream"] is True
+    assert request.body["stream_options"] == {"include_usage": True}  # the budgets still count tokens
+    chunks = [e for e in conn.stream_sends(conv) if e.activity and e.activity["type"] == "typing"]
+    stream_id = assert_stream_protocol(chunks)
+    texts = [c.activity["text"] for c in chunks[1:] if c.activity]
+    assert len(texts) >= 2 and all(answer.startswith(t) for t in texts), texts
+    assert final.activity is not None and final.activity["text"] == answer and ai_labelled(final.activity)
+    assert entity(final.activity, "streaminfo") == {"type": "streaminfo", "streamType": "final", "streamId": stream_id}
 
 
 # --- a stream that survives a crash ---
