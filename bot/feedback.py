@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Collection
 from typing import Any
 
 from aiohttp import web
@@ -92,9 +93,11 @@ class Feedback:
         self._items = items
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def message_sent(self, reference: JSON, message_id: str) -> None:
+    async def message_sent(self, reference: JSON, message_ids: Collection[str]) -> None:
+        """A model-written message went out under these ids (a streamed one: also its stream id)."""
         key = conversation_key(reference.get("channelId"), (reference.get("conversation") or {}).get("id"))
-        await self._items.write_items({_sent_key(key, message_id): {"at": time.time()}})
+        now = time.time()
+        await self._items.write_items({_sent_key(key, message_id): {"at": now} for message_id in message_ids})
 
     async def submit(self, key: str, reply_to_id: str | None, value: Any, by: Requester) -> None:
         """Store one person's feedback on one message. Raises FeedbackError (nothing stored)."""

@@ -205,7 +205,7 @@ class TeamsReplyStreams:
                            interval=self._interval, max_seconds=self._max_seconds)
 
 
-AiSent = Callable[[JSON, str], Awaitable[None]]
+AiSent = Callable[[JSON, list[str]], Awaitable[None]]
 
 
 class FinalMessages:
@@ -232,8 +232,7 @@ class FinalMessages:
             sent_id = await self._sender.send(reference, without_stream(activity))
         if self._on_ai_sent is not None and activity.get("channelData", {}).get("feedbackLoopEnabled"):
             try:  # feedback names the message by its id; a streamed one is known by its stream id too
-                for known in {i for i in (sent_id, final_stream_id(activity)) if i}:
-                    await self._on_ai_sent(reference, known)
+                await self._on_ai_sent(reference, sorted({i for i in (sent_id, final_stream_id(activity)) if i}))
             except Exception as exc:  # the message is out; only feedback on it would be refused
                 log.warning("could not record sent message %s for feedback: %s", sent_id, exc)
         return sent_id

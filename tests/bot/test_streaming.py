@@ -92,8 +92,8 @@ async def test_a_final_message_teams_refuses_is_sent_once_more_without_its_strea
     channel = Channel([DeliveryError("403 ContentStreamNotAllowed", permanent=True)])
     seen: list[str] = []
 
-    async def on_ai_sent(reference: JSON, message_id: str) -> None:
-        seen.append(message_id)
+    async def on_ai_sent(reference: JSON, message_ids: list[str]) -> None:
+        seen.extend(message_ids)
 
     sent_id = await FinalMessages(channel, on_ai_sent).send(REFERENCE, ai_message("All done.", stream_id="s-9"))
     [plain] = channel.sent

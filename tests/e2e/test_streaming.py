@@ -303,6 +303,7 @@ def test_an_openai_model_streams_through_the_same_protocol(launch: Launch, conn:
 
 
 # --- a stream that survives a crash ---
+@pytest.mark.parametrize("backend", ["sqlite", "cosmos"], indirect=True)  # the note is a store write
 def test_sigkill_mid_stream_the_rerun_turn_finishes_that_stream(launch: Launch, conn: RecordingConnector,
                                                                  tmp_path: Path) -> None:
     conv = new_conversation_id()
