@@ -60,7 +60,8 @@ class TeamsStream:
     """One reply's stream (implements ``runtime.protocol.ReplyStream``); see the module docstring."""
 
     def __init__(self, sender: MessageSender, reference: JSON, on_started: StreamStarted, *, first_delay: float,
-                 interval: float, max_seconds: float) -> None:
+                 interval: float, max_seconds: float, on_not_allowed: Callable[[], None] | None = None) -> None:
+        self._on_not_allowed = on_not_allowed  # the very first send was refused: streaming is off there
         self._sender = sender
         self._reference = reference
         self._on_started = on_started
@@ -143,6 +144,8 @@ class TeamsStream:
                          self._stream_id, exc)
                 metrics.STREAM_UPDATES.labels("refused").inc()
                 self._ended = True
+                if self._stream_id is None and self._on_not_allowed is not None:
+                    self._on_not_allowed()
                 return 0.0
             metrics.STREAM_UPDATES.labels("throttled").inc()
             return max(exc.retry_after or 0.0, 2 * self._interval)  # 429: wait, then the latest text
@@ -192,17 +195,25 @@ class TeamsReplyStreams:
         self._first_delay = first_delay
         self._interval = interval
         self._max_seconds = max_seconds
+        #: Conversations whose first stream send was refused (streaming off for that tenant or
+        #: client): this process does not try again there; typing and one message instead.
+        self._not_allowed: set[str] = set()
 
     @property
     def max_seconds(self) -> float:
         return self._max_seconds
 
     def streams_to(self, reference: JSON) -> bool:
-        return is_personal_teams_chat(reference)
+        return is_personal_teams_chat(reference) and _conversation_id(reference) not in self._not_allowed
 
     def open(self, reference: JSON, on_started: StreamStarted) -> TeamsStream:
         return TeamsStream(self._sender, reference, on_started, first_delay=self._first_delay,
-                           interval=self._interval, max_seconds=self._max_seconds)
+                           interval=self._interval, max_seconds=self._max_seconds,
+                           on_not_allowed=lambda: self._not_allowed.add(_conversation_id(reference)))
+
+
+def _conversation_id(reference: JSON) -> str:
+    return str((reference.get("conversation") or {}).get("id"))
 
 
 AiSent = Callable[[JSON, list[str]], Awaitable[None]]

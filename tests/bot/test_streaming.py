@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.outgoing import MAX_TEXT_UNITS, ai_message
-from bot.streaming import MAX_INFORMATIVE_CHARS, FinalMessages, TeamsStream
+from bot.streaming import MAX_INFORMATIVE_CHARS, FinalMessages, TeamsReplyStreams, TeamsStream
 from runtime.protocol import DeliveryError
 from storage.abc import JSON
 
@@ -99,3 +99,18 @@ async def test_a_final_message_teams_refuses_is_sent_once_more_without_its_strea
     [plain] = channel.sent
     assert plain["text"] == "All done." and all(e["type"] != "streaminfo" for e in plain["entities"])
     assert sent_id is not None and sorted(seen) == sorted({sent_id, "s-9"})  # feedback may name either
+
+
+async def test_a_conversation_that_refuses_its_first_stream_is_not_streamed_to_again() -> None:
+    channel = Channel([DeliveryError("403 ContentStreamNotAllowed", permanent=True)])
+    streams = TeamsReplyStreams(channel, first_delay=0.01, interval=0.05)
+    assert streams.streams_to(REFERENCE)
+
+    async def on_started(stream_id: str) -> None:
+        raise AssertionError("no stream was opened")
+
+    s = streams.open(REFERENCE, on_started)
+    await asyncio.sleep(0.05)
+    assert (await s.finish()).stream_id is None
+    assert not streams.streams_to(REFERENCE)  # typing and one message from now on, in this process
+    assert streams.streams_to({**REFERENCE, "conversation": {"id": "a:2", "conversationType": "personal"}})
