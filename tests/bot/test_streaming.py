@@ -114,3 +114,19 @@ async def test_a_conversation_that_refuses_its_first_stream_is_not_streamed_to_a
     assert (await s.finish()).stream_id is None
     assert not streams.streams_to(REFERENCE)  # typing and one message from now on, in this process
     assert streams.streams_to({**REFERENCE, "conversation": {"id": "a:2", "conversationType": "personal"}})
+
+
+async def test_a_throttled_update_waits_then_sends_the_latest_text_with_the_same_sequence_number() -> None:
+    channel, started = Channel(), list[str]()
+    s = stream(channel, started)
+    await asyncio.sleep(0.08)  # the informative update opened the stream
+    channel.failures.append(DeliveryError("429 Throttled", permanent=False, retry_after=0.2))
+    s.text("Hello")
+    await asyncio.sleep(0.1)  # the chunk was refused; waiting out Retry-After
+    s.text("Hello again")
+    assert len(channel.sent) == 1
+    await asyncio.sleep(0.3)
+    outcome = await s.finish()
+    assert [a["text"] for a in channel.sent] == ["Thinking…", "Hello again"]  # "Hello" was never shown
+    assert [a["entities"][0]["streamSequence"] for a in channel.sent] == [1, 2]
+    assert outcome.stream_id == "stream-1"
