@@ -8,7 +8,7 @@ A tool result carries sources when it is JSON with a ``citations`` list (``{"tit
 Tool output is untrusted (runtime/untrusted.py): only http(s) URLs are kept, every text is
 stripped of control characters and clipped to Teams' limits (at most 20 citations; a name of 80
 characters, an abstract of 160, at most 3 keywords of 28), and a source without a usable title is
-dropped.
+dropped. A message keeps only as many citations as fit Teams' message size (agent/processor.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ MAX_NAME = 80
 MAX_ABSTRACT = 160
 MAX_KEYWORDS = 3
 MAX_KEYWORD = 28
-MAX_URL = 2000
+MAX_URL = 500
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u202a-\u202e\u2066-\u2069]+")
 _MARKER = re.compile(r"\[(\d{1,2})\]")

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from agent.citations import with_markers
 from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
 from agent.forgetting import Forgetter, reset_confirmation
-from agent.outgoing import ai_message, closing_message, split_text
+from agent.outgoing import TEAMS_MESSAGE_BYTES, activity_bytes, ai_message, closing_message, split_text
 from agent.turns import AgentError, AgentInput, TurnOutcome, TurnRunner
 from runtime import logs, metrics, tracing
 from runtime.crashpoints import crash_point
@@ -84,8 +84,13 @@ def model_replies(outcome: TurnOutcome, streamed: StreamOutcome) -> list[JSON]:
             text, citations = with_markers(text, outcome.citations)
         parts = split_text(text)
         for i, part in enumerate(parts):
-            activities.append(ai_message(part, stream_id=streamed.stream_id if not activities else None,
-                                         citations=citations if i == len(parts) - 1 else None))
+            activity = ai_message(part, stream_id=streamed.stream_id if not activities else None,
+                                  citations=citations if i == len(parts) - 1 else None)
+            while citations and activity_bytes(activity) > TEAMS_MESSAGE_BYTES:  # the last ones go first
+                citations = citations[:-1]
+                activity = ai_message(part, stream_id=streamed.stream_id if not activities else None,
+                                      citations=citations)
+            activities.append(activity)
     return activities
 
 

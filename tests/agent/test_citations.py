@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 
 from agent.citations import MAX_CITATIONS, citations_from_results, with_markers
+from agent.outgoing import TEAMS_MESSAGE_BYTES, activity_bytes
+from agent.processor import model_replies
+from agent.turns import TurnOutcome
+from runtime.protocol import StreamOutcome
 from runtime.untrusted import delimit_tool_output
 
 
@@ -41,3 +45,17 @@ def test_the_reply_carries_the_citations_it_names_or_all_with_markers_added() ->
     text, used = with_markers("No markers here.", found)
     assert text == "No markers here.\n\n[1] [2]" and used == found
     assert with_markers("Plain.", []) == ("Plain.", [])
+
+
+def test_a_long_answer_keeps_only_the_citations_that_fit_one_message() -> None:
+    sources = [{"title": "T" * 80, "url": "https://e.example/" + "p" * 480, "abstract": "a" * 160}
+               for _ in range(20)]
+    found = citations_from_results([result({"citations": sources})])
+    assert len(found) == 20
+    [short] = model_replies(TurnOutcome(state={}, replies=["Short [1]."], citations=found), StreamOutcome())
+    assert len(short["entities"][0]["citation"]) == 1  # only the one it names
+    long_text = "word " * 2300 + " ".join(f"[{n}]" for n in range(1, 21))
+    replies = model_replies(TurnOutcome(state={}, replies=[long_text], citations=found), StreamOutcome())
+    assert all(activity_bytes(a) <= TEAMS_MESSAGE_BYTES for a in replies)
+    kept = replies[-1]["entities"][0].get("citation", [])
+    assert 0 < len(kept) < 20 and [c["position"] for c in kept] == list(range(1, len(kept) + 1))
