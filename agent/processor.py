@@ -272,11 +272,8 @@ class ConversationProcessor:
                                                               attributes={"conversation.key": record.key,
                                                                           "event.kind": event.kind,
                                                                           "event.id": event.id}):
-                        if stream is not None:
-                            outcome = await self._runner.run(record.key, state, [item], earlier_jobs=new_jobs,
-                                                             progress=stream)
-                        else:
-                            outcome = await self._runner.run(record.key, state, [item], earlier_jobs=new_jobs)
+                        progress = {"progress": stream} if stream is not None else {}  # fakes need not take it
+                        outcome = await self._runner.run(record.key, state, [item], earlier_jobs=new_jobs, **progress)
                 except AgentError as exc:  # the state stays as it was; the user is told why, briefly
                     metrics.turn_done("failed", time.perf_counter() - started)
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
