@@ -241,7 +241,9 @@ class FinalMessages:
                      final_stream_id(activity), exc)
             metrics.STREAM_UPDATES.labels("final_refused").inc()
             sent_id = await self._sender.send(reference, without_stream(activity))
-        if self._on_ai_sent is not None and activity.get("channelData", {}).get("feedbackLoopEnabled"):
+        # Teams shows the feedback buttons (other channels, e.g. the Emulator, have none: no write there).
+        if self._on_ai_sent is not None and reference.get("channelId") == "msteams" \
+                and activity.get("channelData", {}).get("feedbackLoopEnabled"):
             try:  # feedback names the message by its id; a streamed one is known by its stream id too
                 await self._on_ai_sent(reference, sorted({i for i in (sent_id, final_stream_id(activity)) if i}))
             except Exception as exc:  # the message is out; only feedback on it would be refused
