@@ -6,7 +6,7 @@ feedbackText>"}}`` and ``replyToId``, the message it is about. It is answered 20
 
 Stored in the store's key/value items, with the message it is about:
 
-* ``feedback-msg/<conversation key>/<message id>``: written when a model-written message went out
+* ``feedback-msg/<conversation key>/<message id>``: written when a model-written message went out to Teams
   (:meth:`Feedback.message_sent`, through ``bot.streaming.FinalMessages``), so feedback on a
   message the bot never sent is refused (404) and stores nothing (feedback naming no message, as
   the Agents Playground sends it, is kept with ``message_id`` null);
