@@ -28,7 +28,7 @@ from agent.budget import TokenBudget
 from agent.mcp import McpConfigError, McpHub, load_mcp_config
 from agent.models import create_model_client
 from agent.offline_model import OfflineChatCompletionClient
-from agent.processor import ConversationProcessor
+from agent.processor import FIRST_INDICATOR_DELAY, ConversationProcessor
 from agent.runner import DEFAULT_SYSTEM_MESSAGE, AgentTurnRunner
 from agent.tool_policy import ToolPolicy, ToolPolicyError
 from agent.tools import turn_tools
@@ -39,11 +39,13 @@ from bot.auth import TenantPolicy
 from bot.cards import jobs_list_card, welcome_activity
 from bot.dialog_storage import ConversationStoreStorage
 from bot.edge import MAX_BODY_BYTES, create_adapter, messages_handler
+from bot.feedback import Feedback
 from bot.handler import TeamsBot, request_reset
 from bot.job_cards import JobCardUpdater
 from bot.rate_limits import IngestLimits
 from bot.sender import ProactiveSender
 from bot.service_urls import ServiceUrlPolicy
+from bot.streaming import FinalMessages, TeamsReplyStreams
 from cluster import Coordinator, LocalCoordinator
 from dialogs.commands import CommandDialogs
 from dialogs.help import help_text
@@ -164,10 +166,17 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         budget=None if offline else build_budget(settings, store),  # the offline model costs nothing
         max_tool_result_chars=settings.max_tool_result_chars,
     )
+    # Issue 15: answers stream in one-on-one Teams chats (STREAMING); the outbox's final messages close
+    # the streams, and every model-written message that goes out can take feedback.
+    feedback = Feedback(store)
+    streams = TeamsReplyStreams(sender, first_delay=FIRST_INDICATOR_DELAY, interval=settings.stream_interval_seconds,
+                                max_seconds=settings.stream_max_seconds) if settings.streaming else None
     processor = ConversationProcessor(
-        store, runner, sender, welcome=lambda: welcome_activity(offline, examples=examples),
+        store, runner, FinalMessages(sender, on_ai_sent=feedback.message_sent),
+        welcome=lambda: welcome_activity(offline, examples=examples),
         schedule_job=scheduler.schedule,
         job_card=card_for_activity, on_card_sent=card_updater.card_posted,  # a job awaiting approval: its card
+        streams=streams, stream_seconds=settings.stream_max_seconds,
     )
     worker = Worker(coordinator, wakeups, processor, job_runner, scheduler, registry, mcp_hub, card_updater, store,
                     retention_days=settings.conversation_ttl_days,
@@ -184,7 +193,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     approvals = ApprovalClicks(Approvals(store, inbox, approval, on_decided=card_updater.job_changed))
     bot = TeamsBot(store, inbox, commands, cancel_job, service_urls=service_urls,
                    tenants=TenantPolicy(settings.allowed_tenants), limits=build_ingest_limits(settings, store),
-                   approvals=approvals)
+                   approvals=approvals, feedback=feedback)
 
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     readiness = ops.Readiness(settings, store, coordinator, scheduler)
@@ -207,8 +216,11 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         app.cleanup_ctx.append(functools.partial(worker_services, worker))
         app.cleanup_ctx.append(functools.partial(standby, worker))
     # After the rest: a separate ops listener starts once the stores are open. OPS_TOKEN / OPS_PORT.
-    ops.serve_ops_endpoints(app, {"/readyz": readiness.readyz,
-                                  "/metrics": ops.metrics_handler(functools.partial(metrics.refresh_jobs, store))},
+    ops_routes: dict[str, ops.Handler] = {
+        "/readyz": readiness.readyz, "/metrics": ops.metrics_handler(functools.partial(metrics.refresh_jobs, store))}
+    if settings.ops_token or settings.local_mode:  # people's comments: never on an open port outside local mode
+        ops_routes["/feedback"] = feedback.endpoint
+    ops.serve_ops_endpoints(app, ops_routes,
                             token=settings.ops_token, host=settings.ops_host, port=settings.ops_port)
     return app
 

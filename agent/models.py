@@ -247,6 +247,8 @@ class ModelCallRecorder(ChatCompletionClient):
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
     ) -> AsyncGenerator[str | CreateResult, None]:
+        # A streamed answer reports its usage (the budgets count it) only when asked to.
+        extra_create_args = {"stream_options": {"include_usage": True}, **extra_create_args}
         try:
             async for item in self.inner.create_stream(
                     _json_object_arguments(messages), tools=tools, tool_choice=tool_choice, json_output=json_output,

@@ -10,7 +10,8 @@ a declared tool's ``offline_phrase``      that tool, its named groups as argumen
 ``list jobs`` / ``jobs``                  ``list_jobs()``
 ``cancel <job id>``                       ``cancel_job(job_id)``
 ``my name is <name>`` / ``what is my name``  remembers from the conversation's context
-``think for <n> seconds``                 answers after n seconds (a slow model, for trying crashes)
+``think for <n> seconds``                 answers over n seconds, word by word (a slow model, for crashes)
+``explain durability``                    a longer answer, streamed at a reader's pace
 ``time in <zone>``                        ``get_current_time(timezone)`` (the MCP time server)
 ``run <tool> [json arguments]``           any tool, e.g. an MCP server's (local mode only)
 ========================================  ============================================
@@ -24,6 +25,9 @@ their examples. No tool is named here.
 Every call still passes the tool policy (agent/tool_policy.py).
 
 Anything else gets a plain answer that this is the offline model and how to set a real one.
+
+Streamed (``create_stream``, what the agent uses), every answer arrives word by word: the two slow
+phrases at a realistic pace, the others at once.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ HELP_TAIL = (
     "- `cancel JOB_ID`: cancel a job\n"
     "- `my name is Ada` / `what is my name?`: I remember this conversation, even across restarts\n"
     "- `think for 5 seconds`: a slow answer (to try stopping me mid-turn)\n"
+    "- `explain durability`: a longer answer, streamed as it is written\n"
     "- `time in Europe/Paris`: asks the MCP time server, if one is configured in `mcp.json`\n"
     "- `run TOOL {json arguments}`: calls any tool I have, e.g. one from an MCP server (local mode only)\n"
     "- `reset`: forget this conversation (asks first)\n\n" + CONFIGURE_HINT
@@ -101,6 +106,21 @@ _THINK = re.compile(r"^think for (?P<seconds>\d+(?:\.\d+)?) seconds?[.!]?$", re.
 _TIME_IN = re.compile(r"^(?:what(?:'s| is) the )?time in (?P<zone>[\w/+-]+)\??$", re.I)
 _RUN = re.compile(r"^run (?P<tool>[\w.-]+)\s*(?P<args>\{.*\})?\s*$", re.I | re.S)
 _ASK_NAME = re.compile(r"\bwhat(?:'s| is) my name\b", re.I)
+_EXPLAIN = re.compile(r"^explain durability[.!?]?$", re.I)
+#: Seconds between two words of ``explain durability`` (about 12 words a second, a fast model).
+WORD_DELAY = 0.08
+
+DURABILITY = (
+    "Everything this conversation has lives in the store, not in my memory. Your message was written to the "
+    "conversation's inbox before Teams got its 200, so a crash cannot lose it. I fold each message into the "
+    "conversation's state and commit the new state, your message marked done and my reply in the outbox in "
+    "one conditional write; only then is the reply sent, and it leaves the outbox only after Teams accepted "
+    "it. If the process dies mid-turn, the restarted one finds the message still pending and answers it "
+    "again from the old state: nothing is lost and nothing is done twice. This answer is streamed, and even "
+    "the stream survives a crash: its id is recorded first, so the re-run turn finishes the same message "
+    "instead of leaving half an answer above a new one. Background jobs keep their own records and announce "
+    "their outcome exactly once."
+)
 
 _INFO: ModelInfo = {
     "vision": False,
@@ -115,6 +135,11 @@ _INFO: ModelInfo = {
 def _text_of(message: LLMMessage) -> str:
     content = getattr(message, "content", "")
     return content if isinstance(content, str) else ""
+
+
+def _words(text: str) -> list[str]:
+    """``text`` as streamed chunks: each word with the space after it (joined, the text again)."""
+    return re.findall(r"\S+\s*|\s+", text) or [text]
 
 
 def _mcp_text(data: Any) -> str | None:
@@ -185,6 +210,8 @@ class OfflineChatCompletionClient(ChatCompletionClient):
             await asyncio.sleep(seconds)
             return CreateResult(finish_reason="stop", content=f"I thought about it for {seconds:g} seconds.",
                                 usage=self._usage, cached=False)
+        if isinstance(last, UserMessage) and _EXPLAIN.match(_text_of(last).strip()):
+            return CreateResult(finish_reason="stop", content=DURABILITY, usage=self._usage, cached=False)
         content = self._respond(list(messages), tool_names)
         return CreateResult(finish_reason="function_calls" if isinstance(content, list) else "stop",
                             content=content, usage=self._usage, cached=False)
@@ -265,7 +292,23 @@ class OfflineChatCompletionClient(ChatCompletionClient):
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
     ) -> AsyncGenerator[str | CreateResult, None]:
-        yield await self.create(messages, tools=tools)
+        last = messages[-1] if messages else None
+        said = _text_of(last).strip() if isinstance(last, UserMessage) else ""
+        pace = 0.0
+        if m := _THINK.match(said):
+            seconds = min(float(m.group("seconds")), 600.0)
+            result = CreateResult(finish_reason="stop", content=f"I thought about it for {seconds:g} seconds.",
+                                  usage=self._usage, cached=False)
+            pace = seconds / len(_words(str(result.content)))  # the same n seconds, spent writing
+        else:
+            result = await self.create(messages, tools=tools)
+            if _EXPLAIN.match(said):
+                pace = WORD_DELAY
+        if isinstance(result.content, str):
+            for word in _words(result.content):
+                await asyncio.sleep(pace)
+                yield word
+        yield result
 
     async def close(self) -> None:
         return None

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+JSONDict = dict[str, Any]
+
 #: The strictest documented Teams limit for one message (bytes of UTF-16).
 TEAMS_MESSAGE_BYTES = 28_000
 #: Room left for the activity's envelope (type, ids, conversation reference, entities).
@@ -74,3 +76,64 @@ def split_text(text: str, max_units: int = MAX_TEXT_UNITS, max_parts: int = MAX_
 
 def _clip_note(shown: int, total: int) -> str:
     return f"\n\n[clipped: this answer was too long for Teams; {shown} of {total} characters shown]"
+
+
+# --- what marks a model-written message (Teams: "Enhance AI-generated bot messages") ---
+#: The streaming protocol's entity (on the typing chunks and on the final message).
+STREAMINFO = "streaminfo"
+#: The schema.org Message entity that carries the AI label and the citations.
+_AI_ENTITY: JSONDict = {"type": "https://schema.org/Message", "@type": "Message", "@context": "https://schema.org",
+              "@id": "", "additionalType": ["AIGeneratedContent"]}
+
+
+def stream_entity(stream_type: str, *, stream_id: str | None = None, sequence: int | None = None) -> JSONDict:
+    """A ``streaminfo`` entity: ``informative`` / ``streaming`` (with a sequence from 1) or ``final``
+    (no sequence); every one but the first names the stream the first send returned."""
+    entity: JSONDict = {"type": STREAMINFO, "streamType": stream_type}
+    if stream_id is not None:
+        entity["streamId"] = stream_id
+    if sequence is not None:
+        entity["streamSequence"] = sequence
+    return entity
+
+
+def ai_message(text: str, *, stream_id: str | None = None, citations: list[JSONDict] | None = None) -> JSONDict:
+    """A model-written message: the AI label, the feedback buttons, its citations (already within
+    Teams' limits: agent/citations.py) and, when it ends a stream, the ``final`` streaminfo."""
+    ai: JSONDict = {**_AI_ENTITY, "additionalType": ["AIGeneratedContent"]}
+    if citations:
+        ai["citation"] = citations
+    entities: list[JSONDict] = [ai]
+    if stream_id is not None:
+        entities.append(stream_entity("final", stream_id=stream_id))
+    return {"type": "message", "text": text, "textFormat": "markdown", "entities": entities,
+            "channelData": {"feedbackLoopEnabled": True}}
+
+
+def closing_message(text: str, stream_id: str) -> JSONDict:
+    """A fixed text of the bot's (no AI label) that ends a stream, e.g. when the turn failed."""
+    return {"type": "message", "text": text, "textFormat": "markdown",
+            "entities": [stream_entity("final", stream_id=stream_id)]}
+
+
+def is_ai_message(activity: Any) -> bool:
+    """Whether an activity carries the AI label (so feedback on it is expected)."""
+    return isinstance(activity, dict) and any(
+        isinstance(e, dict) and "AIGeneratedContent" in (e.get("additionalType") or ())
+        for e in activity.get("entities") or ())
+
+
+def final_stream_id(activity: Any) -> str | None:
+    """The stream a message closes (its ``final`` streaminfo), or None."""
+    for entity in (activity.get("entities") or ()) if isinstance(activity, dict) else ():
+        if isinstance(entity, dict) and entity.get("type") == STREAMINFO and entity.get("streamType") == "final":
+            return str(entity.get("streamId") or "") or None
+    return None
+
+
+def without_stream(activity: JSONDict) -> JSONDict:
+    """The same message as a plain one (when Teams refuses to close the stream with it)."""
+    plain = dict(activity)
+    plain["entities"] = [e for e in activity.get("entities") or () if not (isinstance(e, dict)
+                                                                          and e.get("type") == STREAMINFO)]
+    return plain

@@ -21,19 +21,24 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
+from agent.citations import with_markers
 from agent.events import APPROVAL_PROMPT, JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
 from agent.forgetting import Forgetter, reset_confirmation
-from agent.outgoing import split_text
-from agent.turns import AgentError, AgentInput, TurnRunner
+from agent.outgoing import TEAMS_MESSAGE_BYTES, activity_bytes, ai_message, closing_message, split_text
+from agent.turns import AgentError, AgentInput, TurnOutcome, TurnRunner
 from runtime import logs, metrics, tracing
 from runtime.crashpoints import crash_point
 from runtime.protocol import (
     AGENT_KINDS,
+    STREAM_NOTE,
     DeliveryError,
     EventKind,
     JobResult,
     MessageSender,
+    ReplyStream,
+    ReplyStreams,
     Requester,
+    StreamOutcome,
     card_job_id,
     card_message_id,
     reply_id,
@@ -54,6 +59,8 @@ from storage.abc import (
 log = logging.getLogger(__name__)
 
 TYPING_INTERVAL = 3.0  # Teams shows a typing indicator for about 3 s
+#: A turn still running after this long shows progress (typing, or a stream): a faster one sends nothing extra.
+FIRST_INDICATOR_DELAY = 0.5
 
 
 def text_activity(text: str) -> JSON:
@@ -63,6 +70,29 @@ def text_activity(text: str) -> JSON:
 def text_activities(text: str) -> list[JSON]:
     """A reply as messages Teams accepts (a long one split, a runaway one clipped: agent.outgoing)."""
     return [text_activity(part) for part in split_text(text)]
+
+
+def model_replies(outcome: TurnOutcome, streamed: StreamOutcome) -> list[JSON]:
+    """The model's replies as AI-labelled messages with feedback buttons: the first closes the turn's
+    stream (if one is open), its sources become citations; after a stream closed early only the
+    rest of the answer is sent."""
+    activities: list[JSON] = []
+    for n, text in enumerate(outcome.replies):
+        if n == 0 and streamed.shown and text.startswith(streamed.shown):
+            text = "…" + text[len(streamed.shown):]
+        citations = None
+        if n == len(outcome.replies) - 1 and outcome.citations:
+            text, citations = with_markers(text, outcome.citations)
+        parts = split_text(text)
+        for i, part in enumerate(parts):
+            activity = ai_message(part, stream_id=streamed.stream_id if not activities else None,
+                                  citations=citations if i == len(parts) - 1 else None)
+            while citations and activity_bytes(activity) > TEAMS_MESSAGE_BYTES:  # the last ones go first
+                citations = citations[:-1]
+                activity = ai_message(part, stream_id=streamed.stream_id if not activities else None,
+                                      citations=citations)
+            activities.append(activity)
+    return activities
 
 
 def plain_job_outcome(result: JobResult) -> str:
@@ -99,9 +129,15 @@ class ConversationProcessor:
         on_card_sent: CardSent | None = None,
         max_backoff: float = 30.0,
         max_delivery_failures: int = 30,
+        streams: ReplyStreams | None = None,
+        stream_seconds: float = 110.0,
     ) -> None:
         """``job_card`` renders the live card posted (through the outbox) for each new job;
-        ``on_card_sent(conversation_key, job_id, activity_id)`` records where it landed."""
+        ``on_card_sent(conversation_key, job_id, activity_id)`` records where it landed; ``streams``
+        shows a turn's answer as it is written where the conversation supports it (None: never), a
+        stream lasting at most ``stream_seconds`` (a re-run turn closes a stream only younger than that)."""
+        self._streams = streams
+        self._stream_seconds = stream_seconds
         self._store = store
         self._runner = runner
         self._sender = sender
@@ -197,9 +233,11 @@ class ConversationProcessor:
         if events:
             reference = await self._store.get_reference(key)
             needs_thought = any(e.kind in AGENT_KINDS for e in events)
-            typing = asyncio.create_task(self._keep_typing(reference)) if reference and needs_thought else None
+            streaming = self._streams is not None and reference is not None and self._streams.streams_to(reference)
+            typing = (asyncio.create_task(self._keep_typing(reference))
+                      if reference and needs_thought and not streaming else None)
             try:
-                committed = await self._commit_turn(record, events)
+                committed = await self._commit_turn(record, events, reference if streaming else None)
             finally:
                 if typing is not None:
                     typing.cancel()
@@ -211,7 +249,9 @@ class ConversationProcessor:
             record = committed
         return await self._flush(record)
 
-    async def _commit_turn(self, record: ConversationRecord, events: Sequence[InboxEvent]) -> ConversationRecord | None:
+    async def _commit_turn(self, record: ConversationRecord, events: Sequence[InboxEvent],
+                           stream_to: JSON | None = None) -> ConversationRecord | None:
+        """``stream_to``: the reference of a conversation where each agent turn streams its answer."""
         state = record.agent_state
         outbox = list(record.outbox)
         new_jobs: list[JobRecord] = []
@@ -228,25 +268,36 @@ class ConversationProcessor:
                 pass  # rejected: the job runner ends the job, and its job:<id> result tells the agent
             elif (item := self._agent_input(event)) is not None:
                 started = time.perf_counter()
+                stream, streamed = self._stream_for(record.key, event, stream_to)
                 try:
                     ingested = tracing.links(event.payload.get(tracing.CARRIER_KEY))
                     with tracing.tracer.start_as_current_span("agent turn", kind=tracing.CONSUMER, links=ingested,
                                                               attributes={"conversation.key": record.key,
                                                                           "event.kind": event.kind,
                                                                           "event.id": event.id}):
-                        outcome = await self._runner.run(record.key, state, [item], earlier_jobs=new_jobs)
+                        progress = {"progress": stream} if stream is not None else {}  # fakes need not take it
+                        outcome = await self._runner.run(record.key, state, [item], earlier_jobs=new_jobs, **progress)
                 except AgentError as exc:  # the state stays as it was; the user is told why, briefly
                     metrics.turn_done("failed", time.perf_counter() - started)
                     log.log(exc.log_level, "agent turn failed in %s for event %s (%s): %s", record.key, event.id,
                             exc.cause, exc, exc_info=exc if exc.cause == "unknown" else None)
-                    replies.append(text_activity(exc.user_message))
+                    if stream is not None:
+                        streamed = await stream.finish()
+                    # An open stream is closed by the fixed text (no AI label: the model did not write it).
+                    replies.append(closing_message(exc.user_message, streamed.stream_id) if streamed.stream_id
+                                   else text_activity(exc.user_message))
                     if item.job_result is not None:  # the model could not relay it: say it plainly
                         replies.extend(text_activities(plain_job_outcome(item.job_result)))
                 else:
                     metrics.turn_done("ok", time.perf_counter() - started)
                     state = outcome.state
                     new_jobs.extend(outcome.new_jobs)
-                    replies.extend(activity for text in outcome.replies for activity in text_activities(text))
+                    if stream is not None:
+                        streamed = await stream.finish()
+                    replies.extend(model_replies(outcome, streamed))
+                finally:
+                    if stream is not None:  # a cancelled turn (shutdown) stops its stream too
+                        await stream.finish()
             else:
                 log.warning("ignoring inbox event %s of unknown kind %r", event.id, event.kind)
             outbox.extend(OutboxMessage(id=reply_id(event.id, n), activity=a) for n, a in enumerate(replies))
@@ -293,6 +344,28 @@ class ConversationProcessor:
             except ItemTooLargeError:
                 continue
         raise exc
+
+    def _stream_for(self, key: str, event: InboxEvent,
+                    stream_to: JSON | None) -> tuple[ReplyStream | None, StreamOutcome]:
+        """The stream for this event's turn, or how an earlier run's stream must be closed.
+
+        A turn re-run after a crash finds its stream on the event (STREAM_NOTE): it streams no
+        second one, and its final message closes the first one, if still young enough to be open.
+        """
+        if stream_to is None or self._streams is None:
+            return None, StreamOutcome()
+        note = event.payload.get(STREAM_NOTE)
+        if isinstance(note, dict) and isinstance(note.get("id"), str):
+            opened = note.get("at")
+            young = isinstance(opened, int | float) and time.time() - opened < self._stream_seconds
+            log.info("re-running the turn of event %s: its final message %s stream %s", event.id,
+                     "closes" if young else "replaces the expired", note["id"])
+            return None, StreamOutcome(stream_id=note["id"] if young else None)
+
+        async def started(stream_id: str) -> None:
+            await self._store.annotate_event(key, event.id, STREAM_NOTE, {"id": stream_id, "at": time.time()})
+
+        return self._streams.open(stream_to, started), StreamOutcome()
 
     @staticmethod
     def _agent_input(event: InboxEvent) -> AgentInput | None:

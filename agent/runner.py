@@ -12,19 +12,27 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from autogen_agentchat.agents import AssistantAgent
-from autogen_agentchat.messages import TextMessage, ToolCallSummaryMessage
+from autogen_agentchat.base import TaskResult
+from autogen_agentchat.messages import (
+    ModelClientStreamingChunkEvent,
+    TextMessage,
+    ToolCallExecutionEvent,
+    ToolCallRequestEvent,
+    ToolCallSummaryMessage,
+)
 from autogen_agentchat.teams import RoundRobinGroupChat
 from autogen_core.models import ChatCompletionClient, LLMMessage, UserMessage
 from autogen_core.tools import BaseTool
 
 from agent.budget import TokenBudget, count_tokens
+from agent.citations import citations_from_results
 from agent.context import BoundedChatCompletionContext
 from agent.events import JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
 from agent.models import UNKNOWN as UNKNOWN_PROVIDER
 from agent.models import ContentFilteredError, ModelCallRecorder, ModelProvider, provider_of
 from agent.tool_output import UntrustedOutputWorkbench, job_result_messages
 from agent.tools import TurnScope
-from agent.turns import AGAIN, SORRY, AgentError, AgentInput, TurnOutcome
+from agent.turns import AGAIN, SORRY, AgentError, AgentInput, TurnOutcome, TurnProgress
 from runtime.protocol import Requester
 from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS
 from storage.abc import JSON, JobRecord
@@ -241,13 +249,15 @@ class AgentTurnRunner:
             system_message=self._system_message,
             model_context=BoundedChatCompletionContext(buffer_size=self._context_messages),
             reflect_on_tool_use=True,
+            model_client_stream=True,  # the answer reaches the turn's progress as it is written
         )
         return RoundRobinGroupChat([agent], max_turns=1), agent
 
     async def run(self, conversation_key: str, state: JSON | None, inputs: Sequence[AgentInput], *,
-                  earlier_jobs: Sequence[JobRecord] = ()) -> TurnOutcome:
+                  earlier_jobs: Sequence[JobRecord] = (), progress: TurnProgress | None = None) -> TurnOutcome:
         """Run the inputs one after the other (each gets its own reply) and return the new state.
-        ``earlier_jobs``: jobs recorded by earlier turns of the same commit (counted by the job caps)."""
+        ``earlier_jobs``: jobs recorded by earlier turns of the same commit (counted by the job caps);
+        ``progress``: told which tool starts and the answer as the model streams it."""
         requester = next((i.requester for i in inputs if i.requester), None)
         if requester is None and any(i.source != JOB_RESULT_SOURCE for i in inputs):
             requester = Requester()  # someone asked, unknown who; only a job-result turn has nobody (None)
@@ -259,7 +269,7 @@ class AgentTurnRunner:
                              user_message=spent.job_result_message if job_results else spent.user_message)
         model = ModelCallRecorder(self._model_client)  # keeps the model's own exception for AgentError
         try:
-            return await self._run(scope, model, state, inputs)
+            return await self._run(scope, model, state, inputs, progress)
         finally:  # charged whether the turn succeeded or not: its model calls cost either way
             await self._charge(conversation_key, tenant_id, model)
 
@@ -275,9 +285,11 @@ class AgentTurnRunner:
                         conversation_key, exc)
 
     async def _run(self, scope: TurnScope, model: ModelCallRecorder, state: JSON | None,
-                   inputs: Sequence[AgentInput]) -> TurnOutcome:
+                   inputs: Sequence[AgentInput], progress: TurnProgress | None = None) -> TurnOutcome:
         team, agent = self._team(scope, model)
         replies: list[str] = []
+        results: list[str] = []  # the tools' results (delimited, clipped): their sources become citations
+        written = ""  # the answer so far, across the turn's model calls (a stream only ever grows)
         try:
             if state:  # inside the try: a state this AutoGen cannot read fails the turn, not the processor
                 await team.load_state(state)
@@ -285,7 +297,22 @@ class AgentTurnRunner:
                 if item.job_result is not None:  # the outcome is a tool result, never a user message
                     for message in job_result_messages(item.job_result, self._max_tool_result_chars, AGENT_NAME):
                         await agent.model_context.add_message(message)
-                result = await team.run(task=[TextMessage(source=item.source, content=item.text)])
+                result: TaskResult | None = None
+                async for event in team.run_stream(task=[TextMessage(source=item.source, content=item.text)]):
+                    if isinstance(event, TaskResult):
+                        result = event
+                    elif isinstance(event, ModelClientStreamingChunkEvent) and progress is not None:
+                        written += event.content
+                        progress.text(written)
+                    elif isinstance(event, ToolCallRequestEvent):
+                        if written and not written.endswith("\n\n"):
+                            written += "\n\n"  # a later model call's text starts a new paragraph
+                        if progress is not None and not written.strip():
+                            progress.informative(f"Starting {', '.join(c.name for c in event.content)}…")
+                    elif isinstance(event, ToolCallExecutionEvent):
+                        results.extend(r.content for r in event.content if not r.is_error)
+                if result is None:  # pragma: no cover - run_stream always ends with its TaskResult
+                    raise RuntimeError("the team's run ended without a result")
                 replies.extend(
                     m.content
                     for m in result.messages
@@ -298,7 +325,8 @@ class AgentTurnRunner:
         except Exception as exc:
             cause = model.error or exc
             raise classify_failure(cause, provider_of(self._model_client)) from cause
-        return TurnOutcome(state=new_state, replies=replies, new_jobs=scope.new_jobs)
+        return TurnOutcome(state=new_state, replies=replies, new_jobs=scope.new_jobs,
+                           citations=citations_from_results(results))
 
 
 def _is_job_prompt(message: LLMMessage) -> bool:

@@ -54,12 +54,26 @@ class TurnOutcome:
     state: JSON
     replies: list[str] = field(default_factory=list)
     new_jobs: list[JobRecord] = field(default_factory=list)
+    #: Sources the turn's tools returned, as Teams citation entities (agent/citations.py), in [n] order.
+    citations: list[JSON] = field(default_factory=list)
+
+
+class TurnProgress(Protocol):
+    """Where a running turn says what it is doing (a stream to the user: runtime.protocol.ReplyStream).
+    Both only note the latest; neither blocks the turn."""
+
+    def informative(self, text: str) -> None:
+        """What the agent is doing now ("Starting get_current_time…"), before its answer starts."""
+
+    def text(self, so_far: str) -> None:
+        """The answer as written so far (each call extends the one before)."""
 
 
 class TurnRunner(Protocol):
     async def run(self, conversation_key: str, state: JSON | None, inputs: Sequence[AgentInput], *,
-                  earlier_jobs: Sequence[JobRecord] = ()) -> TurnOutcome:
+                  earlier_jobs: Sequence[JobRecord] = (), progress: TurnProgress | None = None) -> TurnOutcome:
         """Run the inputs one after the other (each gets its own reply) and return the new state.
-        ``earlier_jobs``: jobs recorded by earlier turns of the same commit (counted by the job caps).
+        ``earlier_jobs``: jobs recorded by earlier turns of the same commit (counted by the job caps);
+        ``progress``: told what the turn does and the answer as the model writes it.
         Raises :class:`AgentError`; the state passed in is not changed."""
         ...

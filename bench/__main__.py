@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.common import REPO, Progress, fmt_ms, fmt_ratio, percentile, quiet_env, ratio
 
-ALL = ("turns", "notify", "state", "jobs", "recovery", "scaleout")
+ALL = ("turns", "notify", "state", "jobs", "recovery", "scaleout", "streaming")
 
 
 @dataclass(frozen=True)
@@ -472,6 +472,9 @@ def main() -> int:
         from bench import scaleout
 
         results["scaleout"] = scaleout.run(sizes.scaleout_plan(), progress, weights["scaleout"])
+    if "streaming" in only:  # issue 15: bench/streaming.py
+        from bench import streaming
+        results["streaming"] = streaming.run(3 if args.quick else 5, 3.0 if args.quick else 6.0, progress, 8.0)
     progress.finish()
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()
@@ -481,6 +484,8 @@ def main() -> int:
                         ("recovery", recovery_rows), ("scaleout", scaleout_rows)):
         if name in results:
             rows += build(results[name])
+    if "streaming" in results:
+        rows += [Row(*r[:6], verdict=_verdict(r[6])) for r in streaming.rows(results["streaming"])]
     summary = table(rows)
     print()
     print(summary)

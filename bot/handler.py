@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from botbuilder.core import TurnContext
+from botbuilder.core import InvokeResponse, TurnContext
 from botbuilder.core.teams import TeamsActivityHandler
 from botbuilder.schema import Activity, AdaptiveCardInvokeResponse, AdaptiveCardInvokeValue, ChannelAccount
 
@@ -19,6 +19,7 @@ from bot.approvals import ApprovalClicks
 from bot.auth import TenantPolicy, activity_tenants
 from bot.cards import CANCEL_VERB, CARD_CONTENT_TYPE, job_card, notice_card, parse_cancel
 from bot.dialog_storage import dialog_item_key
+from bot.feedback import SUBMIT_ACTION, Feedback, FeedbackError, feedback_item_key
 from bot.keys import conversation_key
 from bot.rate_limits import IngestLimits
 from bot.service_urls import ServiceUrlPolicy
@@ -77,7 +78,9 @@ class TeamsBot(TeamsActivityHandler):
         tenants: TenantPolicy | None = None,
         limits: IngestLimits | None = None,
         approvals: ApprovalClicks | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
+        self._feedback = feedback  # None: feedback invokes are not answered (unit tests)
         self._service_urls = service_urls
         self._tenants = tenants or TenantPolicy()
         self._limits = limits  # None: no rate limits, no inbox cap (unit tests)
@@ -142,6 +145,18 @@ class TeamsBot(TeamsActivityHandler):
             payload[tracing.CARRIER_KEY] = trace_context
         await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.MESSAGE, payload=payload))
 
+    async def on_invoke_activity(self, turn_context: TurnContext) -> InvokeResponse:
+        activity = turn_context.activity
+        if activity.name == SUBMIT_ACTION and self._feedback is not None:  # thumbs up / down: bot/feedback.py
+            try:
+                await self._feedback.submit(conversation_key(activity), activity.reply_to_id, activity.value,
+                                            requester(activity))
+            except FeedbackError as refused:
+                return InvokeResponse(status=refused.status, body={"code": "BadRequest" if refused.status == 400
+                                                                   else "NotFound", "message": str(refused)})
+            return InvokeResponse(status=200, body={})
+        return await super().on_invoke_activity(turn_context)
+
     async def on_adaptive_card_invoke(self, turn_context: TurnContext,
                                       invoke_value: AdaptiveCardInvokeValue) -> AdaptiveCardInvokeResponse:
         """Action.Execute from a card, answered inline with the refreshed card."""
@@ -189,6 +204,7 @@ async def request_reset(inbox: Inbox, turn_context: TurnContext) -> None:
     """The reset dialog's ``on_reset``, once the user confirmed: the reset goes to the inbox, and the
     processor forgets the conversation in order with what came before it."""
     activity = turn_context.activity
-    payload = reset_payload(requester(activity), [dialog_item_key(activity)])
+    payload = reset_payload(requester(activity), [dialog_item_key(activity),
+                                                  feedback_item_key(conversation_key(activity))])
     await inbox.post(conversation_key(activity), InboxEvent(id=reset_event_id(activity.id), kind=EventKind.RESET,
                                                             payload=payload))

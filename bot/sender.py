@@ -7,12 +7,12 @@ import logging
 import random
 import time
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from botbuilder.core import TurnContext
 from botbuilder.integration.aiohttp import CloudAdapter
-from botbuilder.schema import Activity, ActivityTypes, ConversationReference
+from botbuilder.schema import Activity, ActivityTypes, ConversationReference, Entity
 
 from bot.service_urls import ServiceUrlPolicy
 from runtime import metrics
@@ -22,6 +22,14 @@ from storage.abc import JSON
 log = logging.getLogger(__name__)
 
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 413}  # retrying cannot help; 403/404: the bot was removed
+
+
+class _Entity(Entity):
+    """An entity with all its fields: botbuilder's ``Entity`` serialises only ``type``, which would
+    strip streaminfo, the AI label and citations (issue 15) from what the bot sends."""
+
+    _attribute_map: ClassVar[dict[str, Any]] = {**Entity._attribute_map,
+                                                "additional_properties": {"key": "", "type": "{object}"}}
 
 
 def _status_and_retry_after(error: BaseException) -> tuple[int | None, float | None]:
@@ -113,6 +121,8 @@ class ProactiveSender:
                                 "(TRUSTED_SERVICE_URLS)", permanent=True)
         conversation_reference = ConversationReference().deserialize(reference)
         outgoing = Activity().deserialize(activity)
+        if isinstance(activity.get("entities"), list):
+            outgoing.entities = [_Entity().deserialize(e) for e in activity["entities"] if isinstance(e, dict)]
         outcome: dict[str, Any] = {}
 
         async def deliver(turn_context: TurnContext) -> None:

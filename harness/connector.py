@@ -61,6 +61,14 @@ class _Fault:
     headers: dict[str, str]
 
 
+def _stream_type(activity: Activity | None) -> str | None:
+    """The ``streamType`` of an activity's ``streaminfo`` entity (None: not part of a stream)."""
+    for entity in (activity or {}).get("entities") or ():
+        if isinstance(entity, dict) and entity.get("type") == "streaminfo":
+            return str(entity.get("streamType"))
+    return None
+
+
 class RecordingConnector(LoopServer):
     """Fake Connector service that records every activity the bot delivers.
 
@@ -75,6 +83,7 @@ class RecordingConnector(LoopServer):
         self._failed: list[Recorded] = []
         self._delivered: list[Recorded] = []
         self._fault: _Fault | None = None
+        self._stream_fault: tuple[_Fault, str | None, str] | None = None
         self._delay = 0.0
 
     @property
@@ -90,10 +99,20 @@ class RecordingConnector(LoopServer):
         """Answer the next ``n`` requests with ``status`` (e.g. 429 + Retry-After, 500).
 
         Failed requests go to :attr:`failed`, never to the delivered activities,
-        so tests can assert the bot retried. ``n=0`` cancels a pending fault.
+        so tests can assert the bot retried. ``n=0`` cancels a pending fault (and a :meth:`fail_stream`).
         """
         with self._lock:
             self._fault = _Fault(n, status, dict(headers or {})) if n > 0 else None
+            if n <= 0:  # cancels the stream faults too (the fixtures' reset between tests)
+                self._stream_fault = None
+
+    def fail_stream(self, n: int, status: int, *, stream_type: str | None = None,
+                    code: str = "ContentStreamNotAllowed", headers: dict[str, str] | None = None) -> None:
+        """Answer the next ``n`` activities that carry a ``streaminfo`` entity (of ``stream_type``:
+        informative, streaming or final; None: any) with ``status`` and Teams' error ``code``, e.g.
+        403 ContentStreamNotAllowed or 429 + Retry-After. Other activities are answered as usual."""
+        with self._lock:
+            self._stream_fault = (_Fault(n, status, dict(headers or {})), stream_type, code) if n > 0 else None
 
     def set_delay(self, seconds: float) -> None:
         """Delay every response by ``seconds`` to simulate a slow Connector."""
@@ -124,6 +143,7 @@ class RecordingConnector(LoopServer):
                 parsed = None
             activity = parsed if isinstance(parsed, dict) else None
 
+        code = None
         with self._lock:
             delay = self._delay
             fault = self._fault
@@ -132,6 +152,11 @@ class RecordingConnector(LoopServer):
                 self._fault = (
                     _Fault(left, fault.status, fault.headers) if left > 0 else None
                 )
+            elif self._stream_fault is not None and _stream_type(activity) is not None \
+                    and self._stream_fault[1] in (None, _stream_type(activity)):
+                fault, stream_type, code = self._stream_fault
+                left = fault.remaining - 1
+                self._stream_fault = (_Fault(left, fault.status, fault.headers), stream_type, code) if left else None
         if delay:
             await asyncio.sleep(delay)
 
@@ -153,7 +178,7 @@ class RecordingConnector(LoopServer):
                 self._failed.append(record(fault.status))
             error = {
                 "error": {
-                    "code": f"Injected{fault.status}",
+                    "code": code or f"Injected{fault.status}",
                     "message": "injected failure",
                 }
             }
@@ -250,6 +275,10 @@ class RecordingConnector(LoopServer):
             for m in self.messages(conversation_id)
             if m.get("text") is not None
         ]
+
+    def stream_sends(self, conversation_id: str | None = None) -> list[Recorded]:
+        """Accepted activities of a stream (typing chunks and the final message), in order."""
+        return [e for e in self.delivered(conversation_id) if _stream_type(e.activity) is not None]
 
     def clear(self) -> None:
         """Forget everything recorded (pending faults and delay are kept)."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -115,6 +116,8 @@ class Reply:
     delay: float = 0.0
     raw: bytes | None = None
     content_type: str = "application/json"
+    #: Seconds between two chunks when the request asked for a stream (``"stream": true``).
+    chunk_delay: float = 0.0
 
 
 Responder = Callable[[ChatRequest], Reply]
@@ -133,10 +136,11 @@ def completion(message: JSON, finish_reason: str, model: str = "fake-model") -> 
 
 
 def text(content: str | None, *, finish_reason: str = "stop", delay: float = 0.0,
-         headers: dict[str, str] | None = None) -> Reply:
-    """An assistant message (``finish_reason="content_filter"`` and ``content=None`` for a filtered answer)."""
+         headers: dict[str, str] | None = None, chunk_delay: float = 0.0) -> Reply:
+    """An assistant message (``finish_reason="content_filter"`` and ``content=None`` for a filtered answer);
+    streamed word by word, ``chunk_delay`` apart, when the request asks for a stream."""
     return Reply(body=completion({"role": "assistant", "content": content}, finish_reason),
-                 headers=dict(headers or {}), delay=delay)
+                 headers=dict(headers or {}), delay=delay, chunk_delay=chunk_delay)
 
 
 def tool_call(name: str, arguments: str | JSON, call_id: str | None = None) -> JSON:
@@ -309,7 +313,39 @@ class FakeOpenAI(LoopServer):
         if reply.raw is not None:
             return web.Response(status=reply.status, body=reply.raw, content_type=reply.content_type,
                                 headers=reply.headers)
+        if entry.body is not None and entry.body.get("stream") and reply.status == 200 and reply.body \
+                and reply.body.get("object") == "chat.completion":
+            return await self._stream(request, reply, entry.body)
         return web.json_response(reply.body, status=reply.status, headers=reply.headers)
+
+    async def _stream(self, request: web.Request, reply: Reply, asked: JSON) -> web.StreamResponse:
+        """A completion as OpenAI streams it (server-sent events): the text word by word, the tool
+        calls, the finish reason, the usage if ``stream_options.include_usage``, then ``[DONE]``."""
+        assert reply.body is not None
+        response = web.StreamResponse(status=200, headers={**reply.headers, "Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        [choice] = reply.body["choices"]
+        message = choice["message"]
+        base = {k: reply.body[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+
+        async def event(delta: JSON, finish: str | None = None, **extra: Any) -> None:
+            chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+                     **extra}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        await event({"role": "assistant", "content": ""})
+        for word in re.findall(r"\S+\s*|\s+", message.get("content") or ""):
+            await self._sleep(reply.chunk_delay)
+            await event({"content": word})
+        for index, call in enumerate(message.get("tool_calls") or ()):
+            await event({"tool_calls": [{"index": index, **call}]})
+        await event({}, choice["finish_reason"])
+        if (asked.get("stream_options") or {}).get("include_usage"):
+            await response.write(f"data: {json.dumps({**base, 'choices': [], 'usage': reply.body['usage']})}\n\n"
+                                 .encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
 
     def _choose(self, entry: ChatRequest, auth: tuple[str, str] | None) -> Reply:
         if entry.method != "POST":
@@ -341,7 +377,7 @@ class FakeOpenAI(LoopServer):
         if reply.body is not None and reply.status == 200 and "model" in reply.body:
             # Echo the requested model like the real services do (the SDK compares them).
             reply = Reply(status=reply.status, body={**reply.body, "model": entry.body.get("model", "fake-model")},
-                          headers=reply.headers, delay=reply.delay)
+                          headers=reply.headers, delay=reply.delay, chunk_delay=reply.chunk_delay)
         return reply
 
     # ------------------------------------------------------------------ accessors

@@ -13,6 +13,8 @@
 //              "screenshot": "/abs/path.png",  (optional)
 //              "nth": 1,                       wait for the (nth+1)-th card that matches (default 0)
 //              "click": "Help"}],              then press this button of that card (optional)
+//   a step may instead wait for a chat message: {"name", "text": ["all", "these"], "screenshot",
+//              "press": ["Like", "Submit"]}     then press these buttons (accessible names), in order
 //   "timeoutMs": 30000,                       per step
 //   "failureScreenshot": "/abs/path.png",     where to save the page when a step times out
 //   "executablePath": "/usr/bin/chromium",    (optional)
@@ -73,6 +75,28 @@ async function main() {
     say({ event: 'ready' });
 
     for (const step of spec.steps || []) {
+      if (step.text) {  // a plain message (streamed text, the AI label), not a card
+        await page.waitForFunction((all) => all.every((t) => document.body.innerText.includes(t)), step.text,
+          { timeout, polling: 100 }).catch(async (error) => {
+          if (spec.failureScreenshot) {
+            fs.mkdirSync(path.dirname(spec.failureScreenshot), { recursive: true });
+            await page.screenshot({ path: spec.failureScreenshot }).catch(() => {});
+          }
+          throw new Error(`step ${step.name}: the page never showed ${JSON.stringify(step.text)} within ` +
+            `${timeout} ms (${error.message.split('\n')[0]})`);
+        });
+        const shown = await page.evaluate(() => document.body.innerText);
+        if (step.screenshot) {
+          fs.mkdirSync(path.dirname(step.screenshot), { recursive: true });
+          await page.screenshot({ path: step.screenshot });
+        }
+        for (const name of step.press || []) {
+          await page.getByRole('button', { name, exact: true }).last().click({ timeout });
+        }
+        say({ event: 'step', name: step.name, text: shown, buttons: [], screenshot: step.screenshot || null,
+          clicked: (step.press || []).join(',') || null, consoleErrors: consoleErrors.slice() });
+        continue;
+      }
       const handle = await page.waitForFunction(
         ({ all, any, nth }) => {
           const cards = Array.from(document.querySelectorAll('.ac-adaptiveCard'));

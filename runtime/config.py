@@ -319,6 +319,14 @@ class Settings:
     approvers: frozenset[str] = frozenset()
     #: APPROVAL_TIMEOUT_HOURS: how long a request waits before it expires.
     approval_timeout_hours: float = 72.0
+    # --- replies like a Teams AI agent (issue 15: streaming, AI label, feedback, citations) ---
+    #: STREAMING: stream answers in one-on-one Teams chats (false: typing indicator and one message).
+    streaming: bool = True
+    #: STREAM_INTERVAL_SECONDS: the least time between two updates of a stream (Teams throttles faster).
+    stream_interval_seconds: float = 1.0
+    #: STREAM_MAX_SECONDS: a stream is closed this long after it opened (Teams ends streams at 2 minutes);
+    #: the rest of the answer follows as a new message.
+    stream_max_seconds: float = 110.0
 
     @property
     def local_mode(self) -> bool:
@@ -465,5 +473,9 @@ class Settings:
             approval_required_tools=_names(e, "APPROVAL_REQUIRED_TOOLS"),
             approvers=_object_ids(e, "APPROVERS"),
             approval_timeout_hours=_positive(e, "APPROVAL_TIMEOUT_HOURS", 72.0),
+            # --- replies like a Teams AI agent (issue 15) ---
+            streaming=_bool(e, "STREAMING", True),
+            stream_interval_seconds=_positive(e, "STREAM_INTERVAL_SECONDS", 1.0),
+            stream_max_seconds=_positive(e, "STREAM_MAX_SECONDS", 110.0),
         )
 

@@ -60,6 +60,12 @@ TURN_CONFLICTS = Counter(f"{PREFIX}turn_conflicts", "Turns redone because the co
 OUTBOX_BACKLOG = Gauge(f"{PREFIX}outbox_backlog", "Committed messages not yet accepted by the channel, in "
                        "conversations this process has worked on", registry=REGISTRY)
 OUTBOX_SENT = Counter(f"{PREFIX}outbox_sent", "Outbox messages the channel accepted", registry=REGISTRY)
+STREAM_UPDATES = Counter(f"{PREFIX}stream_updates", "Streamed reply updates (Teams personal chats), by outcome: "
+                         "sent, throttled (429), refused (403 ContentStreamNotAllowed or another permanent error), "
+                         "closed_early (the two-minute limit), final_refused (the final message went plain)",
+                         ["outcome"], registry=REGISTRY)
+FEEDBACK = Counter(f"{PREFIX}feedback", "Feedback on model-written messages (thumbs up/down), by reaction (like, "
+                   "dislike) or the reason it was refused (unknown_message, malformed)", ["outcome"], registry=REGISTRY)
 OUTBOX_DROPPED = Counter(f"{PREFIX}outbox_dropped", "Outbox messages given up, by reason: permanent (4xx such as "
                          "403/404), gave_up (too many failed rounds), no_reference", ["reason"], registry=REGISTRY)
 DELIVERY_RETRIES = Counter(f"{PREFIX}delivery_retries", "Outbox rounds postponed after a transient delivery failure",

@@ -8,7 +8,10 @@ importing the layer that produces or consumes them:
   an outbox message's id names the event whose turn wrote it (so a crash repeats it at most once);
 - :class:`Requester` (who asked), :class:`JobResult` (a finished job's outcome, the payload of a
   ``job_finished`` event), with explicit JSON forms: stored payloads are the contract;
-- :class:`MessageSender` / :class:`DeliveryError`: the channel, as the processor sees it.
+- :class:`MessageSender` / :class:`DeliveryError`: the channel, as the processor sees it;
+- :class:`ReplyStreams` / :class:`ReplyStream` / :class:`StreamOutcome`: a reply streamed while its
+  turn runs (the Teams protocol is ``bot.streaming``), and :data:`STREAM_NOTE`, the annotation of
+  the inbox event whose turn opened a stream (so a re-run turn after a crash can finish it).
 
 Stored events and outbox messages written by earlier versions use these same strings.
 """
@@ -16,6 +19,7 @@ Stored events and outbox messages written by earlier versions use these same str
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -212,3 +216,47 @@ class MessageSender(Protocol):
 
     async def typing(self, reference: JSON) -> None:
         """Best-effort typing indicator."""
+
+
+# --- streaming a reply while its turn runs ---
+#: The annotation (:meth:`storage.abc.ConversationLog.annotate_event`) of an inbox event whose turn
+#: opened a stream: ``{"id": <stream id>, "at": <unix time it opened>}``.
+STREAM_NOTE = "stream"
+
+
+@dataclass(frozen=True)
+class StreamOutcome:
+    """How a turn's stream ended, which decides the shape of its final message.
+
+    ``stream_id``: the open stream the final message must close (None: send it as a plain message).
+    ``shown``: text the stream already closed with (its time limit came first): the final message
+    carries only what follows it.
+    """
+
+    stream_id: str | None = None
+    shown: str = ""
+
+
+class ReplyStream(Protocol):
+    """One turn's stream; ``informative`` and ``text`` only note the latest (never block), the
+    stream sends at the pace the channel allows."""
+
+    def informative(self, text: str) -> None: ...
+
+    def text(self, so_far: str) -> None: ...
+
+    async def finish(self) -> StreamOutcome:
+        """Stop sending (waits for a send in flight) and say how the final message must look."""
+
+
+#: Called once with the stream id, before the first text chunk: record it durably.
+StreamStarted = Callable[[str], Awaitable[None]]
+
+
+class ReplyStreams(Protocol):
+    """Where replies can be streamed (the edge implements it: ``bot.streaming``)."""
+
+    def streams_to(self, reference: JSON) -> bool:
+        """Whether the conversation supports streaming (Teams: one-on-one chats only)."""
+
+    def open(self, reference: JSON, on_started: StreamStarted) -> ReplyStream: ...

@@ -92,6 +92,13 @@ class ConversationLog(ABC):
     async def pending_events(self, key: str) -> list[InboxEvent]:
         """Unprocessed events of the conversation, oldest first."""
 
+    @abstractmethod
+    async def annotate_event(self, key: str, event_id: str, name: str, value: Any) -> bool:
+        """Set ``payload[name] = value`` on a **pending** event (one small write; the turn that
+        processes it reads it back with :meth:`pending_events`). Returns False, changing nothing,
+        if there is no such pending event. Raises :class:`ItemTooLargeError` if the event would
+        exceed the item size limit."""
+
     async def count_pending_events(self, key: str) -> int:
         """How many events of the conversation are unprocessed (the ingest's inbox cap reads it
         for every message: stores override it with a count that does not read the payloads)."""

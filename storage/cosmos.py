@@ -396,6 +396,29 @@ class CosmosStore(ConversationStore):
         doc = await self._read(self.partition(key), cosmos_id(EVENT_PREFIX, event_id))
         return self._event_from_doc(doc) if doc else None
 
+    async def annotate_event(self, key: str, event_id: str, name: str, value: Any) -> bool:
+        """Read, change, replace with the item's etag (a 412: another writer moved, redo)."""
+        pk, item_id = self.partition(key), cosmos_id(EVENT_PREFIX, event_id)
+        while True:
+            doc = await self._read(pk, item_id)
+            if doc is None or doc.get("processed"):
+                return False
+            conversation = await self._read(pk, CONVERSATION_ID)  # marked processed by a commit, not yet here
+            if conversation and event_id in conversation.get("processed", ()):
+                return False
+            new_doc = {k: v for k, v in doc.items() if not k.startswith("_")}
+            new_doc["payload"] = {**doc["payload"], name: value}
+            what = f"event {event_id!r} of conversation {key!r}"
+            self._check_size(what, new_doc)
+            try:
+                await self._write(what, self.container.replace_item(item_id, new_doc, etag=doc["_etag"],
+                                                                    match_condition=MatchConditions.IfNotModified))
+            except exceptions.CosmosHttpResponseError as error:
+                if _is_status(error, 412):
+                    continue
+                raise
+            return True
+
     async def pending_events(self, key: str) -> list[InboxEvent]:
         pk = self.partition(key)
         # The conversation item first: see "Keeping processed bounded" in the module docstring.

@@ -71,6 +71,16 @@ class MemoryStore(ConversationStore):
         found = self._events.get(key, {}).get(event_id)
         return copy.deepcopy(found[0]) if found else None
 
+    async def annotate_event(self, key: str, event_id: str, name: str, value: Any) -> bool:
+        found = self._events.get(key, {}).get(event_id)
+        if found is None or found[1]:
+            return False
+        payload = {**found[0].payload, name: copy.deepcopy(value)}
+        check_item_size(f"event {event_id!r} of conversation {key!r}", json.dumps(payload), self._max_item_bytes)
+        self._events[key][event_id] = (replace(found[0], payload=payload), False)
+        self._event_written[key, event_id] = time.time()
+        return True
+
     async def pending_events(self, key: str) -> list[InboxEvent]:
         return [copy.deepcopy(e) for e, done in self._events.get(key, {}).values() if not done]
 

@@ -252,6 +252,17 @@ class SqliteStore(ConversationStore):
             "SELECT id, kind, payload, created_at FROM events WHERE key = ? AND id = ?", (key, event_id))
         return InboxEvent(id=row[0], kind=row[1], payload=json.loads(row[2]), created_at=row[3]) if row else None
 
+    async def annotate_event(self, key: str, event_id: str, name: str, value: Any) -> bool:
+        row = await self._fetchone("SELECT payload FROM events WHERE key = ? AND id = ? AND processed = 0",
+                                   (key, event_id))
+        if row is None:
+            return False
+        payload = json.dumps({**json.loads(row[0]), name: value})
+        check_item_size(f"event {event_id!r} of conversation {key!r}", payload, self._max_item_bytes)
+        changed = await self._write("UPDATE events SET payload = ?, updated_at = ? WHERE key = ? AND id = ? "
+                                    "AND processed = 0", (payload, time.time(), key, event_id))
+        return changed == 1
+
     async def pending_events(self, key: str) -> list[InboxEvent]:
         rows = await self._fetchall(
             "SELECT id, kind, payload, created_at FROM events WHERE key = ? AND processed = 0 ORDER BY seq",

@@ -59,8 +59,19 @@ def test_bot_scopes_and_commands() -> None:
     covered = {scope for cl in bot["commandLists"] for scope in cl["scopes"]}
     assert covered == SCOPES
     for command_list in bot["commandLists"]:
-        titles = [c["title"] for c in command_list["commands"]]
+        titles = [c["title"] for c in command_list["commands"] if c.get("type", "basic") == "basic"]
         assert sorted(titles) == sorted(COMMANDS), command_list["scopes"]
+
+
+def test_prompt_starters_in_one_on_one_chats_say_what_the_bot_is_good_at() -> None:
+    """Prompt starters (issue 15): commands of type prompt, personal scope only, each with its prompt;
+    the offline model understands every one of them."""
+    (bot,) = load_template()["bots"]
+    prompts = [(cl["scopes"], c) for cl in bot["commandLists"] for c in cl["commands"] if c.get("type") == "prompt"]
+    assert len(prompts) >= 3
+    assert all(scopes == ["personal"] for scopes, _ in prompts)
+    assert all(c["prompt"].strip() and len(c["title"]) <= 128 for _, c in prompts)
+    assert "explain durability" in {c["prompt"] for _, c in prompts}
 
 
 def test_icons() -> None:

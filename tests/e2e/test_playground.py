@@ -50,13 +50,17 @@ def test_install_in_personal_chat_welcomes_once(pg: Playground) -> None:
     assert len(quiet_then_texts(pg, personal, 1.0)) == 1
 
 
-def test_a_message_gets_a_reply_with_typing(pg: Playground) -> None:
+def test_a_message_gets_a_reply_and_a_slow_one_shows_progress(pg: Playground) -> None:
     personal = pg.chats.personal
     pg.send(personal, "hello there")
     [reply] = pg.wait_for_messages(1, personal)
     assert "offline model" in reply["text"]
     assert "hello there" in reply["text"]
-    assert pg.events("typing", personal), "no typing indicator reached the Playground"
+    # Issue 15: in a one-on-one chat progress is the streamed answer (it replaces the typing
+    # indicator); a turn still running after the first indicator's delay shows it.
+    pg.send(personal, "think for 2 seconds")
+    pg.wait_for_text(personal, "I thought about it for 2 seconds.")
+    assert pg.events("updateMessage", personal), "no streamed update reached the Playground"
 
 
 def test_the_name_is_remembered(pg: Playground) -> None:

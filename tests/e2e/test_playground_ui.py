@@ -9,11 +9,16 @@ compose box would. Screenshots land in ``test-artifacts/`` (git-ignored) for a h
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.offline_model import DURABILITY
+from harness.botproc import http_request
 from harness.browser import ARTIFACTS_DIR, PlaygroundPage, browser_unavailable, png_size
 from harness.playground import Playground, playground_available
 
@@ -140,6 +145,58 @@ def test_the_welcome_and_reset_buttons_work_in_the_playground_web_ui(pg: Playgro
     # No press was refused by the Playground ("Action type ... is not supported yet").
     assert not [n for n in pg.log_notes() if "not supported" in n], pg.log_notes()
     assert BUTTONS_SCREENSHOT.is_file() and png_size(BUTTONS_SCREENSHOT) == (1280, 900)
+
+
+STREAMING_SCREENSHOT = ARTIFACTS_DIR / "playground-streaming.png"
+STREAMED_SCREENSHOT = ARTIFACTS_DIR / "playground-streamed-answer.png"
+
+
+def test_a_streamed_answer_with_its_ai_label_and_a_thumbs_up_in_the_playground_web_ui(
+        pg: Playground, bot: Any, tmp_path: Path) -> None:
+    """Issue 15: the Playground renders streaminfo (the message grows in place), the AI label and the
+    feedback buttons; a click on Like and Submit reaches the bot, which stores it. (The Playground
+    0.2.28 sends that invoke without replyToId, so it is stored naming no message.)"""
+    for stale in (STREAMING_SCREENSHOT, STREAMED_SCREENSHOT):
+        stale.unlink(missing_ok=True)
+    personal = pg.chats.personal
+    first_words, last_words = DURABILITY[:40], DURABILITY[-40:]
+    spec = {
+        "url": f"{pg.base_url}/",
+        "chat": "Personal Chat",
+        "timeoutMs": 30000,
+        "failureScreenshot": str(ARTIFACTS_DIR / "playground-streaming-failed.png"),
+        "steps": [
+            {"name": "streaming", "text": [first_words], "screenshot": str(STREAMING_SCREENSHOT)},
+            {"name": "final", "text": [last_words, "AI generated"], "screenshot": str(STREAMED_SCREENSHOT),
+             "press": ["Like"]},
+            {"name": "form", "text": ["What did you like?"], "press": ["Submit"]},
+            {"name": "thanks", "text": ["Thank you!"]},
+        ],
+    }
+    with PlaygroundPage(spec, log_path=tmp_path / "browser.log") as page:
+        page.wait_ready(timeout=60)
+        pg.install(personal)
+        pg.wait_for_messages(1, personal)  # the welcome card
+        pg.send(personal, "explain durability")
+        streaming = page.expect("step", timeout=40)
+        assert streaming["name"] == "streaming"
+        assert last_words not in streaming["text"], "the answer was not streamed: it arrived whole"
+        final = page.expect("step", timeout=40)
+        assert final["name"] == "final"
+        assert page.expect("step", timeout=30)["name"] == "form"
+        assert page.expect("step", timeout=30)["name"] == "thanks"
+        page.expect("done", timeout=30)
+        assert page.stop() == 0
+    # One message, grown in place: the stream's first send created it, the rest updated it.
+    answers = [m for m in pg.messages(personal) if DURABILITY[:20] in str(m.get("text"))]
+    assert len(answers) == 1, answers
+    status, body = http_request(f"{bot.base_url}/feedback?conversation=" +
+                                urllib.parse.quote(f"msteams:{personal}"))
+    assert status == 200, body
+    [entry] = json.loads(body)["feedback"]
+    assert entry["reaction"] == "like" and entry["by"]["id"]
+    for shot in (STREAMING_SCREENSHOT, STREAMED_SCREENSHOT):
+        assert shot.is_file() and png_size(shot) == (1280, 900)
 
 
 APPROVAL_SCREENSHOT = ARTIFACTS_DIR / "playground-approval-card.png"

@@ -169,6 +169,27 @@ async def test_get_event_returns_processed_and_pending_events(store: Conversatio
 # --- the conversation record ---
 
 
+async def test_annotate_event_changes_only_a_pending_events_payload(store: ConversationStore, key: str) -> None:
+    """The stream a turn opened is noted on its event (issue 15): read back as pending, kept in order,
+    nothing else changed; a processed or unknown event is not annotated."""
+    await store.append_event(key, _event("e1"))
+    await store.append_event(key, _event("e2"))
+    record = await store.load(key)
+    assert await store.annotate_event(key, "e2", "stream", {"id": "s-1", "at": 1.5}) is True
+    assert await store.annotate_event(key, "e2", "stream", {"id": "s-2", "at": 2.5}) is True  # the latest wins
+    pending = await store.pending_events(key)
+    assert [e.id for e in pending] == ["e1", "e2"]
+    assert pending[1].payload == {"text": "hello e2", "stream": {"id": "s-2", "at": 2.5}}
+    assert pending[0].payload == {"text": "hello e1"}
+    assert (await store.load(key)).etag == record.etag  # the record is not touched
+    await store.commit(record, processed=["e1"])
+    assert await store.annotate_event(key, "e1", "stream", {"id": "late"}) is False
+    assert (await store.get_event(key, "e1")).payload == {"text": "hello e1"}  # type: ignore[union-attr]
+    assert await store.annotate_event(key, "nope", "stream", {"id": "x"}) is False
+    assert not await store.has_event(key, "nope")
+    assert await store.count_pending_events(key) == 1
+
+
 async def test_load_unknown_conversation_is_empty(store: ConversationStore, key: str) -> None:
     record = await store.load(key)
     assert record == ConversationRecord(key=key)
