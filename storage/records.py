@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from runtime.protocol import NotOwner
+
 JSON = dict[str, Any]
 
 #: Shape version written on every stored conversation document (see docs on migration).
@@ -26,14 +28,16 @@ class StoreUnavailableError(StoreError):
     """The store could not be reached or is throttling: retry later (ingest answers 503)."""
 
 
-class FencedWriteError(StoreError):
+class FencedWriteError(StoreError, NotOwner):
     """Issue 18: a worker wrote a conversation under an older lease epoch than the one that last
     wrote it: it lost the conversation's partition to another worker. Not retried."""
 
+    by = "store"
+
     def __init__(self, key: str, fence: int, stored: int) -> None:
-        super().__init__(f"conversation {key!r}: write fenced off (epoch {fence} < stored epoch {stored}); "
-                         "another worker owns it now")
-        self.key, self.fence, self.stored = key, fence, stored
+        NotOwner.__init__(self, key, f"write fenced off (epoch {fence} < stored epoch {stored}); "
+                                     "another worker owns it now")
+        self.fence, self.stored = fence, stored
 
 
 class ConcurrencyError(StoreError):
