@@ -319,6 +319,13 @@ class Settings:
     approvers: frozenset[str] = frozenset()
     #: APPROVAL_TIMEOUT_HOURS: how long a request waits before it expires.
     approval_timeout_hours: float = 72.0
+    # --- many active workers (issue 18, cluster/postgres.py, cluster/partitions.py) ---
+    #: PARTITIONS: how many partitions the conversations are spread over (the same on every instance).
+    partitions: int = 16
+    #: PARTITION_LEASE_SECONDS: how long a worker's hold on a partition lasts unless renewed.
+    partition_lease_seconds: float = 15.0
+    #: PARTITION_RENEW_SECONDS: how often a worker renews its leases and rebalances (below the lease).
+    partition_renew_seconds: float = 5.0
 
     @property
     def local_mode(self) -> bool:
@@ -393,6 +400,10 @@ class Settings:
             raise ConfigError(f"--role {role} needs a shared PostgreSQL job store: set JOB_STORE_URL to "
                               "postgresql://USER:PASSWORD@HOST:5432/DATABASE (it also carries the wake-ups and "
                               "the choice of the active worker)")
+        lease, renew = _positive(e, "PARTITION_LEASE_SECONDS", 15.0), _positive(e, "PARTITION_RENEW_SECONDS", 5.0)
+        if renew * 2 > lease:
+            raise ConfigError(f"PARTITION_RENEW_SECONDS ({renew:g}) must be at most half of PARTITION_LEASE_SECONDS "
+                              f"({lease:g}): a lease must survive a late renewal")
         return cls(
             port=_int(e, "PORT", 3978),
             host=e.get("HOST", "").strip(),
@@ -465,5 +476,9 @@ class Settings:
             approval_required_tools=_names(e, "APPROVAL_REQUIRED_TOOLS"),
             approvers=_object_ids(e, "APPROVERS"),
             approval_timeout_hours=_positive(e, "APPROVAL_TIMEOUT_HOURS", 72.0),
+            # --- many active workers (issue 18) ---
+            partitions=_at_least(e, "PARTITIONS", 16, minimum=1),
+            partition_lease_seconds=lease,
+            partition_renew_seconds=renew,
         )
 

@@ -36,7 +36,8 @@ GCCollector(registry=REGISTRY)
 
 # --- instances (cluster/) ---
 ACTIVE_WORKER = Gauge(f"{PREFIX}active_worker", "1 while this process is an active worker (holds a partition: "
-                      "runs its inboxes, jobs and sends), 0 on web instances and workers without a partition", registry=REGISTRY)
+                      "runs its inboxes, jobs and sends), 0 on web instances and workers without a partition",
+                      registry=REGISTRY)
 # Issue 18: partitions over many workers.
 PARTITIONS_OWNED = Gauge(f"{PREFIX}partitions_owned", "Conversation partitions this worker holds a lease on",
                          registry=REGISTRY)
