@@ -82,6 +82,7 @@ class Worker:
         self._chores: list[asyncio.Task[None]] = []
         self._started = False
         self._leading = False
+        self._stopping = False
 
     @property
     def leading(self) -> bool:
@@ -102,6 +103,8 @@ class Worker:
 
     async def partitions_changed(self, gained: set[int], lost: set[int]) -> None:
         """Follow the partitions: stop the work of those lost, recover the work of those gained."""
+        if self._stopping:
+            return  # the services are stopping; the coordinator hands every partition back when it closes
         ownership = self._coordinator.ownership
         if lost:
             # Still held: a graceful hand-back, the jobs hand themselves back and the turns finish.
@@ -167,7 +170,8 @@ class Worker:
     async def stop(self) -> None:
         """Stop what :meth:`lead` started (nothing if it never started); running jobs are handed back.
         The partitions themselves are handed back when the coordinator closes."""
-        for task in self._chores:
+        self._stopping = True
+        for task in list(self._chores):
             task.cancel()
         await asyncio.gather(*self._chores, return_exceptions=True)
         if not self._started:
