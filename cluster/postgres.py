@@ -126,7 +126,7 @@ class PostgresCoordinator:
     async def _connect(self, purpose: str) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(
             self._url, autocommit=True, connect_timeout=10, application_name=f"{self._application_name} {purpose}",
-            # Client side: notice a dead server. Server side (options): release a vanished holder's lock.
+            # Client side: notice a dead server. Server side (options): drop a vanished instance's session.
             keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
             options="-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 -c tcp_keepalives_count=3",
         )
@@ -292,10 +292,10 @@ class PostgresCoordinator:
         """One lease round: heartbeat, renew, hand back above the fair share, take up to it."""
         surplus: set[int] = set()
         taken: dict[int, int] = {}
+        await self._expire()  # outside the round's time limit: the worker stops that work first
         async with asyncio.timeout(self._renew):
             sent = time.monotonic()  # the server's expiry is later than sent + lease: never outlive it
             deadline = sent + self._lease
-            await self._expire()
             await conn.execute(
                 "INSERT INTO agent_workers (worker, expires_at) VALUES (%s, now() + make_interval(secs => %s)) "
                 "ON CONFLICT (worker) DO UPDATE SET expires_at = excluded.expires_at", [self.worker_id, self._lease])
