@@ -48,7 +48,8 @@ class BotCluster(HttpEndpoint):
         return all(p.alive for p in self.processes)
 
     def start(self, timeout: float = 60.0) -> Self:
-        """Start the processes that are not running, in parallel, and wait until each is healthy."""
+        """Start the processes that are not running, in parallel, and wait until each is healthy and
+        the workers hold every partition between them."""
         if not self._proxy_started:
             self.proxy.start()
             self._proxy_started = True
@@ -58,6 +59,10 @@ class BotCluster(HttpEndpoint):
         with ThreadPoolExecutor(max_workers=len(stopped) or 1) as pool:
             for future in [pool.submit(p.start, timeout) for p in stopped]:
                 future.result()
+        if stopped and self.workers:
+            # Issue 18: and until the partitions are dealt out (a dead worker's leases run out first), so
+            # that a test's conversation does not move between workers while it runs.
+            self.settled(timeout)
         return self
 
     def kill(self) -> None:
