@@ -443,6 +443,8 @@ class JobRunner:
 
     async def apply_cancel(self, conversation_key: str, job_id: str) -> None:
         """Stop a job whose cancel was requested: interrupt its attempt here, or end it if queued."""
+        if not self._owner.owns(conversation_key):
+            return  # issue 18: another worker owns it now; the request in the store reaches that one
         if (live := self._live.get(job_id)) is not None:
             live.cancel()
             # A tool that never checks its context is still stopped at its next await.
