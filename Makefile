@@ -54,7 +54,7 @@ run: setup ## start the bot on http://localhost:3978/api/messages
 test: test-setup ## run the test suite (pytest); as root, apt-get installs chromium and PostgreSQL first
 	$(VENV_PY) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-soak: test-setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledger (lost must be 0); CLUSTER=1 for 2 web + 2 worker
+soak: test-setup ## crash soak: KILLS (60) random SIGKILLs under load, then the ledger (lost must be 0); CLUSTER=1 for 2 web + 3 workers (kills and freezes)
 	$(VENV_PY) scripts/soak.py --kills $(or $(KILLS),60) $(if $(filter-out 0,$(CLUSTER)),--cluster)
 
 .PHONY: bench bench-quick

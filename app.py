@@ -103,7 +103,10 @@ def build_coordinator(settings: Settings) -> Coordinator:
     if settings.shared_job_store:
         from cluster.postgres import PostgresCoordinator
 
-        return PostgresCoordinator(settings.coordination_url, application_name=f"teams-agent {settings.role}")
+        # Issue 18: PARTITIONS / PARTITION_LEASE_SECONDS / PARTITION_RENEW_SECONDS.
+        return PostgresCoordinator(settings.coordination_url, partitions=settings.partitions,
+                                   lease=settings.partition_lease_seconds, renew=settings.partition_renew_seconds,
+                                   application_name=f"teams-agent {settings.role}")
     return LocalCoordinator()
 
 
@@ -149,13 +152,15 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     sender = ProactiveSender(adapter, settings.app_id, service_urls=service_urls,
                              timeout=settings.connector_timeout_seconds)
 
-    # The worker's half: jobs and the agent. Jobs run on the active worker, beside the processor.
+    # The worker's half: jobs and the agent, of the conversations whose partitions this worker owns.
     wakeups = Wakeups()  # held until the worker's services are up, then the processor's
     card_updater = JobCardUpdater(store, sender)
-    scheduler = JobScheduler(settings.effective_job_store_url)
+    ownership = coordinator.ownership
+    scheduler = JobScheduler(settings.effective_job_store_url,
+                             partitions=ownership if settings.shared_job_store else None)  # a job store each
     job_runner = JobRunner(store, registry, card_updater.after_final_card(wakeups.wake),
                            progress_listener=card_updater.job_changed,
-                           scheduler=scheduler, max_result_chars=settings.max_tool_result_chars)
+                           scheduler=scheduler, max_result_chars=settings.max_tool_result_chars, owner=ownership)
     runner = AgentTurnRunner(
         model_client,
         lambda scope: tool_policy.tools_for(scope.requester, [
@@ -177,6 +182,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
         schedule_job=scheduler.schedule,
         job_card=card_for_activity, on_card_sent=card_updater.card_posted,  # a job awaiting approval: its card
         streams=streams, stream_seconds=settings.stream_max_seconds,
+        owner=ownership,
     )
     worker = Worker(coordinator, wakeups, processor, job_runner, scheduler, registry, mcp_hub, card_updater, store,
                     retention_days=settings.conversation_ttl_days,

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from agent.citations import with_markers
 from agent.events import APPROVAL_PROMPT, JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
@@ -35,6 +36,7 @@ from runtime.protocol import (
     EventKind,
     JobResult,
     MessageSender,
+    NotOwner,
     ReplyStream,
     ReplyStreams,
     Requester,
@@ -112,6 +114,24 @@ TOO_LARGE_TO_STORE = ("Sorry, that was more than I can store for this conversati
                       "Nothing else is lost and we can carry on: please try again with something smaller.")
 
 
+class Owner(Protocol):
+    """Which conversations this worker owns (cluster.Ownership; issue 18)."""
+
+    def owns(self, key: str) -> bool: ...
+
+    def fence(self, key: str) -> int | None: ...
+
+
+class _EveryConversation:
+    """One process: it owns every conversation, nothing is fenced."""
+
+    def owns(self, key: str) -> bool:
+        return True
+
+    def fence(self, key: str) -> int | None:
+        return None
+
+
 ScheduleJob = Callable[[JobRecord], Awaitable[None]]
 CardSent = Callable[[str, str, str | None], Awaitable[None]]
 
@@ -131,13 +151,17 @@ class ConversationProcessor:
         max_delivery_failures: int = 30,
         streams: ReplyStreams | None = None,
         stream_seconds: float = 110.0,
+        owner: Owner | None = None,
     ) -> None:
         """``job_card`` renders the live card posted (through the outbox) for each new job;
         ``on_card_sent(conversation_key, job_id, activity_id)`` records where it landed; ``streams``
         shows a turn's answer as it is written where the conversation supports it (None: never), a
-        stream lasting at most ``stream_seconds`` (a re-run turn closes a stream only younger than that)."""
+        stream lasting at most ``stream_seconds`` (a re-run turn closes a stream only younger than that);
+        ``owner`` (a cluster): the conversations this worker owns. It processes only those, and checks
+        before every commit and send that it still does (the commit also carries the lease epoch)."""
         self._streams = streams
         self._stream_seconds = stream_seconds
+        self._owner = owner or _EveryConversation()
         self._store = store
         self._runner = runner
         self._sender = sender
@@ -156,21 +180,23 @@ class ConversationProcessor:
     # --- waking ---
     def wake(self, key: str) -> None:
         """Make sure the conversation's pending work gets processed (cheap, idempotent)."""
-        if self._closing:
-            return
+        if self._closing or not self._owner.owns(key):
+            return  # another worker's conversation: its owner was woken too
         task = self._tasks.get(key)
         if task is not None and not task.done():
             self._again.add(key)
             return
         self._tasks[key] = asyncio.get_running_loop().create_task(self._drain(key), name=f"conversation:{key}")
 
-    async def recover(self, *, sweep: bool = False) -> int:
+    async def recover(self, *, sweep: bool = False, only: Callable[[str], bool] | None = None) -> int:
         """Start-up (and the periodic sweep): process pending inboxes, re-send unsent messages.
 
-        ``sweep``: wake only conversations no drain is running for (what a lost wake-up left).
-        Returns how many were woken.
+        ``sweep``: wake only conversations no drain is running for (what a lost wake-up left);
+        ``only(key)``: only those (the partitions this worker just took). Only conversations this
+        worker owns. Returns how many were woken.
         """
-        keys = await self._store.conversations_with_work()
+        keys = [key for key in await self._store.conversations_with_work()
+                if self._owner.owns(key) and (only is None or only(key))]
         if sweep:
             keys = [key for key in keys if key not in self._tasks]
         for key in keys:
@@ -184,6 +210,20 @@ class ConversationProcessor:
         """Wait until no conversation is being processed (tests and graceful shutdown)."""
         while tasks := [t for t in self._tasks.values() if not t.done()]:
             await asyncio.wait(tasks)
+
+    async def release(self, lost: Callable[[str], bool], *, timeout: float) -> None:
+        """Stop processing the conversations ``lost(key)`` names (their partition moves to another
+        worker): wait up to ``timeout`` for their drains to finish the round they are in (0: at once,
+        the lease is gone and they could not write anyway), then cancel what is left."""
+        tasks = [task for key, task in self._tasks.items() if lost(key) and not task.done()]
+        if not tasks:
+            return
+        pending: set[asyncio.Task[None]] = set(tasks)
+        if timeout > 0:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     async def close(self, timeout: float = 10.0) -> None:
         self._closing = True
@@ -210,6 +250,10 @@ class ConversationProcessor:
             self._again.discard(key)
             try:
                 retry_in = await self._process_once(key)
+            except NotOwner as exc:  # issue 18: the partition moved; its new owner carries on from the store
+                metrics.FENCED_WRITES.labels(exc.by).inc()
+                log.warning("conversation %s: stopped, this worker no longer owns it (%s)", key, exc)
+                break
             except Exception:
                 log.exception("processing conversation %s failed; retrying in %.1f s", key, delay)
                 await asyncio.sleep(delay)
@@ -305,7 +349,8 @@ class ConversationProcessor:
             outbox.extend(OutboxMessage(id=card_message_id(job.id), activity=self._job_card(job)) for job in new_jobs)
         updated = record.evolve(agent_state=state, outbox=tuple(outbox), turns=record.turns + len(events))
         try:
-            committed = await self._store.commit(updated, processed=[e.id for e in events], new_jobs=new_jobs)
+            committed = await self._store.commit(updated, processed=[e.id for e in events], new_jobs=new_jobs,
+                                                 fence=self._owner.fence(record.key))
         except ConcurrencyError:
             metrics.TURN_CONFLICTS.inc()
             log.info("conversation %s changed while its turn ran; redoing the turn", record.key)
@@ -338,7 +383,8 @@ class ConversationProcessor:
                     record.evolve(agent_state=None, outbox=(notice,), turns=turns))
         for attempt in attempts:
             try:
-                return await self._store.commit(attempt, processed=[e.id for e in events])
+                return await self._store.commit(attempt, processed=[e.id for e in events],
+                                                fence=self._owner.fence(record.key))
             except ConcurrencyError:
                 return None
             except ItemTooLargeError:
@@ -410,6 +456,7 @@ class ConversationProcessor:
             await self._remove_from_outbox(record, {m.id for m in record.outbox})
             return None
         for message in record.outbox:
+            self._owner.fence(record.key)  # issue 18: a worker that lost the conversation sends nothing
             try:
                 with tracing.tracer.start_as_current_span("deliver message", attributes={
                         "conversation.key": record.key, "message.id": message.id}):
@@ -447,7 +494,7 @@ class ConversationProcessor:
         while True:
             updated = record.evolve(outbox=tuple(m for m in record.outbox if m.id not in ids))
             try:
-                committed = await self._store.commit(updated)
+                committed = await self._store.commit(updated, fence=self._owner.fence(record.key))
                 metrics.outbox_backlog(record.key, len(committed.outbox))
                 return committed
             except ConcurrencyError:

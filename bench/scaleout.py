@@ -1,4 +1,5 @@
-"""6. Scale-out: the app as one process against 1, 2 and 4 web instances + a worker (+ a standby).
+"""6. Scale-out: the app as one process against 1, 2 and 4 web instances + a worker, and (issue 18)
+2 web instances + 2 and 3 active workers, the conversations' partitions spread over them.
 
 Every deployment runs on the same kind of stores, fresh for each: a PostgreSQL database
 (``JOB_STORE_URL``: job schedule, worker lock, NOTIFY wake-ups; ``harness/peers/postgres.py``) and
@@ -9,8 +10,10 @@ the conversation store, by default the SQLite file in one ``DATA_DIR`` shared by
   default single instance, whose wake-ups stay in the process;
 - ``all``: the single process ``app.py --role all`` on the same stores (the baseline; it wakes
   its own worker half through NOTIFY too);
-- ``N web``: N ``--role web`` instances + 2 ``--role worker`` (one active, one standby) started
-  by ``harness/cluster.py``'s BotCluster.
+- ``N web``: N ``--role web`` instances + 1 ``--role worker`` started by ``harness/cluster.py``'s
+  BotCluster;
+- ``2 web, K workers``: 2 web instances + K workers, every one active on its share of the 16
+  partitions (the end-to-end phase shows what K workers add: the offline model's turns are CPU bound).
 
 Every deployment is reached through the test suite's round-robin proxy
 (``harness/roundrobin.py``), the baseline too (one backend), run in a process of its own
@@ -28,7 +31,7 @@ Three phases per deployment, in this order (so that no phase inherits another's 
    meanwhile works through the backlog (it costs what it costs); the deployment is killed
    right after, backlog and all.
 
-CPU per process kind (web, worker, standby, proxy, PostgreSQL with its backends, the bench
+CPU per process kind (web, worker, proxy, PostgreSQL with its backends, the bench
 process = load generator + connector) is read from /proc around each phase, in cores (CPU
 seconds / wall seconds).
 """
@@ -44,7 +47,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +83,11 @@ class Deployment:
     webs: int
     data_dir: Path
     env: dict[str, str]
+    workers: int = 1
     single: BotProcess | None = None
     cluster: BotCluster | None = None
     proxy: ProxyProcess | None = None
     active: BotProcess | None = None
-    standby: list[BotProcess] = field(default_factory=list)
 
     @property
     def processes(self) -> list[BotProcess]:
@@ -100,10 +103,10 @@ class Deployment:
             self.single.start(timeout=90)
             self.active, backends = self.single, [self.single.base_url]
         else:
-            self.cluster = BotCluster(self.data_dir / "cluster", self.env, webs=self.webs, workers=2)
+            self.cluster = BotCluster(self.data_dir / "cluster", self.env, webs=self.webs, workers=self.workers)
             self.cluster.start(timeout=120)  # (its in-process proxy stays idle: ours is a process)
-            self.active = self.cluster.active_worker(timeout=30)
-            self.standby = [w for w in self.cluster.workers if w is not self.active]
+            self.cluster.settled(timeout=60)  # every worker holds its share of the partitions
+            self.active = self.cluster.workers[0]
             backends = [w.base_url for w in self.cluster.webs]
         self.proxy = ProxyProcess(backends).start()
         return time.monotonic() - started
@@ -115,8 +118,8 @@ class Deployment:
             assert self.single.pid is not None
             return {"all": [self.single.pid], "proxy": [self.proxy.pid]}
         assert self.cluster is not None and self.active is not None and self.active.pid is not None
-        return {"web": [w.pid for w in self.cluster.webs if w.pid is not None], "worker": [self.active.pid],
-                "standby": [w.pid for w in self.standby if w.pid is not None], "proxy": [self.proxy.pid]}
+        return {"web": [w.pid for w in self.cluster.webs if w.pid is not None],
+                "worker": [w.pid for w in self.cluster.workers if w.pid is not None], "proxy": [self.proxy.pid]}
 
     def stop(self) -> None:
         if self.proxy is not None:
@@ -198,6 +201,8 @@ def _summary(result: LoadResult, *, ingest: bool = False) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Plan:
     webs: tuple[int, ...] = (1, 2, 4)
+    #: Issue 18: 2 web instances with this many active workers each (1 worker: the "2 web" deployment).
+    workers: tuple[int, ...] = (2, 3)
     warmup: float = 2.0
     window: float = 10.0
     wake_window: float = 8.0
@@ -209,16 +214,17 @@ class Plan:
     #: single-instance setup).
     local_wake: bool = True
 
-    def deployments(self) -> list[tuple[str, int, bool]]:
-        """(name, web instances (0: one ``--role all`` process), on PostgreSQL) in running order."""
-        local = [("all, no PostgreSQL", 0, False)] if self.local_wake else []
-        return [*local, ("all", 0, True), *((f"{w} web", w, True) for w in self.webs)]
+    def deployments(self) -> list[tuple[str, int, bool, int]]:
+        """(name, web instances (0: one ``--role all`` process), on PostgreSQL, workers) in running order."""
+        local = [("all, no PostgreSQL", 0, False, 1)] if self.local_wake else []
+        return [*local, ("all", 0, True, 1), *((f"{w} web", w, True, 1) for w in self.webs),
+                *((f"2 web, {k} workers", 2, True, k) for k in self.workers)]
 
     def seconds(self) -> float:
         """Rough seconds on 2 cores, for the progress bar."""
         total = 3.0
-        for _, webs, shared in self.deployments():
-            total += 3 + 1.5 * webs + 0.5 + self.wake_window + 1
+        for _, webs, shared, workers in self.deployments():
+            total += 3 + 1.5 * (webs + workers) + 0.5 + self.wake_window + 1
             if shared:
                 total += 2 * (self.warmup + self.window)
         return total
@@ -245,7 +251,7 @@ def run(plan: Plan, progress: Progress, weight: float) -> dict[str, Any]:
         connector = stack.enter_context(SignallingConnector())
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scaleout-")))
         progress.advance(3 * unit)
-        for n, (name, webs, shared) in enumerate(plan.deployments()):
+        for n, (name, webs, shared, workers) in enumerate(plan.deployments()):
             data = tmp / f"d{n}"
             database = postgres_peer.create_database(pg_base) if shared else ""
             env = env_for_bot(DATA_DIR=str(data / "data"))
@@ -254,13 +260,13 @@ def run(plan: Plan, progress: Progress, weight: float) -> dict[str, Any]:
             if cosmos_endpoint:
                 env.update(COSMOS_ENDPOINT=cosmos_endpoint, COSMOS_KEY=cosmos_key, COSMOS_DATABASE="bench",
                            COSMOS_CONTAINER=f"c-{uuid.uuid4().hex[:12]}")
-            deployment = Deployment(webs, data, env)
+            deployment = Deployment(webs, data, env, workers)
             label = f"scale-out ({plan.store}): {name}"
-            progress.set(f"{label}: starting {'1 process' if webs == 0 else f'{webs} web + 2 worker processes'}")
-            figures: dict[str, Any] = {"webs": webs, "postgres": shared, "cpu": {}}
+            progress.set(f"{label}: starting {'1 process' if webs == 0 else f'{webs} web + {workers} worker(s)'}")
+            figures: dict[str, Any] = {"webs": webs, "workers": workers, "postgres": shared, "cpu": {}}
             try:
                 figures["startup_s"] = deployment.start()
-                progress.advance((3 + 1.5 * webs) * unit)
+                progress.advance((3 + 1.5 * (webs + workers)) * unit)
                 assert deployment.proxy is not None
                 url = deployment.proxy.base_url + "/api/messages"
                 meter = CpuMeter(deployment.pids(), trees)
@@ -332,6 +338,7 @@ def main() -> int:
                                                  "scaleout runs it with the others' sizes).")
     parser.add_argument("--store", choices=("sqlite", "cosmos"), default="sqlite")
     parser.add_argument("--webs", default="1,2,4")
+    parser.add_argument("--workers", default="2,3", help="2 web instances with this many active workers each")
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--wake-window", type=float, default=8.0)
@@ -341,7 +348,8 @@ def main() -> int:
     parser.add_argument("--no-local-wake", action="store_true")
     args = parser.parse_args()
     quiet_env()
-    plan = Plan(webs=tuple(int(w) for w in args.webs.split(",") if w), warmup=args.warmup, window=args.window,
+    plan = Plan(webs=tuple(int(w) for w in args.webs.split(",") if w),
+                workers=tuple(int(k) for k in args.workers.split(",") if k), warmup=args.warmup, window=args.window,
                 wake_window=args.wake_window, e2e_conversations=args.e2e_conversations,
                 ingest_conversations=args.ingest_conversations, ingest_senders=args.ingest_senders, store=args.store,
                 local_wake=not args.no_local_wake)

@@ -1,5 +1,5 @@
 """Several processes of the real app on shared stores: web instances behind a round-robin proxy,
-and workers (one active, the others standby).
+and workers (issue 18: every one active, each owning some partitions of the conversations).
 
 :class:`BotCluster` looks like a :class:`~harness.botproc.BotProcess` to a test (the same
 ``post_activity``, ``get``, ``start``, ``kill``, ``terminate``, ``alive``, ``log_tail`` and
@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from cluster.partitions import partition_of
 from harness.botproc import BotProcess, HttpEndpoint
 from harness.roundrobin import RoundRobinProxy
 
@@ -47,7 +48,8 @@ class BotCluster(HttpEndpoint):
         return all(p.alive for p in self.processes)
 
     def start(self, timeout: float = 60.0) -> Self:
-        """Start the processes that are not running, in parallel, and wait until each is healthy."""
+        """Start the processes that are not running, in parallel, and wait until each is healthy and
+        the workers hold every partition between them."""
         if not self._proxy_started:
             self.proxy.start()
             self._proxy_started = True
@@ -57,6 +59,10 @@ class BotCluster(HttpEndpoint):
         with ThreadPoolExecutor(max_workers=len(stopped) or 1) as pool:
             for future in [pool.submit(p.start, timeout) for p in stopped]:
                 future.result()
+        if stopped and self.workers:
+            # Issue 18: and until the partitions are dealt out (a dead worker's leases run out first), so
+            # that a test's conversation does not move between workers while it runs.
+            self.settled(timeout)
         return self
 
     def kill(self) -> None:
@@ -94,22 +100,53 @@ class BotCluster(HttpEndpoint):
         status, body = process.get("/readyz")
         return {"http_status": status, **json.loads(body)}
 
-    def active_worker(self, timeout: float = 20.0) -> BotProcess:
-        """The one worker that says it is active (waits for a takeover to settle)."""
+    def partitions(self, worker: BotProcess) -> set[int]:
+        """The partitions ``worker`` says it holds (none if it does not answer)."""
+        try:
+            return set(self.readiness(worker).get("partitions", {}).get("held", ()))
+        except (OSError, ValueError):
+            return set()
+
+    def settled(self, timeout: float = 30.0) -> dict[BotProcess, set[int]]:
+        """Wait until the live workers hold every partition between them, none twice, each some
+        (when there are enough partitions); returns who holds what."""
+        deadline = time.monotonic() + timeout
+        count = int(self.extra_env.get("PARTITIONS", "16"))
+        while True:
+            live = [w for w in self.workers if w.alive]
+            held = {w: self.partitions(w) for w in live}
+            every = [p for ps in held.values() for p in ps]
+            if sorted(every) == list(range(count)) and all(held.values() or [False]):
+                return held
+            if time.monotonic() > deadline:
+                raise AssertionError(f"partitions not settled after {timeout} s: "
+                                     f"{ {w.data_dir.name: sorted(ps) for w, ps in held.items()} }\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def owner(self, key: str, timeout: float = 30.0, *, besides: BotProcess | None = None) -> BotProcess:
+        """The live worker that holds the partition of conversation ``key`` (other than ``besides``:
+        waits for the partition to move)."""
+        partition = partition_of(key, int(self.extra_env.get("PARTITIONS", "16")))
         deadline = time.monotonic() + timeout
         while True:
-            active = [w for w in self.workers if w.alive and self._says_active(w)]
+            owners = [w for w in self.workers if w.alive and w is not besides and partition in self.partitions(w)]
+            if len(owners) == 1:
+                return owners[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(owners)} owner(s) of partition {partition} after {timeout} s\n"
+                                     f"{self.log_tail()}")
+            time.sleep(0.05)
+
+    def active_worker(self, timeout: float = 20.0) -> BotProcess:
+        """The one live worker that holds a partition (a cluster with one worker alive)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            active = [w for w in self.workers if w.alive and self.partitions(w)]
             if len(active) == 1:
                 return active[0]
             if time.monotonic() > deadline:
                 raise AssertionError(f"{len(active)} active worker(s) after {timeout} s\n{self.log_tail()}")
             time.sleep(0.05)
-
-    def _says_active(self, worker: BotProcess) -> bool:
-        try:
-            return bool(self.readiness(worker).get("active_worker"))
-        except (OSError, ValueError):
-            return False
 
     # --- logs ---
     @property

@@ -24,7 +24,7 @@ from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
 from runtime import logs, metrics, tracing
 from runtime.crashpoints import crash_point
-from runtime.protocol import EventKind, JobResult, finished_event_id
+from runtime.protocol import EventKind, JobResult, NotOwner, finished_event_id
 from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip
 from storage.abc import ConversationStore, InboxEvent, ItemTooLargeError, JobRecord, StoreUnavailableError
 from storage.inbox import Inbox, Wake
@@ -71,6 +71,24 @@ def bounded_job(job: JobRecord, limit: int) -> JobRecord:
     if job.progress_text and len(job.progress_text) > MAX_PROGRESS_TEXT_CHARS:
         changes["progress_text"] = clip(job.progress_text, MAX_PROGRESS_TEXT_CHARS)
     return replace(job, **changes) if changes else job
+
+
+class Owner(Protocol):
+    """Which conversations this worker owns (cluster.Ownership; issue 18)."""
+
+    def owns(self, key: str) -> bool: ...
+
+    def fence(self, key: str) -> int | None: ...
+
+
+class _EveryConversation:
+    """One process: it owns every conversation, nothing is fenced."""
+
+    def owns(self, key: str) -> bool:
+        return True
+
+    def fence(self, key: str) -> int | None:
+        return None
 
 
 class Scheduling(Protocol):
@@ -143,10 +161,14 @@ class JobRunner:
         *,
         scheduler: Scheduling | None = None,
         max_result_chars: int = DEFAULT_MAX_TOOL_RESULT_CHARS,
+        owner: Owner | None = None,
     ) -> None:
         """``wake(key)``: a finished job's conversation has its outcome to announce (the worker's
         wake-ups); ``scheduler``: the timers for retries (None: jobs are not retried later, unit tests);
-        ``max_result_chars``: a job's result and error are clipped to this before they are stored."""
+        ``max_result_chars``: a job's result and error are clipped to this before they are stored;
+        ``owner``: which conversations this worker owns (a cluster): a job of another's is not started,
+        and every write of a running one first checks that its conversation is still owned."""
+        self._owner = owner or _EveryConversation()
         self._max_result_chars = max_result_chars
         self._store = store
         self._registry = registry
@@ -156,6 +178,7 @@ class JobRunner:
         self._live: dict[str, JobContext] = {}
         self._tasks: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._runs: set[asyncio.Task[Any]] = set()
+        self._run_of: dict[str, asyncio.Task[Any]] = {}  # job id -> the task running its attempt
         self._claimed: set[str] = set()
         self._recovered: set[asyncio.Task[None]] = set()  # recovered jobs started directly
 
@@ -170,7 +193,11 @@ class JobRunner:
         self._claimed.add(job_id)  # before any await: a duplicate start sees it
         log_context = logs.set_context(conversation_key=conversation_key, job_id=job_id)
         try:
+            self._owner.fence(conversation_key)  # issue 18: only the owner of its partition starts a job
             await self._run(conversation_key, job_id)
+        except NotOwner as exc:  # the partition moved: stop without a word, the new owner runs it
+            metrics.FENCED_WRITES.labels(exc.by).inc()
+            log.warning("job %s: stopped, this worker no longer owns its conversation (%s)", job_id, exc)
         finally:
             self._claimed.discard(job_id)
             logs.reset_context(log_context)
@@ -194,6 +221,7 @@ class JobRunner:
             await self._finish(job.evolve(status=decided, finished_at=time.time()))  # the tool never runs
             return
         if decided == approval.APPROVED:  # the event a crash after the claim may have lost (else a no-op)
+            self._owner.fence(conversation_key)
             await self._until_stored(lambda: self._inbox.post(conversation_key, approval.approval_event(job)), job_id)
         try:
             tool = self._registry.get(job.tool)
@@ -237,6 +265,7 @@ class JobRunner:
         if (me := asyncio.current_task()) is not None:
             self._runs.add(me)
             me.add_done_callback(self._runs.discard)
+            self._run_of[job.id] = me
         log.info("job %s (%s) attempt %d/%d started", job.id, job.tool, job.attempt, tool.retry.max_attempts)
         metrics.JOB_ATTEMPTS.labels(job.tool).inc()
         span = tracing.tracer.start_span("job attempt", attributes={
@@ -254,6 +283,8 @@ class JobRunner:
                                       tool.retry.delay(current.attempt))
         except (PermanentJobError, ValidationError) as exc:
             await self._finish(current.evolve(status="failed", error=str(exc), finished_at=time.time()))
+        except NotOwner:  # a progress report found the partition gone: not the tool's failure
+            raise
         except asyncio.CancelledError:
             if context.cancelled:
                 await self._finish(current.evolve(status="cancelled", finished_at=time.time()))
@@ -272,6 +303,7 @@ class JobRunner:
         finally:
             self._live.pop(job.id, None)
             self._tasks.pop(job.id, None)
+            self._run_of.pop(job.id, None)
             span.end()
 
     async def _expire_if_due(self, job: JobRecord) -> None:
@@ -306,6 +338,7 @@ class JobRunner:
     async def _save(self, job: JobRecord) -> JobRecord:
         """Write the fields the runner owns; what others set meanwhile (cancel, card id) stays."""
         job = bounded_job(job, self._max_result_chars)
+        self._owner.fence(job.conversation_key)  # a worker that lost the partition writes nothing more
         changes = {name: getattr(job, name) for name in RUNNER_FIELDS}
         return await self._store.patch_job(job.conversation_key, job.id, changes)
 
@@ -333,6 +366,7 @@ class JobRunner:
                 delay = min(delay * 2, 15.0)
 
     async def _announce(self, job: JobRecord) -> None:
+        self._owner.fence(job.conversation_key)  # never announce a job of a partition this worker lost
         try:
             await self._inbox.post(job.conversation_key, finished_event(job))
         except ItemTooLargeError as exc:  # e.g. huge arguments: announce the outcome without them
@@ -342,8 +376,9 @@ class JobRunner:
                                               error="the job's outcome was too large to store"))
             await self._inbox.post(job.conversation_key, event)
 
-    async def recover(self) -> int:
-        """Restart queued/running jobs that have no live schedule (after a crash).
+    async def recover(self, only: Callable[[str], bool] | None = None) -> int:
+        """Restart queued/running jobs that have no live schedule (after a crash, or of partitions this
+        worker just took: ``only(conversation_key)``).
 
         Jobs due now start at once, straight on this runner: the store is the source of truth,
         so going through the persisted schedule first would only cost a job-store write each
@@ -353,7 +388,9 @@ class JobRunner:
         count = 0
         scheduled = await self._scheduler.scheduled_ids() if self._scheduler is not None else set()
         for job in await self._store.unfinished_jobs():
-            if self.is_live(job.id) or job.id in scheduled:
+            if self.is_live(job.id) or job.id in scheduled or not self._owner.owns(job.conversation_key):
+                continue
+            if only is not None and not only(job.conversation_key):
                 continue
             if job.status == approval.AWAITING:  # waits for a person: only its expiry timer must exist
                 if approval.expiry_timer_id(job.id) in scheduled:
@@ -380,6 +417,21 @@ class JobRunner:
         if self._runs:
             await asyncio.wait(list(self._runs), timeout=timeout)
 
+    async def abandon(self, lost: Callable[[str], bool], *, timeout: float = 5.0) -> int:
+        """Stop the running attempts of the conversations ``lost(key)`` names (their partition moves to
+        another worker) and wait until they have stopped. While the partition is still held (a graceful
+        hand-back) each hands itself back as queued, as on shutdown; once its lease is gone it writes
+        and announces nothing (every write checks the owner first). Returns how many were stopped."""
+        stopping = [job_id for job_id, context in self._live.items() if lost(context.conversation_key)]
+        for job_id in stopping:
+            if (task := self._tasks.get(job_id)) is not None:
+                task.cancel()
+        if runs := [run for job_id in stopping if (run := self._run_of.get(job_id)) is not None and not run.done()]:
+            await asyncio.wait(runs, timeout=timeout)
+        if stopping:
+            log.info("stopped %d running job(s) of partitions this worker gave up", len(stopping))
+        return len(stopping)
+
     async def request_cancel(self, conversation_key: str, job_id: str) -> CancelResult:
         """Record a cancel request on the job (any instance may); returns the job as it stands.
         Raises JobNotFoundError. The process that runs jobs acts on it in :meth:`apply_cancel`."""
@@ -391,6 +443,8 @@ class JobRunner:
 
     async def apply_cancel(self, conversation_key: str, job_id: str) -> None:
         """Stop a job whose cancel was requested: interrupt its attempt here, or end it if queued."""
+        if not self._owner.owns(conversation_key):
+            return  # issue 18: another worker owns it now; the request in the store reaches that one
         if (live := self._live.get(job_id)) is not None:
             live.cancel()
             # A tool that never checks its context is still stopped at its next await.

@@ -5,19 +5,28 @@ Every schedule names the module-level :func:`run_scheduled_job` (the textual ref
 fires, the executor of the scheduler that fired it hands that call its scheduler's ``run``
 (the job runner's) through a context variable, so a schedule stored in the SQLAlchemy job store
 survives restarts, never pickles a connection or a closure, and no module global holds a runner.
+
+Issue 18, many workers: APScheduler 3 must never run two schedulers on one job store, so on a
+cluster every partition of the conversations has its own job store (its own table,
+``apscheduler_jobs_p<n>``), added to this worker's scheduler when it takes the partition and
+removed when it gives it up. Each of those stores also stops reading and writing the moment the
+partition's lease runs out by this process's monotonic clock (:class:`_PartitionJobStore`), so a
+worker that wakes up from SIGSTOP cannot fire or delete a schedule of a partition it lost.
+One process (SQLite, ``make run``) keeps the single default store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -33,6 +42,41 @@ log = logging.getLogger(__name__)
 
 #: Runs one job attempt: ``JobRunner.run(conversation_key, job_id)``.
 RunJob = Callable[[str, str], Awaitable[None]]
+
+
+class Partitions(Protocol):
+    """Which partitions this worker holds (cluster.Ownership)."""
+
+    def partition(self, key: str) -> int: ...
+
+    def holds(self, partition: int) -> bool: ...
+
+
+def partition_alias(partition: int) -> str:
+    return f"p{partition}"
+
+
+class _PartitionJobStore(SQLAlchemyJobStore):  # type: ignore[misc]  # APScheduler 3 is untyped
+    """One partition's job store; reads nothing due and writes nothing once the partition's lease is gone."""
+
+    def __init__(self, url: str, partition: int, partitions: Partitions) -> None:
+        super().__init__(url=url, tablename=f"apscheduler_jobs_p{partition}")
+        self._held = functools.partial(partitions.holds, partition)
+
+    def get_due_jobs(self, now: Any) -> Any:
+        return super().get_due_jobs(now) if self._held() else []
+
+    def get_next_run_time(self) -> Any:
+        return super().get_next_run_time() if self._held() else None
+
+    def update_job(self, job: Any) -> None:
+        if self._held():
+            super().update_job(job)
+
+    def remove_job(self, job_id: str) -> None:
+        if not self._held():
+            raise JobLookupError(job_id)  # "not here": a lookup over every store goes on to the next
+        super().remove_job(job_id)
 
 #: The ``run`` of the scheduler whose executor started this job (set in the job task's context).
 _firing: ContextVar[RunJob | None] = ContextVar("firing_scheduler_run", default=None)
@@ -141,8 +185,11 @@ class JobScheduler:
     runner's ``run``, which every attempt that fires calls.
     """
 
-    def __init__(self, job_store_url: str) -> None:
+    def __init__(self, job_store_url: str, *, partitions: Partitions | None = None) -> None:
+        """``partitions``: a job store per partition, added as this worker takes them (a cluster);
+        None: the one default job store (one process)."""
         self._url = job_store_url
+        self._partitions = partitions
         self._scheduler: AsyncIOScheduler | None = None
 
     @property
@@ -159,9 +206,11 @@ class JobScheduler:
             # Creating the engine and the table is file I/O: keep it off the loop too.
             if database := sqlite_file(self._url):  # 0600 in a 0700 directory, created if missing
                 ensure_private_file(database)
+            # A cluster's default store is APScheduler's in-memory one, which nothing uses.
+            stores = {} if self._partitions is not None else {"default": SQLAlchemyJobStore(url=self._url)}
             scheduler = _OffLoopAsyncIOScheduler(
                 run,
-                jobstores={"default": SQLAlchemyJobStore(url=self._url)},
+                jobstores=stores,
                 job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
                 timezone=UTC,
                 event_loop=loop,
@@ -183,6 +232,38 @@ class JobScheduler:
             for executor in scheduler._executors.values():
                 executor.shutdown(wait=False)
             await asyncio.to_thread(lambda: [store.shutdown() for store in scheduler._jobstores.values()])
+
+    async def add_partitions(self, partitions: set[int]) -> None:
+        """This worker took these partitions: open their job stores (their schedules fire here from now on)."""
+        if self._partitions is None:
+            return
+        owned = self._partitions
+        scheduler = self.scheduler
+
+        def add() -> None:
+            for partition in sorted(partitions):
+                if partition_alias(partition) not in scheduler._jobstores:
+                    scheduler.add_jobstore(_PartitionJobStore(self._url, partition, owned), partition_alias(partition))
+
+        await asyncio.to_thread(add)
+
+    async def remove_partitions(self, partitions: set[int]) -> None:
+        """This worker gave these partitions up: close their job stores (their rows stay for the new owner)."""
+        if self._partitions is None or self._scheduler is None:
+            return
+        scheduler = self._scheduler
+
+        def remove() -> None:
+            for partition in sorted(partitions):
+                with contextlib.suppress(KeyError):
+                    scheduler.remove_jobstore(partition_alias(partition), shutdown=True)
+
+        await asyncio.to_thread(remove)
+
+    def _store_of(self, conversation_key: str) -> str:
+        if self._partitions is None:
+            return "default"
+        return partition_alias(self._partitions.partition(conversation_key))
 
     @property
     def running(self) -> bool:
@@ -206,6 +287,7 @@ class JobScheduler:
             args=[job.conversation_key, job.id],
             id=timer_id,
             name=f"{job.tool}:{timer_id}",
+            jobstore=self._store_of(job.conversation_key),
             replace_existing=True,
         )
 

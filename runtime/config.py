@@ -327,6 +327,13 @@ class Settings:
     #: STREAM_MAX_SECONDS: a stream is closed this long after it opened (Teams ends streams at 2 minutes);
     #: the rest of the answer follows as a new message.
     stream_max_seconds: float = 110.0
+    # --- many active workers (issue 18, cluster/postgres.py, cluster/partitions.py) ---
+    #: PARTITIONS: how many partitions the conversations are spread over (the same on every instance).
+    partitions: int = 16
+    #: PARTITION_LEASE_SECONDS: how long a worker's hold on a partition lasts unless renewed.
+    partition_lease_seconds: float = 15.0
+    #: PARTITION_RENEW_SECONDS: how often a worker renews its leases and rebalances (below the lease).
+    partition_renew_seconds: float = 5.0
 
     @property
     def local_mode(self) -> bool:
@@ -401,6 +408,10 @@ class Settings:
             raise ConfigError(f"--role {role} needs a shared PostgreSQL job store: set JOB_STORE_URL to "
                               "postgresql://USER:PASSWORD@HOST:5432/DATABASE (it also carries the wake-ups and "
                               "the choice of the active worker)")
+        lease, renew = _positive(e, "PARTITION_LEASE_SECONDS", 15.0), _positive(e, "PARTITION_RENEW_SECONDS", 5.0)
+        if renew * 2 > lease:
+            raise ConfigError(f"PARTITION_RENEW_SECONDS ({renew:g}) must be at most half of PARTITION_LEASE_SECONDS "
+                              f"({lease:g}): a lease must survive a late renewal")
         return cls(
             port=_int(e, "PORT", 3978),
             host=e.get("HOST", "").strip(),
@@ -477,5 +488,9 @@ class Settings:
             streaming=_bool(e, "STREAMING", True),
             stream_interval_seconds=_positive(e, "STREAM_INTERVAL_SECONDS", 1.0),
             stream_max_seconds=_positive(e, "STREAM_MAX_SECONDS", 110.0),
+            # --- many active workers (issue 18) ---
+            partitions=_at_least(e, "PARTITIONS", 16, minimum=1),
+            partition_lease_seconds=lease,
+            partition_renew_seconds=renew,
         )
 

@@ -35,8 +35,20 @@ PlatformCollector(registry=REGISTRY)
 GCCollector(registry=REGISTRY)
 
 # --- instances (cluster/) ---
-ACTIVE_WORKER = Gauge(f"{PREFIX}active_worker", "1 while this process is the active worker (runs inboxes, jobs "
-                      "and sends), 0 on web instances and standby workers", registry=REGISTRY)
+ACTIVE_WORKER = Gauge(f"{PREFIX}active_worker", "1 while this process is an active worker (holds a partition: "
+                      "runs its inboxes, jobs and sends), 0 on web instances and workers without a partition",
+                      registry=REGISTRY)
+# Issue 18: partitions over many workers.
+PARTITIONS_OWNED = Gauge(f"{PREFIX}partitions_owned", "Conversation partitions this worker holds a lease on",
+                         registry=REGISTRY)
+REBALANCES = Counter(f"{PREFIX}partition_changes", "Partitions this worker took (gained) or gave up (released: "
+                     "handed back for a fair share; lost: its lease ran out before it could renew)", ["change"],
+                     registry=REGISTRY)
+LEASE_RENEWALS = Counter(f"{PREFIX}lease_renewals", "Rounds in which this worker renewed its partition leases",
+                         registry=REGISTRY)
+FENCED_WRITES = Counter(f"{PREFIX}fenced_writes", "Writes, sends and job starts refused because this worker no "
+                        "longer owned the conversation, by who refused: lease (its own monotonic deadline) or "
+                        "store (the epoch fence on commit)", ["by"], registry=REGISTRY)
 WAKEUPS = Counter(f"{PREFIX}wakeups", "Conversations woken on the active worker, by source: local (same "
                   "process), notify (PostgreSQL NOTIFY from another instance), sweep (found by the periodic "
                   "look for missed work)", ["source"], registry=REGISTRY)

@@ -39,9 +39,18 @@ class PointReads(Protocol):  # the conversation store
     async def get_reference(self, key: str) -> Any: ...
 
 
+class Held(Protocol):  # cluster.Ownership
+    partitions: int
+
+    def held(self) -> set[int]: ...
+
+
 class Coordination(Protocol):  # cluster.Coordinator
     @property
     def active(self) -> bool: ...
+
+    @property
+    def ownership(self) -> Held: ...
 
     async def check(self) -> str | None: ...
 
@@ -87,11 +96,8 @@ class Readiness:
                 # A web instance still takes messages in durably; the active worker's sweep finds them.
                 coordination = f"degraded: {coordination}; new messages wait for the worker's sweep"
             checks["coordination"] = coordination
-        if self._settings.runs_worker:
-            if self._coordinator.active or not self._settings.shared_job_store:
-                checks["scheduler"] = "ok" if self._scheduler.running else "not running"
-            else:
-                checks["scheduler"] = "standby"  # another worker is active; this one is ready to take over
+        if self._settings.runs_worker:  # issue 18: every worker runs its scheduler (a job store per partition)
+            checks["scheduler"] = "ok" if self._scheduler.running else "not running"
         return checks
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -103,9 +109,12 @@ class Readiness:
                                                    if not ok(value)))
         elif degraded := [f"{name}: {value}" for name, value in checks.items() if value.startswith("degraded")]:
             log.warning("ready, but %s", ", ".join(degraded))
-        return web.json_response({"status": "ready" if ready else "not ready", "role": self._settings.role,
-                                  "active_worker": self._coordinator.active, "checks": checks},
-                                 status=200 if ready else 503)
+        body: dict[str, object] = {"status": "ready" if ready else "not ready", "role": self._settings.role,
+                                   "active_worker": self._coordinator.active, "checks": checks}
+        if self._settings.runs_worker and self._settings.shared_job_store:  # issue 18: the partitions held now
+            ownership = self._coordinator.ownership
+            body["partitions"] = {"held": sorted(ownership.held()), "of": ownership.partitions}
+        return web.json_response(body, status=200 if ready else 503)
 
 
 def metrics_handler(refresh: Callable[[], Awaitable[None]]) -> Handler:

@@ -197,6 +197,19 @@ class JobResult:
             raise ValueError(f"not a job result: {exc!r}") from exc
 
 
+# --- ownership (issue 18) ---
+class NotOwner(Exception):
+    """This worker no longer owns the conversation (its partition's lease ran out, or a newer owner
+    wrote it): drop the work without writing or sending anything; the new owner carries it on.
+    ``by``: who caught it, ``lease`` (this process's monotonic deadline) or ``store`` (the epoch fence)."""
+
+    by = "lease"
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"conversation {key!r}: {reason}")
+        self.key = key
+
+
 # --- the channel ---
 class DeliveryError(Exception):
     """The channel did not accept an activity. ``permanent``: retrying cannot help (the bot was

@@ -16,10 +16,12 @@ after the load stopped; while they still arrive the bot is only behind and the s
 Two deployments, the same load, killer and ledger:
 
 * one process (``--role all``) on SQLite in the data dir: every kill hits it;
-* ``--cluster``: 2 web + 2 worker processes on Cosmos DB (the wire server from harness/peers) and
-  PostgreSQL (a throwaway server), the channel posting through the round-robin proxy. Each kill
-  hits one process: the active worker half of the time (turns, jobs and sends run there), else
-  any other one (the standby or a web instance); the summary says how many hit which.
+* ``--cluster``: 2 web + 3 worker processes on Cosmos DB (the wire server from harness/peers) and
+  PostgreSQL (a throwaway server), the channel posting through the round-robin proxy, every worker
+  active on its partitions (issue 18; leases of 3 s renewed every second). Each blow hits one
+  process: a worker is SIGKILLed, or frozen (SIGSTOP for longer than its lease, then SIGCONT: its
+  partitions move meanwhile and its late writes must be refused); a web instance is SIGKILLed.
+  The summary says how many hit which.
 
 Usage: ``python scripts/soak.py --kills 60 [--cluster]`` (``make soak [CLUSTER=1]``); the test
 suite runs short forms of both.
@@ -31,8 +33,10 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -52,10 +56,14 @@ from harness.connector import RecordingConnector  # noqa: E402
 from storage.abc import ConversationStore  # noqa: E402
 from storage.sqlite import SqliteStore  # noqa: E402
 
-#: In cluster mode, the share of kills that hit the active worker (the rest: any other process).
-ACTIVE_WORKER_SHARE = 0.5
-#: The kinds of process a kill can hit, in the order the summary lists them.
-KILL_KINDS = ("active worker", "standby", "web")
+#: In cluster mode, the share of blows that hit a worker (turns, jobs and sends run there; the rest: a web
+#: instance), and of those the share that freeze it instead of killing it.
+WORKER_SHARE = 0.7
+FREEZE_SHARE = 0.4
+#: The kinds of blow, in the order the summary lists them.
+KILL_KINDS = ("worker", "frozen worker", "web")
+#: Cluster leases (PARTITION_LEASE_SECONDS / PARTITION_RENEW_SECONDS): a freeze outlasts the lease.
+LEASE_SECONDS, RENEW_SECONDS = 3.0, 1.0
 #: After the load stops, a reply that has not arrived when none has for this long (plus three job
 #: durations) is lost. While replies keep arriving the bot is only behind, and the soak waits on,
 #: up to MAX_DRAIN_SECONDS after the load stopped.
@@ -131,7 +139,8 @@ class Cluster:
 
     def __init__(self, data_dir: Path, env: dict[str, str], store_env: dict[str, str]) -> None:
         self.store_env = store_env
-        self.cluster = BotCluster(data_dir, {**store_env, **env}, webs=2, workers=2)
+        leases = {"PARTITION_LEASE_SECONDS": str(LEASE_SECONDS), "PARTITION_RENEW_SECONDS": str(RENEW_SECONDS)}
+        self.cluster = BotCluster(data_dir, {**store_env, **leases, **env}, webs=2, workers=3)
         self.endpoint = self.cluster  # posts go through the round-robin proxy
         self.processes = self.cluster.processes
 
@@ -139,11 +148,10 @@ class Cluster:
         self.cluster.start(timeout=60)  # only the ones not running
 
     def victim(self, rng: random.Random) -> tuple[BotProcess, str | None]:
-        active = self.cluster.active_worker(timeout=30)  # waits for a takeover to settle
-        if rng.random() < ACTIVE_WORKER_SHARE:
-            return active, "active worker"
-        process = rng.choice([p for p in self.processes if p is not active])
-        return process, "web" if any(process is web for web in self.cluster.webs) else "standby"
+        if rng.random() < WORKER_SHARE:
+            worker = rng.choice(self.cluster.workers)
+            return worker, "frozen worker" if rng.random() < FREEZE_SHARE else "worker"
+        return rng.choice(self.cluster.webs), "web"
 
     def close(self) -> None:
         self.cluster.close()
@@ -237,7 +245,12 @@ def run_soak(kills: int, conversations: int, seed: int, data_dir: Path, job_seco
                 time.sleep(kill_rng.uniform(0.3, 2.5))
                 process, kind = deployment.victim(kill_rng)
                 _note_exits(deployment, ledger)
-                process.kill()
+                if kind == "frozen worker" and process.pid is not None and process.alive:
+                    os.kill(process.pid, signal.SIGSTOP)  # its connections stay open; it renews nothing
+                    time.sleep(LEASE_SECONDS + kill_rng.uniform(0.5, 3.0))
+                    os.kill(process.pid, signal.SIGCONT)  # it must notice, before anything, that it lost them
+                else:
+                    process.kill()
                 ledger.kills += 1
                 if kind is not None:
                     ledger.kills_by[kind] += 1
@@ -327,7 +340,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--job-seconds", type=float, default=1.0)
     parser.add_argument("--cluster", action="store_true",
-                        help="2 web + 2 worker processes on Cosmos DB + PostgreSQL (both started here)")
+                        help="2 web + 3 worker processes on Cosmos DB + PostgreSQL (both started here)")
     parser.add_argument("--data-dir", type=Path,
                         help="keep the bots' data and logs here (default: a temporary directory, removed)")
     parser.add_argument("--log-level", default="WARNING",

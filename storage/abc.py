@@ -30,6 +30,7 @@ from storage.records import (
     SCHEMA_VERSION,
     ConcurrencyError,
     ConversationRecord,
+    FencedWriteError,
     InboxEvent,
     ItemTooLargeError,
     JobNotFoundError,
@@ -49,6 +50,7 @@ __all__ = [
     "ConversationLog",
     "ConversationRecord",
     "ConversationStore",
+    "FencedWriteError",
     "InboxEvent",
     "ItemStore",
     "ItemTooLargeError",
@@ -116,8 +118,13 @@ class ConversationLog(ABC):
         *,
         processed: Sequence[str] = (),
         new_jobs: Sequence[JobRecord] = (),
+        fence: int | None = None,
     ) -> ConversationRecord:
         """Atomically write ``record``, mark ``processed`` events done and create ``new_jobs``.
+
+        ``fence`` (issue 18): the writer's lease epoch; the store refuses the write with
+        :class:`FencedWriteError` when the record was last written under a newer one
+        (:meth:`ConversationRecord.fenced`).
 
         Conditional on ``record.etag`` (None = must not exist yet). Raises
         :class:`ConcurrencyError` if the stored etag differs, :class:`ItemTooLargeError` if the

@@ -478,6 +478,7 @@ class CosmosStore(ConversationStore):
             outbox=tuple(OutboxMessage(m["id"], m["activity"]) for m in doc.get("outbox", ())),
             turns=doc.get("turns", 0),
             schema_version=doc.get("schema_version", SCHEMA_VERSION),
+            fence=doc.get("fence", 0),
         )
 
     async def load(self, key: str) -> ConversationRecord:
@@ -490,7 +491,9 @@ class CosmosStore(ConversationStore):
         *,
         processed: Sequence[str] = (),
         new_jobs: Sequence[JobRecord] = (),
+        fence: int | None = None,
     ) -> ConversationRecord:
+        record = record.fenced(fence)  # issue 18: refuses a worker that lost the conversation
         key, pk = record.key, self.partition(record.key)
         stored = await self._read(pk, CONVERSATION_ID)
         if (stored["_etag"] if stored else None) != record.etag:
@@ -519,6 +522,7 @@ class CosmosStore(ConversationStore):
             outbox=[{"id": m.id, "activity": m.activity} for m in record.outbox],
             has_outbox=bool(record.outbox),
             turns=record.turns,
+            fence=record.fence,
             processed=processed_list,
             job_intents=intents,
             updated_at=time.time(),

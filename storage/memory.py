@@ -96,7 +96,9 @@ class MemoryStore(ConversationStore):
         *,
         processed: Sequence[str] = (),
         new_jobs: Sequence[JobRecord] = (),
+        fence: int | None = None,
     ) -> ConversationRecord:
+        record = record.fenced(fence)  # issue 18: refuses a worker that lost the conversation
         async with self._lock:
             stored = self._records.get(record.key)
             if (stored.etag if stored else None) != record.etag:

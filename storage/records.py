@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from runtime.protocol import NotOwner
+
 JSON = dict[str, Any]
 
 #: Shape version written on every stored conversation document (see docs on migration).
@@ -24,6 +26,18 @@ class StoreError(Exception):
 
 class StoreUnavailableError(StoreError):
     """The store could not be reached or is throttling: retry later (ingest answers 503)."""
+
+
+class FencedWriteError(StoreError, NotOwner):
+    """Issue 18: a worker wrote a conversation under an older lease epoch than the one that last
+    wrote it: it lost the conversation's partition to another worker. Not retried."""
+
+    by = "store"
+
+    def __init__(self, key: str, fence: int, stored: int) -> None:
+        NotOwner.__init__(self, key, f"write fenced off (epoch {fence} < stored epoch {stored}); "
+                                     "another worker owns it now")
+        self.fence, self.stored = fence, stored
 
 
 class ConcurrencyError(StoreError):
@@ -154,6 +168,21 @@ class ConversationRecord:
     etag: str | None = None
     turns: int = 0
     schema_version: int = SCHEMA_VERSION
+    #: Issue 18: the lease epoch of the worker that wrote it (0: never written under a lease).
+    fence: int = 0
 
     def evolve(self, **changes: Any) -> ConversationRecord:
         return replace(self, **changes)
+
+    def fenced(self, fence: int | None) -> ConversationRecord:
+        """This record to be written under lease epoch ``fence`` (None: no lease, one process).
+
+        Every store calls it first in ``commit``. The commit is conditional on the etag, so the
+        stored record is the one loaded: if a newer owner wrote it (a higher epoch), this write
+        is refused with :class:`FencedWriteError` before anything is written.
+        """
+        if fence is None:
+            return self
+        if fence < self.fence:
+            raise FencedWriteError(self.key, fence, self.fence)
+        return replace(self, fence=fence)

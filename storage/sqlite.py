@@ -153,6 +153,7 @@ def _record_to_doc(record: ConversationRecord) -> str:
             "agent_state": record.agent_state,
             "outbox": [{"id": m.id, "activity": m.activity} for m in record.outbox],
             "turns": record.turns,
+            "fence": record.fence,
         }
     )
 
@@ -166,6 +167,7 @@ def _record_from_doc(key: str, etag: str, doc: str) -> ConversationRecord:
         outbox=tuple(OutboxMessage(m["id"], m["activity"]) for m in data.get("outbox", [])),
         turns=data.get("turns", 0),
         schema_version=data.get("schema_version", 1),
+        fence=data.get("fence", 0),
     )
 
 
@@ -285,7 +287,9 @@ class SqliteStore(ConversationStore):
         *,
         processed: Sequence[str] = (),
         new_jobs: Sequence[JobRecord] = (),
+        fence: int | None = None,
     ) -> ConversationRecord:
+        record = record.fenced(fence)  # issue 18: refuses a worker that lost the conversation
         etag = new_id()
         doc = _record_to_doc(record)
         check_item_size(f"conversation {record.key!r}", doc, self._max_item_bytes)

@@ -12,7 +12,9 @@ from autogen_core.models import CreateResult, LLMMessage
 from agent.offline_model import OfflineChatCompletionClient
 from agent.processor import ConversationProcessor, text_activity
 from agent.runner import AgentTurnRunner
+from cluster.partitions import Ownership
 from jobs.approval import approval_event
+from runtime import metrics
 from runtime.protocol import DeliveryError, Requester
 from storage.abc import JSON, ConversationRecord, InboxEvent, JobRecord
 from storage.memory import MemoryStore
@@ -179,3 +181,59 @@ async def test_an_approval_is_told_by_the_agent_and_a_decided_job_is_scheduled_a
     assert sender.texts == ["Job `yes` (activate new line) was approved by Ada and is starting now; its result will "
                             "follow when it finishes."]
     assert await store.pending_events(KEY) == []
+
+
+class Lease:
+    """Issue 18: a worker's hold on the conversation, with a clock the test moves (cluster.Ownership)."""
+
+    def __init__(self, epoch: int, deadline: float) -> None:
+        self.clock = 0.0
+        self.ownership = Ownership(1, clock=lambda: self.clock)
+        self.ownership.grant(0, epoch, deadline)
+
+
+async def test_a_worker_whose_lease_ran_out_during_a_turn_commits_and_sends_nothing() -> None:
+    """Frozen mid-turn past its lease (the clock jumps, as CLOCK_MONOTONIC does over a SIGSTOP)."""
+    store, sender = MemoryStore(), FakeSender()
+    await message(store, "m1", "my name is Ada")
+    lease = Lease(epoch=3, deadline=10.0)
+    runner = AgentTurnRunner(OfflineChatCompletionClient(), lambda scope: [])
+    original_run = runner.run
+
+    async def frozen_during_the_turn(*args: Any, **kwargs: Any) -> Any:
+        outcome = await original_run(*args, **kwargs)
+        lease.clock = 20.0
+        return outcome
+
+    runner.run = frozen_during_the_turn  # type: ignore[method-assign]
+    before = metrics.FENCED_WRITES.labels("lease")._value.get()
+    p = ConversationProcessor(store, runner, sender, welcome=lambda: text_activity("welcome"),
+                              owner=lease.ownership)
+    p.wake(KEY)
+    await p.idle()
+    assert sender.sent == [] and (await store.load(KEY)).etag is None
+    assert [e.id for e in await store.pending_events(KEY)] == ["m1"]  # left for the new owner
+    assert metrics.FENCED_WRITES.labels("lease")._value.get() == before + 1
+    p.wake(KEY)  # and it no longer takes the conversation up at all
+    await p.idle()
+    assert sender.sent == []
+
+
+async def test_a_late_commit_under_an_older_epoch_is_refused_by_the_store() -> None:
+    store, sender = MemoryStore(), FakeSender()
+    await message(store, "m1", "my name is Ada")
+    newer = Lease(epoch=9, deadline=100.0)
+    await store.commit(ConversationRecord(key=KEY), fence=9)  # the new owner wrote the conversation
+    older = Lease(epoch=4, deadline=100.0)  # its own clock has not noticed yet
+    before = metrics.FENCED_WRITES.labels("store")._value.get()
+    p = ConversationProcessor(store, AgentTurnRunner(OfflineChatCompletionClient(), lambda scope: []), sender,
+                              welcome=lambda: text_activity("welcome"), owner=older.ownership)
+    p.wake(KEY)
+    await p.idle()
+    assert sender.sent == [] and (await store.load(KEY)).fence == 9
+    assert metrics.FENCED_WRITES.labels("store")._value.get() == before + 1
+    q = ConversationProcessor(store, AgentTurnRunner(OfflineChatCompletionClient(), lambda scope: []), sender,
+                              welcome=lambda: text_activity("welcome"), owner=newer.ownership)
+    q.wake(KEY)
+    await q.idle()
+    assert sender.texts == ["Nice to meet you, Ada. I'll remember that."]

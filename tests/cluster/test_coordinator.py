@@ -42,3 +42,19 @@ async def test_wake_ups_before_it_leads_go_nowhere() -> None:
 
     await coordinator.lead(woken.append, on_cancel)
     assert woken == []
+
+
+async def test_one_process_owns_every_conversation_without_a_fence() -> None:
+    """Issue 18: one process holds everything; nothing is fenced; lead() tells the worker so at once."""
+    coordinator = LocalCoordinator()
+    changes: list[tuple[set[int], set[int]]] = []
+
+    async def on_change(gained: set[int], lost: set[int]) -> None:
+        changes.append((gained, lost))
+
+    async def on_cancel(key: str, job_id: str) -> None:
+        pass
+
+    await coordinator.lead(lambda key: None, on_cancel, on_change=on_change)
+    assert changes == [({0}, set())]
+    assert coordinator.ownership.owns("msteams:any") and coordinator.ownership.fence("msteams:any") is None

@@ -76,6 +76,8 @@ def backend_env(backend: str, request: pytest.FixtureRequest) -> dict[str, str]:
            "COSMOS_DATABASE": "e2e", "COSMOS_CONTAINER": f"c-{uuid.uuid4().hex[:12]}"}
     if backend == "cluster":
         env["JOB_STORE_URL"] = request.getfixturevalue("postgres_url")
+        # Issue 18: short leases, so that a cluster killed and restarted takes its partitions back soon.
+        env.update(PARTITION_LEASE_SECONDS="3", PARTITION_RENEW_SECONDS="1")
     return env
 
 

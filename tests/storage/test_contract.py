@@ -21,6 +21,7 @@ from storage.abc import (
     ConcurrencyError,
     ConversationRecord,
     ConversationStore,
+    FencedWriteError,
     InboxEvent,
     ItemTooLargeError,
     JobNotFoundError,
@@ -85,6 +86,26 @@ async def test_saving_reference_does_not_touch_record_etag(store: ConversationSt
     committed = await store.commit(ConversationRecord(key=key, agent_state={"a": 1}))
     await store.save_reference(key, {"serviceUrl": "https://x.example/"})
     assert (await store.load(key)).etag == committed.etag
+
+
+async def test_a_write_under_an_older_lease_epoch_is_fenced_off(store: ConversationStore, key: str) -> None:
+    """Issue 18: the worker that took the partition over (epoch 7) wrote the conversation; the one
+    that lost it (epoch 5) reloads and tries again: refused, nothing written. Without a fence
+    (one process) and under the same or a newer epoch, commits go on as before."""
+    await store.append_event(key, _event("e1"))
+    taken = await store.commit(ConversationRecord(key=key, agent_state={"by": "new"}), fence=7)
+    assert (await store.load(key)).fence == 7
+    late = (await store.load(key)).evolve(agent_state={"by": "old"})
+    with pytest.raises(FencedWriteError):
+        await store.commit(late, processed=["e1"], fence=5)
+    stored = await store.load(key)
+    assert (stored.etag, stored.agent_state, stored.fence) == (taken.etag, {"by": "new"}, 7)
+    assert await _pending_ids(store, key) == ["e1"]
+    same = await store.commit(stored.evolve(turns=1), fence=7)
+    newer = await store.commit(same.evolve(turns=2), fence=9)
+    assert (await store.load(key)).fence == 9
+    await store.commit(newer.evolve(turns=3))  # no lease: the stored epoch stays
+    assert (await store.load(key)).fence == 9
 
 
 # --- inbox ---
