@@ -53,6 +53,8 @@ from storage.abc import (
 log = logging.getLogger(__name__)
 
 TYPING_INTERVAL = 3.0  # Teams shows a typing indicator for about 3 s
+#: The first progress indicator waits this long: a turn that answers sooner sends none (no extra send).
+FIRST_INDICATOR_DELAY = 0.5
 
 
 def text_activity(text: str) -> JSON:
@@ -306,6 +308,7 @@ class ConversationProcessor:
             log.exception("could not schedule job %s now; it will be scheduled at the next start-up", job.id)
 
     async def _keep_typing(self, reference: JSON) -> None:
+        await asyncio.sleep(FIRST_INDICATOR_DELAY)
         while True:
             with contextlib.suppress(Exception):
                 await self._sender.typing(reference)

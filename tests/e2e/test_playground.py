@@ -52,10 +52,9 @@ def test_install_in_personal_chat_welcomes_once(pg: Playground) -> None:
 
 def test_a_message_gets_a_reply_with_typing(pg: Playground) -> None:
     personal = pg.chats.personal
-    pg.send(personal, "hello there")
+    pg.send(personal, "think for 1 seconds")  # slower than FIRST_INDICATOR_DELAY: typing first
     [reply] = pg.wait_for_messages(1, personal)
-    assert "offline model" in reply["text"]
-    assert "hello there" in reply["text"]
+    assert "thought about it for 1 seconds" in reply["text"]
     assert pg.events("typing", personal), "no typing indicator reached the Playground"
 
 
