@@ -29,18 +29,18 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from botbuilder.core import ActivityHandler, ConversationState, MemoryStorage, MessageFactory, TurnContext  # noqa: E402
-from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication  # noqa: E402
-from msrest.universal_http.requests import ClientRetryPolicy  # noqa: E402
+from botbuilder.core import ActivityHandler, ConversationState, MemoryStorage, MessageFactory, TurnContext
+from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
+from msrest.universal_http.requests import ClientRetryPolicy
 
-from agent.offline_model import OfflineChatCompletionClient  # noqa: E402
-from agent.runner import AgentTurnRunner  # noqa: E402
-from agent.tools import turn_tools  # noqa: E402
-from agent.turns import AgentError, AgentInput  # noqa: E402
-from jobs.registry import JobRegistry, load_tool_modules  # noqa: E402
-from jobs.runner import JobRunner  # noqa: E402
-from runtime.protocol import Requester  # noqa: E402
-from storage.memory import MemoryStore  # noqa: E402
+from agent.offline_model import OfflineChatCompletionClient
+from agent.runner import AgentTurnRunner
+from agent.tools import turn_tools
+from agent.turns import AgentError, AgentInput
+from jobs.registry import JobRegistry, load_tool_modules
+from jobs.runner import JobRunner
+from runtime.protocol import Requester
+from storage.memory import MemoryStore
 
 ClientRetryPolicy.safe_codes = frozenset(ClientRetryPolicy.safe_codes)  # type: ignore[assignment]
 
