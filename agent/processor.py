@@ -193,10 +193,9 @@ class ConversationProcessor:
 
         Returns seconds to wait before another round when delivery must be retried.
         """
-        record = await self._store.load(key)
-        events = await self._store.pending_events(key)
+        start = await self._store.load_turn(key)  # record, pending events, reference: one request on Cosmos
+        record, events, reference = start.record, start.events, start.reference
         if events:
-            reference = await self._store.get_reference(key)
             needs_thought = any(e.kind in AGENT_KINDS for e in events)
             typing = asyncio.create_task(self._keep_typing(reference)) if reference and needs_thought else None
             try:
@@ -210,7 +209,7 @@ class ConversationProcessor:
                 self._again.add(key)
                 return None
             record = committed
-        return await self._flush(record)
+        return await self._flush(record, reference)
 
     async def _commit_turn(self, record: ConversationRecord, events: Sequence[InboxEvent]) -> ConversationRecord | None:
         state = record.agent_state
@@ -315,12 +314,12 @@ class ConversationProcessor:
             await asyncio.sleep(TYPING_INTERVAL)
 
     # --- sending ---
-    async def _flush(self, record: ConversationRecord) -> float | None:
+    async def _flush(self, record: ConversationRecord, reference: JSON | None) -> float | None:
+        """Send the outbox to ``reference`` (read with the record; a failed round reads both again)."""
         metrics.outbox_backlog(record.key, len(record.outbox))
         if not record.outbox:
             return None
         await self._forgetter.before_sending(record)
-        reference = await self._store.get_reference(record.key)
         if reference is None:
             log.error("conversation %s has %d unsent message(s) but no conversation reference; dropping them",
                       record.key, len(record.outbox))
@@ -362,10 +361,10 @@ class ConversationProcessor:
         return None
 
     async def _remove_from_outbox(self, record: ConversationRecord, ids: set[str]) -> ConversationRecord:
+        # The store removes just those messages (on Cosmos a patch, not a rewrite of the item).
         while True:
-            updated = record.evolve(outbox=tuple(m for m in record.outbox if m.id not in ids))
             try:
-                committed = await self._store.commit(updated)
+                committed = await self._store.remove_from_outbox(record, ids)
                 metrics.outbox_backlog(record.key, len(committed.outbox))
                 return committed
             except ConcurrencyError:
