@@ -24,7 +24,7 @@ from typing import Any
 
 from bench.common import REPO, Progress, fmt_ms, fmt_ratio, percentile, quiet_env, ratio
 
-ALL = ("turns", "notify", "state", "jobs", "recovery", "scaleout")
+ALL = ("turns", "notify", "state", "jobs", "recovery", "scaleout", "cosmos")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class Sizes:
     scale_window: float
     scale_wake_window: float
     scale_local_wake: bool
+    cosmos_turns: int = 10
 
     def scaleout_plan(self) -> Any:
         from bench.scaleout import Plan
@@ -64,6 +65,7 @@ class Sizes:
             "jobs": self.scale_jobs * 0.015 + 4,
             "recovery": self.recovery_jobs * 0.09 + 2.5 * self.cold_starts + 4,
             "scaleout": self.scaleout_plan().seconds(),
+            "cosmos": 6 + self.cosmos_turns * 3.5 + 6,
         }
 
 
@@ -74,7 +76,7 @@ FULL = Sizes(levels=(1, 10, 100), warmup=3, window=15, notify_jobs=200, notify_c
 QUICK = Sizes(levels=(1, 10, 100), warmup=1, window=2.5, notify_jobs=40, notify_conversations=20, notify_rate=10,
               job_seconds=0.5, checkpoints=(10, 100, 200), scale_jobs=500, recovery_jobs=50,
               recovery_conversations=10, cold_starts=1, scale_webs=(1, 4), scale_warmup=0.5, scale_window=1.5,
-              scale_wake_window=1, scale_local_wake=False)
+              scale_wake_window=1, scale_local_wake=False, cosmos_turns=3)
 
 
 # --- the machine and the versions ---------------------------------------------------------------
@@ -243,6 +245,38 @@ def recovery_rows(res: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _ops(by_operation: dict[str, Any]) -> str:
+    return ", ".join(f"{op} {v['requests']:g}" for op, v in by_operation.items())
+
+
+def cosmos_rows(res: dict[str, Any]) -> list[Row]:
+    from bench.cosmos_requests import monthly_cost
+
+    sec = "7 Cosmos"
+    if "skipped" in res:
+        return [Row(sec, "Cosmos requests: skipped", res["skipped"], "", "")]
+    turn, job, ru = res["turn"], res["job"], res["ru"]
+    month = monthly_cost(ru["turn"]["total"])
+    base = "15 (issue 17, before)"
+    return [
+        Row(sec, f"requests per plain turn (median of {turn['samples']})",
+            f"{turn['requests']:g} ({_ops(turn['by_operation'])})", base, "", "≤ 5", _verdict(turn["requests"] <= 5)),
+        Row(sec, "full writes of the conversation item per plain turn", f"{turn['conversation_full_writes']:g}", "2",
+            "", "1", _verdict(turn["conversation_full_writes"] <= 1)),
+        Row(sec, "bytes sent per plain turn (request bodies)", f"{turn['bytes_sent'] / 1024:.1f} KiB", "12.5 KiB", ""),
+        Row(sec, "requests per job (start → announcement, incl. cards)",
+            f"{job['requests']:g} ({_ops(job['by_operation'])})", "", ""),
+        Row(sec, "bytes sent per job", f"{job['bytes_sent'] / 1024:.1f} KiB", "", ""),
+        Row(sec, "request units per plain turn / per job (estimate)",
+            f"{ru['turn']['total']:.1f} / {ru['job']['total']:.0f} RU", "", ""),
+        Row(sec, "1 million plain turns a month: serverless", f"${month['serverless_usd']:.2f}",
+            f"{month['ru_per_month'] / 1e6:.1f} M RU", ""),
+        Row(sec, "1 million plain turns a month: provisioned (manual / autoscale)",
+            f"${month['provisioned_usd']:.2f} / ${month['autoscale_usd']:.2f}",
+            f"{month['provisioned_rus']:.0f} RU/s (the minimum; mean load {month['mean_rus']:.2f} RU/s)", ""),
+    ]
+
+
 def _pair(p50: float, p99: float) -> str:
     return f"{fmt_ms(p50).removesuffix(' ms')} / {fmt_ms(p99)}"
 
@@ -364,7 +398,53 @@ def details(results: dict[str, Any]) -> str:
         parts.append("### 5. Recovery (raw)\n" + ", ".join(f"{k}={_cell(v)}" for k, v in res.items() if k != "log"))
     if "scaleout" in results:
         parts.append(scaleout_details(results["scaleout"]))
+    if "cosmos" in results and "skipped" not in results["cosmos"]:
+        parts.append(cosmos_details(results["cosmos"]))
     return "\n\n".join(parts)
+
+
+def cosmos_details(res: dict[str, Any]) -> str:
+    from bench import cosmos_requests as cr
+
+    turn, job, ru = res["turn"], res["job"], res["ru"]
+    lines = ["### 7. Cosmos DB requests per plain turn and per job, and what they cost",
+             "Counted at the Cosmos DB wire server (every request it received, `harness/peers/cosmos_server.js`), the "
+             "real app with its default ingest limits; a plain turn is `my name is …` in a conversation that already "
+             "had two turns, from the POST until the app is quiet. One plain turn, request by request:", "",
+             "| # | operation | item | bytes sent | RU (estimate) |", "|---|---|---|---|---|"]
+    for n, (entry, units) in enumerate(zip(turn["example"], ru["turn"]["entries"], strict=True), 1):
+        lines.append(f"| {n} | {entry['operation']} | `{entry['id'] or '(query)'}` | {entry['bytes']:,} | "
+                     f"{units:.1f} |")
+    lines += ["", f"The job (`activate line …`, from the POST to the completion message and quiet): {job['requests']} "
+              f"requests ({_ops(job['by_operation'])}), {job['bytes_sent']:,} bytes sent, "
+              f"{job['conversation_full_writes']} full writes of the conversation item.", "",
+              "**Request units.** Estimated from the counted operations with Microsoft's published figures: a point "
+              f"read of an item up to 1 KB costs {cr.READ_RU_PER_KB:g} RU (+1 RU per further KB), a write (create, "
+              f"replace, upsert, patch, delete) of up to 1 KB about {cr.WRITE_RU_BASE:g} RU "
+              f"(+{cr.WRITE_RU_PER_EXTRA_KB:g} RU per further KB), a small single-partition query served by the "
+              f"index about {cr.QUERY_RU_MIN:g} RU, a "
+              "batch the sum of its operations (each operation priced from its share of the request body, the "
+              "conversation item's replace first). Assumptions: default indexing minus the excluded paths "
+              "(`storage/cosmos.py INDEXING_POLICY`), Session consistency, a single write region, no retries; a point "
+              "read is priced at the size last written of that item (the conversation item) or 1 KB. The real service "
+              "reports the exact charge in `x-ms-request-charge`; measure it there before sizing an account. "
+              f"Per plain turn: **{ru['turn']['total']:.1f} RU** "
+              f"({', '.join(f'{k} {v:.1f}' for k, v in ru['turn']['by_operation'].items())}); per job: "
+              f"**{ru['job']['total']:.0f} RU**.", ""]
+    month = cr.monthly_cost(ru["turn"]["total"])
+    breakeven = month["provisioned_usd"] / cr.SERVERLESS_USD_PER_MILLION_RU * 1e6
+    lines += [f"**1 million plain turns a month** = {month['ru_per_month'] / 1e6:.1f} million RU: on **serverless** "
+              f"(USD {cr.SERVERLESS_USD_PER_MILLION_RU:g} per million RU) **USD {month['serverless_usd']:.2f}** a "
+              "month plus storage; on **provisioned throughput** the mean load is "
+              f"{month['mean_rus']:.2f} RU/s, so the container's minimum of {month['provisioned_rus']:.0f} RU/s "
+              f"(sized for a peak of 10x the mean) costs **USD {month['provisioned_usd']:.2f}** a month (manual, USD "
+              f"{cr.PROVISIONED_USD_PER_100RUS_HOUR:g} per 100 RU/s per hour) or about USD "
+              f"{month['autoscale_usd']:.2f} (autoscale, max {month['autoscale_max_rus']:.0f} RU/s, billed at its 10% "
+              "floor). List prices of one region, without free tier or reserved-capacity discounts: the minimum "
+              f"provisioned container costs as much as {breakeven / 1e6:.0f} million serverless RU "
+              f"({breakeven / ru['turn']['total'] / 1e6:.0f} million plain turns) a month. Jobs come on top at the "
+              "per-job figure."]
+    return "\n".join(lines)
 
 
 def scaleout_details(res: dict[str, Any]) -> str:
@@ -490,13 +570,17 @@ def main() -> int:
         from bench import scaleout
 
         results["scaleout"] = scaleout.run(sizes.scaleout_plan(), progress, weights["scaleout"])
+    if "cosmos" in only:
+        from bench import cosmos_requests
+
+        results["cosmos"] = cosmos_requests.run(sizes.cosmos_turns, progress, weights["cosmos"])
     progress.finish()
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()
 
     rows: list[Row] = []
     for name, build in (("turns", turn_rows), ("notify", notify_rows), ("state", state_rows), ("jobs", job_rows),
-                        ("recovery", recovery_rows), ("scaleout", scaleout_rows)):
+                        ("recovery", recovery_rows), ("scaleout", scaleout_rows), ("cosmos", cosmos_rows)):
         if name in results:
             rows += build(results[name])
     summary = table(rows)

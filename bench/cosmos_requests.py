@@ -149,6 +149,8 @@ QUERY_RU_MIN = 2.5
 SERVERLESS_USD_PER_MILLION_RU = 0.25
 PROVISIONED_USD_PER_100RUS_HOUR = 0.008
 HOURS_PER_MONTH = 730
+#: In a batch the counter sees one body: each operation after the first is priced as an event item this size.
+BATCH_ITEM_BYTES = 700
 
 
 def _op_ru(operation: str, size_bytes: int) -> float:
@@ -169,6 +171,7 @@ def request_units(log: list[dict[str, Any]], read_sizes: dict[str, int] | None =
     sizes = dict(read_sizes or {})
     total = 0.0
     by_operation: dict[str, float] = {}
+    entries: list[float] = []
     for entry in log:
         op, item = entry["operation"], entry["id"]
         if op in ("create", "replace", "upsert"):
@@ -176,9 +179,15 @@ def request_units(log: list[dict[str, Any]], read_sizes: dict[str, int] | None =
         ru = _op_ru(op, sizes.get(item, 1024) if op == "read" else entry["bytes"])
         if op == "patch":  # priced as a write of the patched item
             ru = _op_ru("replace", sizes.get(item, 1024))
+        if op == "batch":  # the sum of its operations: the first the rest of the body, each other ~1 event item
+            items = item.split(",")
+            first = max(0, entry["bytes"] - BATCH_ITEM_BYTES * (len(items) - 1))
+            sizes[items[0]] = first
+            ru = _op_ru("replace", first) + (len(items) - 1) * _op_ru("replace", BATCH_ITEM_BYTES)
         total += ru
+        entries.append(ru)
         by_operation[op] = by_operation.get(op, 0.0) + ru
-    return {"total": total, "by_operation": by_operation}
+    return {"total": total, "by_operation": by_operation, "entries": entries}
 
 
 def monthly_cost(ru_per_turn: float, turns_per_month: int = 1_000_000, peak_to_mean: float = 10.0) -> dict[str, float]:
