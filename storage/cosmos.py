@@ -81,7 +81,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from azure.core import MatchConditions
@@ -159,8 +159,9 @@ class _Seen:
     processed: list[str]
     settled: list[str]
     intents: list[JSON]
-    #: event id -> its event item as read, for the events not flagged processed when it was read
-    unflagged: dict[str, JSON] = field(default_factory=dict)
+    #: event id -> its event item, for every event not flagged processed when ``load_turn`` read the item
+    #: (the query returns all of them); None after a commit: which flags landed since is not known here
+    unflagged: dict[str, JSON] | None = None
 
 
 def _escape(raw: str) -> str:
@@ -545,12 +546,16 @@ class CosmosStore(ConversationStore):
         if seen is not None and record.etag is not None and seen.etag == record.etag:
             # This process read (or wrote) the item at this etag: no read; the conditional write checks it.
             old_processed, old_intents = seen.processed, seen.intents  # the old ``settled`` ids leave now
-            unflagged = dict(seen.unflagged)
-            unknown = [i for i in dict.fromkeys(processed) if i not in unflagged]
-            flags = await self._event_flags(pk, unknown)
+            if seen.unflagged is not None:  # every unflagged event as read with the item
+                unflagged = dict(seen.unflagged)
+                flags = await self._event_flags(pk, [i for i in dict.fromkeys(processed) if i not in unflagged])
+                flags.update({i: False for i in unflagged})
+            else:  # the flags are not known: ask, as below
+                unflagged = {}
+                flags = await self._event_flags(pk, [*old_processed, *processed])
 
             def is_unflagged(event_id: str) -> bool:
-                return event_id in unflagged or flags.get(event_id) is False
+                return flags.get(event_id) is False
         else:
             stored = await self._read(pk, CONVERSATION_ID)
             if (stored["_etag"] if stored else None) != record.etag:
@@ -624,8 +629,7 @@ class CosmosStore(ConversationStore):
             await self._map(self._materialise, intents)
         except AzureError as error:  # the commit stands; only the hints are late
             log.warning("after committing %r: %s (the next commit or job read repeats it)", key, error)
-        self._remember(key, _Seen(written["_etag"], processed_list, settled, intents,
-                                  {i: d for i, d in unflagged.items() if i not in flagged and i not in processed_list}))
+        self._remember(key, _Seen(written["_etag"], processed_list, settled, intents))
         return record.evolve(etag=written["_etag"])
 
     async def _write_and_flag(self, pk: str, doc: JSON, etag: str, events: list[JSON]) -> tuple[JSON, set[str]]:
