@@ -345,7 +345,12 @@ def details(results: dict[str, Any]) -> str:
         res = results["turns"]
         lines = ["### 1. Turn overhead per load level",
                  f"Closed loop, {res['warmup_s']:g} s warm-up then {res['window_s']:g} s measured per bot and level; "
-                 "activities/s over the whole run, latencies of the messages sent in the measured part.", "",
+                 "activities/s over the whole run, latencies of the messages sent in the measured part. `naive` is the "
+                 "same agent run inside the request with its state in `ConversationState` over `MemoryStorage` "
+                 "(`bench/naive_bot.py`). Ours keeps each conversation under Teams' 7 messages per second "
+                 "(`bot/sender.py`), the baselines do not (the recording connector does not throttle; Teams would): "
+                 "that caps ours at 7/s with 1 conversation and at 70/s with 10, where the users' replies queue "
+                 "behind the pacer; at 100 conversations both are CPU-bound.", "",
                  "| conversations | bot | activities/s | p50 | p99 | replies measured | bot CPU/turn | errors |",
                  "|---|---|---|---|---|---|---|---|"]
         for level, figs in res["levels"].items():
@@ -433,6 +438,18 @@ def cosmos_details(res: dict[str, Any]) -> str:
               f"**{ru['job']['total']:.0f} RU**.", ""]
     month = cr.monthly_cost(ru["turn"]["total"])
     breakeven = month["provisioned_usd"] / cr.SERVERLESS_USD_PER_MILLION_RU * 1e6
+    lines += ["**What the wire server lacks, and the design chosen** (docs/architecture.md, \"Round trips per "
+              "turn\"). The Cosmos DB wire-protocol test server runs a batch request in order without rollback (the "
+              "real service runs it as a transaction) and scans the whole container per query (the real service "
+              "uses the index). The commit is therefore still one conditional replace of the conversation item "
+              "that alone decides whether the turn happened; the processed flags of the turn's events ride in the "
+              "same batch request after it, as hints (the item's `processed` list stays the truth). On the real "
+              "service the same batch is atomic, so there the `processed` list and the job intents could go "
+              "altogether (flags and job items written with the commit). Sent messages leave the outbox by a "
+              "conditional patch (`remove /outbox/<n>`), not a rewrite of the item. Not done: the edge still "
+              "reads three times before the append (the inbox cap's query, the redelivery check, the dialog "
+              "state); folding the redelivery check into the cap's query and reading dialog state only when a "
+              "dialog can be pending would make a plain turn 5 requests.", ""]
     lines += [f"**1 million plain turns a month** = {month['ru_per_month'] / 1e6:.1f} million RU: on **serverless** "
               f"(USD {cr.SERVERLESS_USD_PER_MILLION_RU:g} per million RU) **USD {month['serverless_usd']:.2f}** a "
               "month plus storage; on **provisioned throughput** the mean load is "
