@@ -282,7 +282,8 @@ async def test_a_flag_lost_after_a_one_request_commit_keeps_the_event_processed(
     assert (await store.container.read_item("event:e1", partition_key=store.partition(key)))["processed"] is True
     assert (await raw_conversation(store, key))["processed"] == ["e1"]  # kept: the flag was not seen yet
     # Seen flagged, the id moves to ``settled`` for one more commit, then leaves; never pending meanwhile.
-    for turns, (listed, settled) in ((3, ([], ["e1"])), (4, ([], []))):
+    expected: list[tuple[int, list[str], list[str]]] = [(3, [], ["e1"]), (4, [], [])]
+    for turns, listed, settled in expected:
         start = await store.load_turn(key)
         assert start.events == [] and await store.pending_events(key) == []
         await store.commit(start.record.evolve(turns=turns))
