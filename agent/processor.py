@@ -272,10 +272,9 @@ class ConversationProcessor:
 
         Returns seconds to wait before another round when delivery must be retried.
         """
-        record = await self._store.load(key)
-        events = await self._store.pending_events(key)
+        start = await self._store.load_turn(key)  # record, pending events, reference: one request on Cosmos
+        record, events, reference = start.record, start.events, start.reference
         if events:
-            reference = await self._store.get_reference(key)
             needs_thought = any(e.kind in AGENT_KINDS for e in events)
             streaming = self._streams is not None and reference is not None and self._streams.streams_to(reference)
             typing = (asyncio.create_task(self._keep_typing(reference))
@@ -291,7 +290,7 @@ class ConversationProcessor:
                 self._again.add(key)
                 return None
             record = committed
-        return await self._flush(record)
+        return await self._flush(record, reference)
 
     async def _commit_turn(self, record: ConversationRecord, events: Sequence[InboxEvent],
                            stream_to: JSON | None = None) -> ConversationRecord | None:
@@ -437,18 +436,19 @@ class ConversationProcessor:
             log.exception("could not schedule job %s now; it will be scheduled at the next start-up", job.id)
 
     async def _keep_typing(self, reference: JSON) -> None:
+        await asyncio.sleep(FIRST_INDICATOR_DELAY)
         while True:
             with contextlib.suppress(Exception):
                 await self._sender.typing(reference)
             await asyncio.sleep(TYPING_INTERVAL)
 
     # --- sending ---
-    async def _flush(self, record: ConversationRecord) -> float | None:
+    async def _flush(self, record: ConversationRecord, reference: JSON | None) -> float | None:
+        """Send the outbox to ``reference`` (read with the record; a failed round reads both again)."""
         metrics.outbox_backlog(record.key, len(record.outbox))
         if not record.outbox:
             return None
         await self._forgetter.before_sending(record)
-        reference = await self._store.get_reference(record.key)
         if reference is None:
             log.error("conversation %s has %d unsent message(s) but no conversation reference; dropping them",
                       record.key, len(record.outbox))
@@ -491,10 +491,10 @@ class ConversationProcessor:
         return None
 
     async def _remove_from_outbox(self, record: ConversationRecord, ids: set[str]) -> ConversationRecord:
+        # The store removes just those messages (on Cosmos a patch, not a rewrite of the item).
         while True:
-            updated = record.evolve(outbox=tuple(m for m in record.outbox if m.id not in ids))
             try:
-                committed = await self._store.commit(updated, fence=self._owner.fence(record.key))
+                committed = await self._store.remove_from_outbox(record, ids, fence=self._owner.fence(record.key))
                 metrics.outbox_backlog(record.key, len(committed.outbox))
                 return committed
             except ConcurrencyError:

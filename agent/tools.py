@@ -10,15 +10,17 @@ helper tools read and cancel jobs through the store and the job runner.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from autogen_core import CancellationToken
-from autogen_core.tools import BaseTool, FunctionTool
+from autogen_core._function_utils import args_base_model_from_signature, get_typed_signature
+from autogen_core.tools import BaseTool, ToolSchema
 from pydantic import BaseModel, ValidationError
 
 from jobs.access import JobAccess, public_view, shows_arguments, started_by_label
@@ -70,7 +72,49 @@ def refused(reason: str, message: str) -> str:
     return json.dumps({"error": "not_started", "reason": reason, "message": message})
 
 
-class ScheduleJobTool(BaseTool[BaseModel, Any]):
+# --- built once, not per turn (issue 17): the turn's tools are rebuilt every turn for its scope, but their
+# argument models and JSON schemas depend only on the tool, and pydantic takes a millisecond or more to
+# build them (bench/profiling.md).
+_SCHEMAS: dict[tuple[type[BaseModel], str, str], ToolSchema] = {}
+
+
+class CachedSchema:
+    """Mixin for a :class:`BaseTool`: its schema computed once per (arguments, name, description)."""
+
+    @property
+    def schema(self) -> ToolSchema:
+        tool: Any = self
+        key = (tool.args_type(), tool.name, tool.description)
+        if (schema := _SCHEMAS.get(key)) is None:
+            schema = _SCHEMAS[key] = BaseTool.schema.fget(tool)  # type: ignore[attr-defined]
+        return copy.deepcopy(schema)  # a caller may change its copy
+
+
+_ARGS_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def _args_model(function: Callable[..., Any]) -> type[BaseModel]:
+    """The arguments model of a helper function, by its qualified name (the same closure every turn)."""
+    if (model := _ARGS_MODELS.get(function.__qualname__)) is None:
+        model = _ARGS_MODELS[function.__qualname__] = args_base_model_from_signature(
+            function.__name__ + "args", get_typed_signature(function))
+    return model
+
+
+class HelperTool(CachedSchema, BaseTool[BaseModel, Any]):
+    """What ``FunctionTool(function)`` offers for a turn's helper closure, with the model and schema built
+    once: the arguments validated by the signature's model, the function awaited with them."""
+
+    def __init__(self, function: Callable[..., Awaitable[str]]) -> None:
+        model = _args_model(function)
+        super().__init__(model, str, function.__name__, function.__doc__ or "")
+        self._function = function
+
+    async def run(self, args: BaseModel, cancellation_token: CancellationToken) -> str:
+        return await self._function(**{name: getattr(args, name) for name in type(args).model_fields})
+
+
+class ScheduleJobTool(CachedSchema, BaseTool[BaseModel, Any]):
     """Presents a long-running tool to the model; a call records a job and returns its id.
 
     A job is recorded only on behalf of the person who asked (a job-result turn, with no
@@ -132,7 +176,7 @@ class ScheduleJobTool(BaseTool[BaseModel, Any]):
         return json.dumps({"job_id": job.id, "status": "queued", "message": message})
 
 
-class PlainTool(BaseTool[BaseModel, Any]):
+class PlainTool(CachedSchema, BaseTool[BaseModel, Any]):
     """A declared plain tool as the model sees it: validated arguments, the declared timeout and retries.
 
     The result goes back to the model as text: a string as it is, anything else as JSON."""
@@ -246,11 +290,7 @@ def job_tools(scope: TurnScope, store: ConversationStore, runner: JobRunner,
         status = outcome.job.status if outcome.already_finished else "cancelling"
         return json.dumps({"status": status, "message": outcome.message()})
 
-    return [
-        FunctionTool(get_job_status, description=get_job_status.__doc__ or "", name="get_job_status"),
-        FunctionTool(list_jobs, description=list_jobs.__doc__ or "", name="list_jobs"),
-        FunctionTool(cancel_job, description=cancel_job.__doc__ or "", name="cancel_job"),
-    ]
+    return [HelperTool(get_job_status), HelperTool(list_jobs), HelperTool(cancel_job)]
 
 
 def turn_tools(scope: TurnScope, registry: JobRegistry, store: ConversationStore, runner: JobRunner,

@@ -218,6 +218,9 @@ def env_for_bot(**extra: str) -> dict[str, Any]:
                                  "COSMOS_ENDPOINT")}
     # Throughput, not abuse: one user floods many conversations, so the ingest limits are off.
     env.update({"RATE_LIMIT_USER_BURST": "0", "RATE_LIMIT_CONVERSATION_BURST": "0", "MAX_PENDING_EVENTS": "0"})
+    # ... and so are the job caps (5 active jobs per user by default): the job benchmarks' one user starts
+    # hundreds. Without this the 2026-12-01 run's notify and recovery rows measured refused jobs.
+    env.update({"MAX_ACTIVE_JOBS_PER_USER": "0", "MAX_ACTIVE_JOBS_PER_CONVERSATION": "0"})
     env.update(extra)
     return env
 

@@ -45,7 +45,10 @@ async def open_loop(url: str, service_url: str, conversations: int, jobs: int, r
     async def post(session: aiohttp.ClientSession, n: int) -> None:
         nonlocal acknowledged
         activity = message(text(n), conversation_id=conv_ids[n % conversations], service_url=service_url)
-        acknowledged += await post_until_acknowledged(session, url, activity)
+        # Not ``acknowledged += await ...``: that reads the count before the await, so concurrent posts
+        # lost increments (the quick run's "notifications delivered 40/39").
+        ok = await post_until_acknowledged(session, url, activity)
+        acknowledged += ok
 
     async with aiohttp.ClientSession() as session:
         tasks = []

@@ -51,7 +51,8 @@ async def _post_all(url: str, service_url: str, jobs: int, conversations: int, c
         activity = message(f"activate line 555-{n % 10000:04d}", conversation_id=conv_ids[n % conversations],
                            service_url=service_url)
         async with gate:
-            acknowledged += await post_until_acknowledged(session, url, activity)
+            ok = await post_until_acknowledged(session, url, activity)  # not `+= await`: it loses increments
+        acknowledged += ok
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(post(session, n) for n in range(jobs)))

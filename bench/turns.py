@@ -1,4 +1,9 @@
-"""1. Turn overhead: the real bot against a bare botbuilder echo bot, both as real processes.
+"""1. Turn overhead: the real bot against two baselines, all three as real processes.
+
+The baselines: a bare botbuilder echo bot (``echo_bot.py``) and the naive agent bot
+(``naive_bot.py``: the same AutoGen agent and offline model run inside the request, its state in
+``ConversationState`` over ``MemoryStorage``, no durability), so ``ours / naive`` is the price of
+durability and ``ours / echo`` that of durability plus the agent.
 
 Closed loop: each of N simulated users (one per conversation) posts a message, waits until its
 reply reaches the recording connector, and posts the next at once. Latency is ingest-to-reply:
@@ -165,18 +170,20 @@ async def closed_loop(url: str, connector: SignallingConnector, conversations: i
 
 
 def run(levels: tuple[int, ...], warmup: float, window: float, progress: Progress) -> dict[str, Any]:
-    """Both bots as processes; for each level, echo then ours. Returns the figures per level."""
+    """The three bots as processes; for each level, echo, naive, then ours. Returns the figures per level."""
     out: dict[str, Any] = {"levels": {}, "warmup_s": warmup, "window_s": window}
     with tempfile.TemporaryDirectory(prefix="bench-turns-") as tmp, SignallingConnector() as connector:
         ours = BotProcess(Path(tmp) / "ours", env=env_for_bot())
         echo = BotProcess(Path(tmp) / "echo", env=env_for_bot(), script="bench/echo_bot.py")
+        naive = BotProcess(Path(tmp) / "naive", env=env_for_bot(), script="bench/naive_bot.py")
+        bots = (("echo", echo), ("naive", naive), ("ours", ours))
         try:
-            progress.set("turn overhead: starting both bots")
-            ours.start(timeout=60)
-            echo.start(timeout=60)
+            progress.set("turn overhead: starting the bots")
+            for _, bot in bots:
+                bot.start(timeout=60)
             for level in levels:
                 figures = {}
-                for name, bot in (("echo", echo), ("ours", ours)):
+                for name, bot in bots:
                     progress.set(f"turn overhead: {name}, {level} conversation(s)")
                     cpu_before, self_before = cpu_seconds(bot.pid), cpu_seconds()
                     result = asyncio.run(closed_loop(bot.messages_url, connector, level, warmup, window,
@@ -187,6 +194,6 @@ def run(levels: tuple[int, ...], warmup: float, window: float, progress: Progres
                     progress.advance(warmup + window)
                 out["levels"][level] = figures
         finally:
-            ours.kill()
-            echo.kill()
+            for _, bot in bots:
+                bot.kill()
     return out

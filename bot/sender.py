@@ -1,4 +1,11 @@
-"""Proactive delivery: outbox messages and typing indicators leave through continue_conversation."""
+"""Proactive delivery: outbox messages and typing indicators, each a proactive botbuilder turn.
+
+What ``CloudAdapter.continue_conversation`` does, minus two costs it pays per message (issue 17,
+bench/profiling.md): a new ``ConnectorClient`` (and msrest configuration) for every send, and a
+``UserTokenClient`` a proactive send never uses. The connector client is kept per service URL and
+reused while the credentials factory hands out the same credentials object (whose token the
+factory keeps fresh off the event loop, bot/auth.py ``CachingCredentialFactory``); the turn still
+runs through the adapter's middleware pipeline with ``turn_context.send_activity``, as before."""
 
 from __future__ import annotations
 
@@ -11,8 +18,12 @@ from typing import Any, ClassVar
 
 import aiohttp
 from botbuilder.core import TurnContext
+from botbuilder.core.cloud_adapter_base import CloudAdapterBase
+from botbuilder.core.conversation_reference_extension import get_continuation_activity
 from botbuilder.integration.aiohttp import CloudAdapter
 from botbuilder.schema import Activity, ActivityTypes, ConversationReference, Entity
+from botframework.connector.aio import ConnectorClient
+from botframework.connector.auth import ConnectorFactory
 
 from bot.service_urls import ServiceUrlPolicy
 from runtime import metrics
@@ -67,6 +78,40 @@ class ProactiveSender:
         self._timeout = timeout  # a connector that hangs must not hold the conversation's outbox
         self._recent: dict[str, deque[float]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._connectors: ConnectorFactory | None = None
+        self._clients: dict[str, ConnectorClient] = {}  # service URL -> its connector client
+
+    async def _client(self, service_url: str) -> ConnectorClient:
+        """The connector client for ``service_url``: built once, reused while its credentials are the ones the
+        factory hands out now (asking it each time lets it renew the token off the loop, as it did per send)."""
+        factory = self._connectors
+        assert factory is not None
+        impl: Any = factory
+        credentials_factory = getattr(impl, "_credential_factory", None)  # botbuilder's _ConnectorFactoryImpl
+        if credentials_factory is None:  # another factory: no reuse, as continue_conversation does
+            return await factory.create(service_url, None)
+        credentials = await credentials_factory.create_credentials(
+            impl._app_id, impl._to_channel_from_bot_oauth_scope, impl._login_endpoint, impl._validate_authority)
+        client = self._clients.get(service_url)
+        if client is None or client.config.credentials is not credentials:
+            client = await factory.create(service_url, None)
+            if len(self._clients) >= 64:  # a handful of service URLs in practice (TRUSTED_SERVICE_URLS)
+                self._clients.clear()
+            self._clients[service_url] = client
+        return client
+
+    async def _proactive(self, reference: ConversationReference, logic: Any) -> None:
+        """``CloudAdapter.continue_conversation(reference, logic, app_id)`` with a reused connector client and
+        no user token client."""
+        adapter: CloudAdapterBase = self._adapter
+        claims = adapter.create_claims_identity(self._app_id)
+        if self._connectors is None:
+            self._connectors = adapter.bot_framework_authentication.create_connector_factory(claims)
+        activity = get_continuation_activity(reference)
+        client = await self._client(str(activity.service_url))
+        context = adapter._create_turn_context(activity, claims, None, client, None, logic,
+                                               self._connectors)
+        await adapter.run_pipeline(context, logic)
 
     async def send(self, reference: JSON, activity: JSON) -> str | None:
         return await self._with_retries(reference, activity, None)
@@ -140,7 +185,7 @@ class ProactiveSender:
 
         try:
             async with asyncio.timeout(self._timeout):
-                await self._adapter.continue_conversation(conversation_reference, deliver, self._app_id)
+                await self._proactive(conversation_reference, deliver)
         except TimeoutError as exc:
             metrics.connector_error("timeout")
             raise DeliveryError(f"connector did not answer within {self._timeout:g} s", permanent=False) from exc

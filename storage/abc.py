@@ -22,6 +22,7 @@ import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from storage.records import (
@@ -60,6 +61,7 @@ __all__ = [
     "OutboxMessage",
     "StoreError",
     "StoreUnavailableError",
+    "TurnStart",
     "check_item_size",
     "new_id",
     "translate_errors",
@@ -135,6 +137,33 @@ class ConversationLog(ABC):
     @abstractmethod
     async def conversations_with_work(self) -> list[str]:
         """Keys of conversations with pending events or unsent outbox messages."""
+
+    # --- a turn's round trips (issue 17): stores override these with fewer requests ---
+    async def load_turn(self, key: str) -> TurnStart:
+        """What a processing round starts from: :meth:`load`, :meth:`pending_events` and, when there
+        is something to do (events or an outbox), :meth:`get_reference`."""
+        record = await self.load(key)
+        events = await self.pending_events(key)
+        reference = await self.get_reference(key) if events or record.outbox else None
+        return TurnStart(record, events, reference)
+
+    async def remove_from_outbox(self, record: ConversationRecord, ids: Iterable[str], *,
+                                 fence: int | None = None) -> ConversationRecord:
+        """Remove the messages ``ids`` from the stored outbox, conditional on ``record.etag`` like
+        :meth:`commit` (:class:`ConcurrencyError` if it moved), fenced like it (``fence``); returns the
+        record with its new etag. Nothing else of the record changes."""
+        gone = set(ids)
+        return await self.commit(record.evolve(outbox=tuple(m for m in record.outbox if m.id not in gone)),
+                                 fence=fence)
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """:meth:`ConversationLog.load_turn`: the record, its pending events (oldest first), the reference."""
+
+    record: ConversationRecord
+    events: list[InboxEvent]
+    reference: JSON | None
 
 
 class JobStore(ABC):

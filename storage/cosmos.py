@@ -19,7 +19,7 @@ Dialog-state items (``read_items`` ...) live in their own partitions: ``pk`` =
 ``~item:<encoded key>``, id ``item`` (one point read/write each, no hot partition).
 
 **Why commit is atomic.** Cosmos has no multi-item transaction this code can rely on
-(transactional batch exists, but the wire-protocol test server does not implement it), so
+(transactional batch exists, but the wire-protocol test server runs a batch without rollback), so
 everything a commit changes is in the conversation item, written with one conditional
 ``replace_item(etag=..., match_condition=IfNotModified)`` (``create_item`` when the record is
 new; 412/409/404 mean someone else moved first: :class:`ConcurrencyError`):
@@ -29,13 +29,21 @@ new; 412/409/404 mean someone else moved first: :class:`ConcurrencyError`):
   (only those whose event item exists, as the contract wants for unknown ids) to the list.
   After the write succeeds the event items are patched to ``processed: true``; that patch is a
   hint, not the truth, so a crash before it loses nothing.
-* *Keeping ``processed`` bounded.* Each commit first reads the stored item and queries the
-  event items named in its list: ids whose event item is already flagged (or gone, e.g.
-  expired) are dropped from the list it writes; the rest are kept and flagged again after the
-  write. So the list holds roughly the ids of the last commit. Dropping is safe because the
-  flag was durable before the id left the list; readers therefore read the conversation item
-  **before** querying event items (``pending_events``), so they can never see "not in the
-  list" together with an older "not flagged".
+* *Keeping ``processed`` bounded.* Each commit learns which ids of its list are already flagged
+  (or gone, e.g. expired): from the item and events this process last read at the record's
+  etag (:meth:`CosmosStore.load_turn`, one query), else by reading the stored item and querying
+  the event items. Those ids move to ``settled`` for one more commit, then leave; the rest are
+  kept and flagged again. So the lists hold the ids of the last two commits or so. Dropping is
+  safe because the flag was durable before the id left the lists; readers therefore read the
+  conversation item **before** querying event items (``pending_events``), or both in one query
+  (``load_turn``, where ``settled`` keeps the id a commit longer than its flag needs), so they
+  never see "not in the lists" together with an older "not flagged".
+* *One request per commit.* The commit's conditional replace and the flags of the events this
+  process read go in one batch request, the replace first (:meth:`CosmosStore._write_and_flag`).
+  On Cosmos DB a batch is a transaction; the wire-protocol test server runs it without
+  rollback, which is the order this design always relied on (write, then hints).
+* *The outbox.* Sent messages leave with a conditional patch (``remove /outbox/<n>``, etag
+  checked), not a rewrite of the whole item (:meth:`CosmosStore.remove_from_outbox`).
 * *New jobs.* ``new_jobs`` are written into ``job_intents`` in the same write. Right after
   it, and lazily on the next commit or on any job read (``get_job``, ``list_jobs``,
   ``unfinished_jobs``), each intent is materialised with ``create_item`` on ``job:<id>``
@@ -71,7 +79,9 @@ import platform
 import string
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from azure.core import MatchConditions
@@ -94,6 +104,7 @@ from storage.abc import (
     JobRecord,
     OutboxMessage,
     StoreError,
+    TurnStart,
     check_item_size,
     translate_errors,
 )
@@ -132,6 +143,25 @@ INDEXING_POLICY: dict[str, Any] = {
 }
 #: At most this many requests in flight for fan-out reads/writes of one call.
 _FANOUT = 16
+#: Cosmos DB allows at most 10 operations in one patch request.
+_MAX_PATCH_OPERATIONS = 10
+#: Conversations whose last-seen item this process remembers (see :class:`_Seen`).
+_SEEN_CONVERSATIONS = 1024
+
+
+@dataclass
+class _Seen:
+    """What this process last read or wrote of a conversation item, valid only while the item still has
+    ``etag``: a commit whose record carries that etag needs no read before its conditional write (the
+    write itself checks the etag), and knows which events were unflagged without a query."""
+
+    etag: str
+    processed: list[str]
+    settled: list[str]
+    intents: list[JSON]
+    #: event id -> its event item, for every event not flagged processed when ``load_turn`` read the item
+    #: (the query returns all of them); None after a commit: which flags landed since is not known here
+    unflagged: dict[str, JSON] | None = None
 
 
 def _escape(raw: str) -> str:
@@ -167,6 +197,18 @@ class _ArrivalClock:
 
 
 _arrival_clock = _ArrivalClock()
+
+
+def _done(conversation: JSON | None) -> set[str]:
+    """The ids a conversation item marks processed (``processed`` and ``settled``)."""
+    if not conversation:
+        return set()
+    return {*conversation.get("processed", ()), *conversation.get("settled", ())}
+
+
+def _pending(events: Iterable[JSON], done: set[str]) -> list[JSON]:
+    """Unflagged event items not marked processed by the conversation item, oldest first."""
+    return sorted((d for d in events if d["event_id"] not in done), key=lambda d: (d["arrival"], d["event_id"]))
 
 
 def _is_status(error: exceptions.CosmosHttpResponseError, *codes: int) -> bool:
@@ -223,6 +265,7 @@ class CosmosStore(ConversationStore):
         self._client: CosmosClient | None = None
         self._credential: Any = None
         self._container: ContainerProxy | None = None
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
 
     # --- lifecycle ---
     async def open(self) -> None:
@@ -423,20 +466,19 @@ class CosmosStore(ConversationStore):
         pk = self.partition(key)
         # The conversation item first: see "Keeping processed bounded" in the module docstring.
         conversation = await self._read(pk, CONVERSATION_ID)
-        done = set(conversation.get("processed", ())) if conversation else set()
+        done = _done(conversation)
         docs = await self._query("SELECT * FROM c WHERE c.pk = @pk AND c.type = 'event' AND c.processed = false", pk=pk)
-        docs = [d for d in docs if d["event_id"] not in done]
-        docs.sort(key=lambda d: (d["arrival"], d["event_id"]))
-        return [self._event_from_doc(d) for d in docs]
+        return [self._event_from_doc(d) for d in _pending(docs, done)]
 
     async def count_pending_events(self, key: str) -> int:
-        pk = self.partition(key)
-        # As pending_events (the conversation item first), reading only the ids.
-        conversation = await self._read(pk, CONVERSATION_ID)
-        done = set(conversation.get("processed", ())) if conversation else set()
+        # One query for the conversation item's lists and the unflagged events' ids (the ingest's inbox cap
+        # reads it for every message): a cap, so a count one commit old at worst is good enough.
         rows = await self._query(
-            "SELECT c.event_id FROM c WHERE c.pk = @pk AND c.type = 'event' AND c.processed = false", pk=pk)
-        return sum(row["event_id"] not in done for row in rows)
+            "SELECT c.id, c.type, c.event_id, c.processed, c.settled FROM c WHERE c.pk = @pk AND "
+            "(c.id = @conversation OR (c.type = 'event' AND c.processed = false))",
+            pk=self.partition(key), conversation=CONVERSATION_ID)
+        done = _done(next((r for r in rows if r.get("type") == "conversation"), None))
+        return sum(r.get("type") == "event" and r["event_id"] not in done for r in rows)
 
     async def _event_flags(self, pk: str, event_ids: Iterable[str]) -> dict[str, bool]:
         """event id -> its ``processed`` flag, for the ids whose event item exists."""
@@ -485,6 +527,37 @@ class CosmosStore(ConversationStore):
         doc = await self._read(self.partition(key), CONVERSATION_ID)
         return self._record_from_doc(key, doc) if doc else ConversationRecord(key=key)
 
+    async def load_turn(self, key: str) -> TurnStart:
+        """One query: the conversation item, the reference and the unflagged events (one partition).
+
+        Read together, so the pending events are judged against the conversation item as it was with
+        them; ``settled`` (below) keeps an id one commit longer in the item than its flag needs, so a
+        query that saw the item after an id left it has also seen that event flagged."""
+        pk = self.partition(key)
+        docs = await self._query(
+            "SELECT * FROM c WHERE c.pk = @pk AND (c.id = @conversation OR c.id = @reference OR "
+            "(c.type = 'event' AND c.processed = false))",
+            pk=pk, conversation=CONVERSATION_ID, reference=REFERENCE_ID)
+        conversation = next((d for d in docs if d.get("type") == "conversation"), None)
+        reference = next((d for d in docs if d.get("type") == "reference"), None)
+        events = [d for d in docs if d.get("type") == "event"]
+        if conversation is None:
+            record = ConversationRecord(key=key)
+        else:
+            record = self._record_from_doc(key, conversation)
+            self._remember(key, _Seen(conversation["_etag"], list(conversation.get("processed", ())),
+                                      list(conversation.get("settled", ())),
+                                      list(conversation.get("job_intents", ())),
+                                      {d["event_id"]: d for d in events}))
+        pending = [self._event_from_doc(d) for d in _pending(events, _done(conversation))]
+        return TurnStart(record, pending, reference["reference"] if reference else None)
+
+    def _remember(self, key: str, seen: _Seen) -> None:
+        self._seen[key] = seen
+        self._seen.move_to_end(key)
+        while len(self._seen) > _SEEN_CONVERSATIONS:
+            self._seen.popitem(last=False)
+
     async def commit(
         self,
         record: ConversationRecord,
@@ -495,16 +568,37 @@ class CosmosStore(ConversationStore):
     ) -> ConversationRecord:
         record = record.fenced(fence)  # issue 18: refuses a worker that lost the conversation
         key, pk = record.key, self.partition(record.key)
-        stored = await self._read(pk, CONVERSATION_ID)
-        if (stored["_etag"] if stored else None) != record.etag:
-            raise ConcurrencyError(key)
-        old_processed: list[str] = list(stored.get("processed", ())) if stored else []
-        old_intents: list[JSON] = list(stored.get("job_intents", ())) if stored else []
+        seen = self._seen.get(key)
+        if seen is not None and record.etag is not None and seen.etag == record.etag:
+            # This process read (or wrote) the item at this etag: no read; the conditional write checks it.
+            old_processed, old_intents = seen.processed, seen.intents  # the old ``settled`` ids leave now
+            if seen.unflagged is not None:  # every unflagged event as read with the item
+                unflagged = dict(seen.unflagged)
+                flags = await self._event_flags(pk, [i for i in dict.fromkeys(processed) if i not in unflagged])
+                flags.update({i: False for i in unflagged})
+            else:  # the flags are not known: ask, as below
+                unflagged = {}
+                flags = await self._event_flags(pk, [*old_processed, *processed])
 
-        # Prune the processed list (flag durable -> id may leave) and add this commit's ids.
-        flags = await self._event_flags(pk, [*old_processed, *processed])
-        still_unflagged = [i for i in old_processed if flags.get(i) is False]
-        added = [i for i in dict.fromkeys(processed) if flags.get(i) is False and i not in still_unflagged]
+            def is_unflagged(event_id: str) -> bool:
+                return flags.get(event_id) is False
+        else:
+            stored = await self._read(pk, CONVERSATION_ID)
+            if (stored["_etag"] if stored else None) != record.etag:
+                raise ConcurrencyError(key)
+            old_processed = list(stored.get("processed", ())) if stored else []
+            old_intents = list(stored.get("job_intents", ())) if stored else []
+            unflagged = {}
+            flags = await self._event_flags(pk, [*old_processed, *processed])
+
+            def is_unflagged(event_id: str) -> bool:
+                return flags.get(event_id) is False
+
+        # Prune the processed list and add this commit's ids. An id whose flag is durable moves to
+        # ``settled`` for one more commit, then leaves (the module docstring, "Keeping processed bounded").
+        still_unflagged = [i for i in old_processed if is_unflagged(i)]
+        settled = [i for i in old_processed if not is_unflagged(i)]
+        added = [i for i in dict.fromkeys(processed) if is_unflagged(i) and i not in still_unflagged]
         processed_list = still_unflagged + added
 
         # Intents already committed may be materialised now; keep those that could not be.
@@ -524,24 +618,32 @@ class CosmosStore(ConversationStore):
             turns=record.turns,
             fence=record.fence,
             processed=processed_list,
+            settled=settled,
             job_intents=intents,
             updated_at=time.time(),
         )
         self._check_size(f"conversation {key!r}", doc)
         for job in new_jobs:
             self._check_size(f"job {job.id!r}", self._job_doc(job))
+        # The flags this process holds the event items for go in the same request, after the write.
+        flag_now = [unflagged[i] for i in processed_list if i in unflagged]
+        flagged: set[str] = set()
+        written: JSON
         try:
             if record.etag is None:
-                written = await self.container.create_item(doc)
-            else:
-                written = await self.container.replace_item(
+                written = dict(await self.container.create_item(doc))
+            elif not flag_now:
+                written = dict(await self.container.replace_item(
                     CONVERSATION_ID, doc, etag=record.etag, match_condition=MatchConditions.IfNotModified
-                )
+                ))
+            else:
+                written, flagged = await self._write_and_flag(pk, doc, record.etag, flag_now)
         except (
             exceptions.CosmosAccessConditionFailedError,  # 412: etag moved
             exceptions.CosmosResourceExistsError,  # 409: created by someone else
             exceptions.CosmosResourceNotFoundError,  # 404: deleted (expired) meanwhile
         ):
+            self._seen.pop(key, None)
             raise ConcurrencyError(key) from None
         except exceptions.CosmosHttpResponseError as error:
             if _is_status(error, 413):
@@ -550,11 +652,73 @@ class CosmosStore(ConversationStore):
 
         # After the commit: the hints, best effort (the next commit or job read repeats them).
         try:
-            await self._flag_processed(pk, processed_list)
+            await self._flag_processed(pk, [i for i in processed_list if i not in flagged])
             await self._map(self._materialise, intents)
         except AzureError as error:  # the commit stands; only the hints are late
             log.warning("after committing %r: %s (the next commit or job read repeats it)", key, error)
+        self._remember(key, _Seen(written["_etag"], processed_list, settled, intents))
         return record.evolve(etag=written["_etag"])
+
+    async def _write_and_flag(self, pk: str, doc: JSON, etag: str, events: list[JSON]) -> tuple[JSON, set[str]]:
+        """One batch request: the conditional replace of the conversation item first, then each event item
+        replaced with ``processed: true`` (conditional on the etag it was read with).
+
+        On Cosmos DB a batch is a transaction: all or nothing. The wire-protocol test server runs the
+        operations in order and stops at the first failure without undoing the earlier ones, so there the
+        flags are what they always were here, hints written after the commit. Either way the commit
+        stands exactly when the first operation succeeded. Returns the written item and the flagged ids."""
+        operations: list[Any] = [("replace", (CONVERSATION_ID, doc), {"if_match_etag": etag})]
+        for event in events:
+            body = {k: v for k, v in event.items() if not k.startswith("_")}
+            body["processed"] = True
+            operations.append(("replace", (event["id"], body), {"if_match_etag": event["_etag"]}))
+        try:
+            results = list(await self.container.execute_item_batch(operations, partition_key=pk))
+        except exceptions.CosmosBatchOperationError as error:
+            results = list(error.operation_responses or [])
+            first = int(results[0]["statusCode"]) if results else int(error.status_code or 500)
+            if first in (404, 409, 412):  # the commit itself failed: someone else moved first
+                self._seen.pop(str(doc["key"]), None)
+                raise ConcurrencyError(str(doc["key"])) from None
+            if first == 413:
+                raise ItemTooLargeError(f"conversation {doc['key']!r}", None, MAX_ITEM_BYTES) from error
+            if first >= 400 and first != 424:
+                raise
+            if first == 424:  # a flag failed and the service undid the whole batch: write without the flags
+                replaced = await self.container.replace_item(CONVERSATION_ID, doc, etag=etag,
+                                                             match_condition=MatchConditions.IfNotModified)
+                return dict(replaced), set()
+        written: JSON = dict(results[0].get("resourceBody") or {})
+        written.setdefault("_etag", results[0].get("eTag"))
+        flagged = {e["event_id"] for e, r in zip(events, results[1:], strict=False) if int(r["statusCode"]) < 400}
+        return written, flagged
+
+    async def remove_from_outbox(self, record: ConversationRecord, ids: Iterable[str], *,
+                                 fence: int | None = None) -> ConversationRecord:
+        """A conditional patch that removes the sent messages (not a rewrite of the whole item)."""
+        gone = set(ids)
+        indexes = [n for n, m in enumerate(record.outbox) if m.id in gone]
+        if not indexes:
+            return record
+        fenced = record.fenced(fence)  # issue 18: refuses a worker that lost the conversation
+        remaining = tuple(m for m in record.outbox if m.id not in gone)
+        operations: list[dict[str, Any]] = [{"op": "remove", "path": f"/outbox/{n}"} for n in reversed(indexes)]
+        operations.append({"op": "set", "path": "/has_outbox", "value": bool(remaining)})
+        if fenced.fence != record.fence:
+            operations.append({"op": "set", "path": "/fence", "value": fenced.fence})
+        if record.etag is None or len(operations) > _MAX_PATCH_OPERATIONS:
+            return await super().remove_from_outbox(record, gone, fence=fence)  # a commit: one full write
+        try:
+            written = await self.container.patch_item(CONVERSATION_ID, partition_key=self.partition(record.key),
+                                                      patch_operations=operations, etag=record.etag,
+                                                      match_condition=MatchConditions.IfNotModified)
+        except (exceptions.CosmosAccessConditionFailedError, exceptions.CosmosResourceNotFoundError):
+            self._seen.pop(record.key, None)
+            raise ConcurrencyError(record.key) from None
+        seen = self._seen.get(record.key)
+        if seen is not None and seen.etag == record.etag:
+            seen.etag = written["_etag"]
+        return fenced.evolve(outbox=remaining, etag=written["_etag"])
 
     async def conversations_with_work(self) -> list[str]:
         # Events before conversation items: a race can only add a key with no work left (harmless).
@@ -565,7 +729,7 @@ class CosmosStore(ConversationStore):
         conversations = await self._map(self._read_conversation, candidates)
         keys: set[str] = set()
         for (key, ids), conversation in zip(candidates.values(), conversations, strict=True):
-            if ids - set(conversation.get("processed", ()) if conversation else ()):
+            if ids - _done(conversation):
                 keys.add(key)
         outbox = await self._query("SELECT VALUE c.key FROM c WHERE c.type = 'conversation' AND c.has_outbox = true")
         keys.update(outbox)

@@ -9,16 +9,20 @@ the self-signed certificate needs no extra setting.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -100,3 +104,16 @@ def _wait_until_ready(process: subprocess.Popen[bytes], log_path: Path, timeout:
             raise RuntimeError(f"cosmosdb-server exited with {process.returncode}:\n{output}")
         time.sleep(0.05)
     raise RuntimeError(f"cosmosdb-server did not start within {timeout}s:\n{log_path.read_text(errors='replace')}")
+
+
+def counters(endpoint: str, *, reset: bool = False, timeout: float = 10.0) -> dict[str, Any]:
+    """The server's request counters (``cosmos_server.js``): ``requests``, ``bytes_sent`` (request
+    bodies), ``by_operation`` (read, query, create, replace, upsert, patch, delete, metadata ``GET
+    colls`` ...: requests and bytes each) and ``log`` (each request's operation, item id and bytes, the
+    first 2,000). ``reset`` zeroes them after reading. Blocking: call it off the event loop."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the server's self-signed certificate, on loopback
+    url = f"{endpoint}/_counters{'?reset=1' if reset else ''}"
+    with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+        return dict(json.loads(response.read()))

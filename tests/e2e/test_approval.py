@@ -21,6 +21,7 @@ from harness.activities import message
 from harness.botproc import BotProcess, HttpEndpoint
 from harness.cluster import BotCluster
 from harness.connector import Recorded, RecordingConnector
+from storage.abc import ConversationStore
 from tests.e2e.conftest import Launch, StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_job_cards import card_in, facts, invoke, post_invoke
@@ -92,6 +93,18 @@ def completions(conn: RecordingConnector, conv: str) -> list[str]:
 
 def job(stored: StoreProbe, conv: str, job_id: str) -> dict[str, Any]:
     return next(j for j in stored.jobs(f"emulator:{conv}") if j["id"] == job_id)
+
+
+def wait_until_sent(stored: StoreProbe, conv: str, timeout: float = 10) -> None:
+    """Until the conversation's outbox is empty: a kill between a send and its removal from the outbox
+    repeats that one message (the documented at-most-one), which is not what these tests are about."""
+    async def unsent(store: ConversationStore) -> int:
+        return len((await store.load(f"emulator:{conv}")).outbox)
+
+    deadline = time.monotonic() + timeout
+    while stored.run(unsent):
+        assert time.monotonic() < deadline, "the outbox was not flushed"
+        time.sleep(0.05)
 
 
 def probe(bot: BotProcess) -> StoreProbe:
@@ -255,6 +268,7 @@ def test_sigkill_while_pending_then_approve_after_the_restart_runs_once(launch: 
     bot = launch(ENV)
     assert isinstance(bot, BotProcess)
     job_id, card = ask(bot, conn, conv, "555-0108")
+    wait_until_sent(stored, conv)  # the request is pending and all of it is out: now the process dies
     bot.kill()
     bot.start()
     status, body = click(bot, conn, conv, card, "approveJob", job_id)

@@ -38,11 +38,19 @@ def test_welcome_when_a_user_joins_not_for_the_bot_alone(bot: BotProcess, conn: 
 
 def test_reply_goes_to_the_conversation_with_a_typing_indicator(bot: BotProcess, conn: RecordingConnector,
                                                                  conv: str) -> None:
+    # A turn slower than FIRST_INDICATOR_DELAY (agent/processor.py) shows typing first.
+    say(bot, conn, conv, "think for 1 seconds")
+    [reply] = conn.wait_for_texts(1, conv)
+    assert "thought about it" in reply
+    assert conn.messages(conv)[0]["conversation"]["id"] == conv
+    assert conn.activities(type="typing", conversation_id=conv), "no typing indicator was sent"
+
+
+def test_a_fast_turn_sends_no_typing_indicator(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:
     say(bot, conn, conv, "hello there")
     [reply] = conn.wait_for_texts(1, conv)
     assert "offline model" in reply
-    assert conn.messages(conv)[0]["conversation"]["id"] == conv
-    assert conn.activities(type="typing", conversation_id=conv), "no typing indicator was sent"
+    assert not conn.activities(type="typing", conversation_id=conv), "a turn that answered at once sent typing"
 
 
 def test_state_is_carried_across_turns_and_restarts(bot: BotProcess, conn: RecordingConnector, conv: str) -> None:

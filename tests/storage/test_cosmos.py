@@ -255,6 +255,43 @@ async def test_commit_is_complete_without_its_follow_up_writes(
     assert (await raw_conversation(store, key))["processed"] == []
 
 
+async def test_a_flag_lost_after_a_one_request_commit_keeps_the_event_processed(
+    store: CosmosStore, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean path (``load_turn`` then a commit with no read, its flags in the same batch): when the
+    flag does not land (here: the event item changed since it was read, then a crash before the retry),
+    the id stays in the conversation item's list, so the event is never pending again."""
+    await store.append_event(key, InboxEvent(id="e1", kind="message", payload={}))
+    await store.commit(await store.load(key))
+    start = await store.load_turn(key)
+    assert [e.id for e in start.events] == ["e1"]
+    await store.container.patch_item("event:e1", partition_key=store.partition(key),
+                                     patch_operations=[{"op": "set", "path": "/touched", "value": True}])
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(store, "_flag_processed", nothing)
+    await store.commit(start.record.evolve(turns=1), processed=["e1"])
+    assert (await store.container.read_item("event:e1", partition_key=store.partition(key)))["processed"] is False
+    assert (await raw_conversation(store, key))["processed"] == ["e1"]  # the truth until the flag lands
+    # The next round: e1 is not pending; its commit flags it in the same batch request (not the patch).
+    start = await store.load_turn(key)
+    assert start.events == [] and await store.pending_events(key) == []
+    await store.commit(start.record.evolve(turns=2))
+    assert (await store.container.read_item("event:e1", partition_key=store.partition(key)))["processed"] is True
+    assert (await raw_conversation(store, key))["processed"] == ["e1"]  # kept: the flag was not seen yet
+    # Seen flagged, the id moves to ``settled`` for one more commit, then leaves; never pending meanwhile.
+    expected: list[tuple[int, list[str], list[str]]] = [(3, [], ["e1"]), (4, [], [])]
+    for turns, listed, settled in expected:
+        start = await store.load_turn(key)
+        assert start.events == [] and await store.pending_events(key) == []
+        await store.commit(start.record.evolve(turns=turns))
+        raw = await raw_conversation(store, key)
+        assert (raw["processed"], raw["settled"]) == (listed, settled)
+    assert await store.pending_events(key) == [] and (await store.load_turn(key)).events == []
+
+
 async def test_intent_never_overwrites_a_running_job(store: CosmosStore, key: str) -> None:
     committed = await store.commit(ConversationRecord(key=key), new_jobs=[_job(key, "j1")])
     running = await store.patch_job(key, "j1", {"status": "running", "attempt": 1})
