@@ -5,8 +5,8 @@ Run with ``python app.py`` (``make run``); ``--role web|worker`` splits the two 
 several processes that share the stores (docs/deployment.md):
 
 - web: ``/api/messages``: ingest, card invokes and commands, answered from the shared store;
-- worker: inboxes (the agent), jobs (APScheduler) and proactive sends, on the one *active*
-  worker at a time (agent/worker.py, cluster/); standbys wait to take over;
+- worker: inboxes (the agent), jobs (APScheduler) and proactive sends; every worker is active for
+  the partitions of the conversations it leases (agent/worker.py, cluster/);
 - all (default): both in one process.
 """
 
@@ -188,7 +188,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
                     retention_days=settings.conversation_ttl_days,
                     sweep_seconds=settings.work_sweep_seconds if settings.shared_job_store else None)
 
-    # The web half: the edge posts to the inbox and wakes the active worker, wherever it runs.
+    # The web half: the edge posts to the inbox and wakes the conversation's worker, wherever it runs.
     inbox = Inbox(store, coordinator.wake)
     cancel_job = JobCancels(store, job_runner, job_access, tell_worker=coordinator.cancel).cancel
     commands = CommandDialogs(ConversationState(ConversationStoreStorage(store)),
@@ -232,8 +232,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
 
 
 async def worker_services(worker: Worker, app: web.Application) -> AsyncIterator[None]:
-    """The active worker's services, started now if no other worker is active; stopped on shutdown
-    (also when a standby started them later)."""
+    """The worker's services, started now (joining the partition leases at once when the coordination
+    database answers); stopped on shutdown (also when they were started later, by :func:`standby`)."""
     async with starting(app):
         await worker.lead(wait=False)
     yield
@@ -241,7 +241,8 @@ async def worker_services(worker: Worker, app: web.Application) -> AsyncIterator
 
 
 async def standby(worker: Worker, _: web.Application) -> AsyncIterator[None]:
-    """While another worker is active: wait in the background to take over; stop waiting on shutdown."""
+    """While the coordination database did not answer at start-up: keep trying to join in the
+    background; stop trying on shutdown."""
     waiting = None if worker.leading else worker.stand_by()
     yield
     if waiting is not None:
@@ -254,7 +255,7 @@ def log_ready(services: Services) -> None:
     settings = services.settings
     standby = ""
     if settings.runs_worker and not services.coordinator.active:
-        standby = " (standby worker: another worker is active)"
+        standby = " (no partitions yet: joining the other workers)"
     log.info(
         "ready on port %d (host %s) as %s%s: %s store, %s job store, %s, %s mode",
         settings.port, settings.listen_host, settings.role, standby, type(services.store).__name__,
