@@ -20,7 +20,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
 
 from agent.citations import with_markers
 from agent.events import APPROVAL_PROMPT, JOB_FINISHED_PROMPT, JOB_RESULT_SOURCE
@@ -34,9 +33,11 @@ from runtime.protocol import (
     STREAM_NOTE,
     DeliveryError,
     EventKind,
+    EveryConversation,
     JobResult,
     MessageSender,
     NotOwner,
+    Owner,
     ReplyStream,
     ReplyStreams,
     Requester,
@@ -114,24 +115,6 @@ TOO_LARGE_TO_STORE = ("Sorry, that was more than I can store for this conversati
                       "Nothing else is lost and we can carry on: please try again with something smaller.")
 
 
-class Owner(Protocol):
-    """Which conversations this worker owns (cluster.Ownership; issue 18)."""
-
-    def owns(self, key: str) -> bool: ...
-
-    def fence(self, key: str) -> int | None: ...
-
-
-class _EveryConversation:
-    """One process: it owns every conversation, nothing is fenced."""
-
-    def owns(self, key: str) -> bool:
-        return True
-
-    def fence(self, key: str) -> int | None:
-        return None
-
-
 ScheduleJob = Callable[[JobRecord], Awaitable[None]]
 CardSent = Callable[[str, str, str | None], Awaitable[None]]
 
@@ -161,7 +144,7 @@ class ConversationProcessor:
         before every commit and send that it still does (the commit also carries the lease epoch)."""
         self._streams = streams
         self._stream_seconds = stream_seconds
-        self._owner = owner or _EveryConversation()
+        self._owner = owner or EveryConversation()
         self._store = store
         self._runner = runner
         self._sender = sender

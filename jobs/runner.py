@@ -24,7 +24,7 @@ from jobs.context import JobCancelledError, JobContext
 from jobs.registry import JobRegistry, PermanentJobError
 from runtime import logs, metrics, tracing
 from runtime.crashpoints import crash_point
-from runtime.protocol import EventKind, JobResult, NotOwner, finished_event_id
+from runtime.protocol import EventKind, EveryConversation, JobResult, NotOwner, Owner, finished_event_id
 from runtime.untrusted import DEFAULT_MAX_TOOL_RESULT_CHARS, clip
 from storage.abc import ConversationStore, InboxEvent, ItemTooLargeError, JobRecord, StoreUnavailableError
 from storage.inbox import Inbox, Wake
@@ -71,24 +71,6 @@ def bounded_job(job: JobRecord, limit: int) -> JobRecord:
     if job.progress_text and len(job.progress_text) > MAX_PROGRESS_TEXT_CHARS:
         changes["progress_text"] = clip(job.progress_text, MAX_PROGRESS_TEXT_CHARS)
     return replace(job, **changes) if changes else job
-
-
-class Owner(Protocol):
-    """Which conversations this worker owns (cluster.Ownership; issue 18)."""
-
-    def owns(self, key: str) -> bool: ...
-
-    def fence(self, key: str) -> int | None: ...
-
-
-class _EveryConversation:
-    """One process: it owns every conversation, nothing is fenced."""
-
-    def owns(self, key: str) -> bool:
-        return True
-
-    def fence(self, key: str) -> int | None:
-        return None
 
 
 class Scheduling(Protocol):
@@ -168,7 +150,7 @@ class JobRunner:
         ``max_result_chars``: a job's result and error are clipped to this before they are stored;
         ``owner``: which conversations this worker owns (a cluster): a job of another's is not started,
         and every write of a running one first checks that its conversation is still owned."""
-        self._owner = owner or _EveryConversation()
+        self._owner = owner or EveryConversation()
         self._max_result_chars = max_result_chars
         self._store = store
         self._registry = registry

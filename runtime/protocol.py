@@ -210,6 +210,25 @@ class NotOwner(Exception):
         self.key = key
 
 
+class Owner(Protocol):
+    """Which conversations this worker owns (cluster.Ownership; issue 18): the processor and the job
+    runner ask it before they act."""
+
+    def owns(self, key: str) -> bool: ...
+
+    def fence(self, key: str) -> int | None: ...
+
+
+class EveryConversation:
+    """One process: it owns every conversation, nothing is fenced."""
+
+    def owns(self, key: str) -> bool:
+        return True
+
+    def fence(self, key: str) -> int | None:
+        return None
+
+
 # --- the channel ---
 class DeliveryError(Exception):
     """The channel did not accept an activity. ``permanent``: retrying cannot help (the bot was

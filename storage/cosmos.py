@@ -774,31 +774,20 @@ class CosmosStore(ConversationStore):
         return JobRecord.from_json(doc["job"])
 
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
-        """Read, change, replace with the item's etag; a 412 means another writer moved: redo."""
-        pk, item_id = self.partition(key), cosmos_id(JOB_PREFIX, job_id)
-        while True:
-            doc = await self._read(pk, item_id)
-            if doc is None:
-                await self.get_job(key, job_id)  # materialises a job still held as an intent, or raises
-                doc = await self._read(pk, item_id)
-            if doc is None:
-                raise JobNotFoundError(key, job_id)
-            job = JobRecord.from_json(doc["job"]).evolve(**changes)
-            new_doc, what = self._job_doc(job), f"job {job_id!r}"
-            self._check_size(what, new_doc)
-            try:
-                await self._write(what, self.container.replace_item(item_id, new_doc, etag=doc["_etag"],
-                                                                    match_condition=MatchConditions.IfNotModified))
-            except exceptions.CosmosHttpResponseError as error:
-                if _is_status(error, 412):
-                    continue
-                raise
-            return job
+        job = await self._change_job(key, job_id, lambda current: current.evolve(**changes))
+        assert job is not None  # the change always applies
+        return job
 
     async def transition_job(self, key: str, job_id: str, from_status: str,
                              changes: Mapping[str, Any]) -> JobRecord | None:
-        """Read, check the status, replace with the item's etag: of two writers, the second gets a 412,
-        reads again and sees the status moved."""
+        """Of two writers, the second gets a 412, reads again and sees the status moved."""
+        return await self._change_job(
+            key, job_id, lambda current: current.evolve(**changes) if current.status == from_status else None)
+
+    async def _change_job(self, key: str, job_id: str,
+                          change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
+        """Read, ``change`` (None: leave it as it is), replace with the item's etag; a 412 means another
+        writer moved: read and change again."""
         pk, item_id = self.partition(key), cosmos_id(JOB_PREFIX, job_id)
         while True:
             doc = await self._read(pk, item_id)
@@ -807,10 +796,9 @@ class CosmosStore(ConversationStore):
                 doc = await self._read(pk, item_id)
             if doc is None:
                 raise JobNotFoundError(key, job_id)
-            current = JobRecord.from_json(doc["job"])
-            if current.status != from_status:
+            job = change(JobRecord.from_json(doc["job"]))
+            if job is None:
                 return None
-            job = current.evolve(**changes)
             new_doc, what = self._job_doc(job), f"job {job_id!r}"
             self._check_size(what, new_doc)
             try:

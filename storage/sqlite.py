@@ -19,7 +19,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -344,40 +344,30 @@ class SqliteStore(ConversationStore):
         return JobRecord.from_json(json.loads(row[0]))
 
     async def patch_job(self, key: str, job_id: str, changes: Mapping[str, Any]) -> JobRecord:
-        async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")  # read-modify-write, safe against other processes too
-            try:
-                async with db.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)) as cur:
-                    row = await cur.fetchone()
-                if row is None:
-                    raise JobNotFoundError(key, job_id)
-                job = JobRecord.from_json(json.loads(row[0])).evolve(**changes)
-                doc = json.dumps(job.to_json())
-                check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
-                await db.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
-                                 (job.status, doc, time.time(), key, job_id))
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
+        job = await self._change_job(key, job_id, lambda current: current.evolve(**changes))
+        assert job is not None  # the change always applies
         return job
 
     async def transition_job(self, key: str, job_id: str, from_status: str,
                              changes: Mapping[str, Any]) -> JobRecord | None:
+        return await self._change_job(
+            key, job_id, lambda current: current.evolve(**changes) if current.status == from_status else None)
+
+    async def _change_job(self, key: str, job_id: str,
+                          change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
+        """Read, ``change`` (None: leave it as it is), write: in one transaction, safe against other processes too."""
         async with self._lock:
             db = self.db
-            await db.execute("BEGIN IMMEDIATE")  # the check and the write in one transaction, across processes
+            await db.execute("BEGIN IMMEDIATE")
             try:
                 async with db.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)) as cur:
                     row = await cur.fetchone()
                 if row is None:
                     raise JobNotFoundError(key, job_id)
-                current = JobRecord.from_json(json.loads(row[0]))
-                if current.status != from_status:
+                job = change(JobRecord.from_json(json.loads(row[0])))
+                if job is None:
                     await db.execute("ROLLBACK")
                     return None
-                job = current.evolve(**changes)
                 doc = json.dumps(job.to_json())
                 check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
                 await db.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
