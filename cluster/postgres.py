@@ -123,6 +123,12 @@ class PostgresCoordinator:
     def ownership(self) -> Ownership:
         return self._ownership
 
+    @property
+    def listening(self) -> frozenset[int]:
+        """The partitions whose wake-ups reach this process. A partition is granted a moment before its
+        LISTEN; work posted in between is found by the recovery that follows (``on_change``)."""
+        return frozenset(self._listening)
+
     async def _connect(self, purpose: str) -> psycopg.AsyncConnection:
         return await psycopg.AsyncConnection.connect(
             self._url, autocommit=True, connect_timeout=10, application_name=f"{self._application_name} {purpose}",

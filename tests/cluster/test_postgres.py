@@ -62,12 +62,14 @@ class Worker:
 
 
 async def settled(coordinators: list[PostgresCoordinator], shares: list[int]) -> None:
-    """Wait until the coordinators hold disjoint partitions, all of them, in these numbers."""
+    """Wait until the coordinators hold disjoint partitions, all of them, in these numbers, and listen
+    for the wake-ups of exactly those."""
     async with asyncio.timeout(PATIENCE):
         while True:
             held = [c.ownership.held() for c in coordinators]
             if sorted(len(h) for h in held) == sorted(shares) and set().union(*held) == set(range(PARTITIONS)) \
-                    and sum(len(h) for h in held) == PARTITIONS:
+                    and sum(len(h) for h in held) == PARTITIONS \
+                    and all(c.listening == h for c, h in zip(coordinators, held, strict=True)):
                 return
             await asyncio.sleep(0.05)
 
