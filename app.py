@@ -150,7 +150,8 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     adapter = create_adapter(settings)
     service_urls = ServiceUrlPolicy.from_settings(settings)  # TRUSTED_SERVICE_URLS: edge, handler and sender
     sender = ProactiveSender(adapter, settings.app_id, service_urls=service_urls,
-                             timeout=settings.connector_timeout_seconds)
+                             timeout=settings.connector_timeout_seconds,
+                             per_conversation_per_second=settings.send_rate_per_conversation)
 
     # The worker's half: jobs and the agent, of the conversations whose partitions this worker owns.
     wakeups = Wakeups()  # held until the worker's services are up, then the processor's

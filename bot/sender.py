@@ -121,7 +121,9 @@ class ProactiveSender:
         await self._with_retries(reference, activity, activity_id)
 
     async def _pace(self, reference: JSON) -> None:
-        """Teams allows about 7 messages per second per conversation: wait for a slot."""
+        """Teams allows about 7 messages per second per conversation: wait for a slot (no pacing at 0)."""
+        if self._rate <= 0:
+            return
         key = str((reference.get("conversation") or {}).get("id"))
         recent = self._recent.setdefault(key, deque())
         async with self._locks.setdefault(key, asyncio.Lock()):

@@ -252,6 +252,9 @@ class Settings:
     context_messages: int = 40
     conversation_ttl_days: int = 30
     connector_timeout_seconds: float = 30.0
+    #: SEND_RATE_PER_CONVERSATION: messages per second the bot sends into one conversation (Teams allows
+    #: about 7 and answers more with 429); 0 turns the pacing off, for a connector that does not throttle.
+    send_rate_per_conversation: int = 7
     mcp_config: Path = Path("mcp.json")
     log_level: str = "INFO"
     #: LOG_FORMAT: ``text`` (for people) or ``json`` (one object per line, for log collectors).
@@ -442,6 +445,7 @@ class Settings:
             context_messages=_int(e, "AGENT_CONTEXT_MESSAGES", 40),
             conversation_ttl_days=_int(e, "CONVERSATION_TTL_DAYS", 30),
             connector_timeout_seconds=_float(e, "CONNECTOR_TIMEOUT_SECONDS", 30.0),
+            send_rate_per_conversation=_non_negative(e, "SEND_RATE_PER_CONVERSATION", 7),
             mcp_config=Path(e.get("MCP_CONFIG", "") or "mcp.json"),
             log_level=(e.get("LOG_LEVEL", "") or "INFO").upper(),
             log_format=_log_format(e),
