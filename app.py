@@ -115,7 +115,9 @@ def build_ingest_limits(settings: Settings, store: ConversationStore) -> IngestL
                         user_per_minute=settings.rate_limit_user_per_minute,
                         conversation_burst=settings.rate_limit_conversation_burst,
                         conversation_per_minute=settings.rate_limit_conversation_per_minute,
-                        max_pending_events=settings.max_pending_events)
+                        max_pending_events=settings.max_pending_events,
+                        # One instance per store without PostgreSQL (README "Running several instances").
+                        sole_ingest=settings.role == "all" and not settings.shared_job_store)
 
 
 def build_budget(settings: Settings, store: ConversationStore) -> TokenBudget:

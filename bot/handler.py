@@ -66,6 +66,10 @@ def requester(activity: Activity) -> Requester:
     )
 
 
+def _redelivered(event_id: str, key: str) -> None:
+    log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
+
+
 class TeamsBot(TeamsActivityHandler):
     def __init__(
         self,
@@ -124,8 +128,12 @@ class TeamsBot(TeamsActivityHandler):
                     log.warning("could not send the rate-limit notice to %s: %s", key, exc)
             return
         event_id = message_event_id(activity.id)
-        if await self._store.has_event(key, event_id):
-            log.info("activity %s in %s was already received; ignoring the redelivery", event_id, key)
+        text = message_text(activity)
+        # What is answered here, inline (a click, a command, the answer to the reset question), checks for a
+        # redelivery first; a message for the agent is only appended, and the append ignores an id it holds.
+        if (activity.value is not None or self._commands.answers_inline(text)) and \
+                await self._store.has_event(key, event_id):
+            _redelivered(event_id, key)
             return
         if self._approvals is not None and (decided := await self._approvals.on_submit(
                 turn_context, key, activity.value, requester(activity))) is not None:  # Approve / Reject fallback
@@ -135,7 +143,6 @@ class TeamsBot(TeamsActivityHandler):
             await turn_context.send_activity(await cancel_reply(self._cancel_job, key, job_id, requester(activity)))
             await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"cancel": job_id}))
             return
-        text = message_text(activity)
         if await self._commands.handle(turn_context, text, requester(activity)):
             # Record handled commands too, so a redelivered one is not answered twice.
             await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.COMMAND, payload={"text": text}))
@@ -143,7 +150,8 @@ class TeamsBot(TeamsActivityHandler):
         payload: JSON = {"text": text, "from": requester(activity).to_json()}
         if trace_context := tracing.carrier():  # lets the worker's turn span link back to this one
             payload[tracing.CARRIER_KEY] = trace_context
-        await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.MESSAGE, payload=payload))
+        if not await self._inbox.post(key, InboxEvent(id=event_id, kind=EventKind.MESSAGE, payload=payload)):
+            _redelivered(event_id, key)
 
     async def on_invoke_activity(self, turn_context: TurnContext) -> InvokeResponse:
         activity = turn_context.activity

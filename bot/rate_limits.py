@@ -11,6 +11,11 @@ no store write, no model call and, past the first refusal, no reply:
 - **pending inbox** (``MAX_PENDING_EVENTS``): a conversation whose unprocessed events already
   reach the cap takes no more messages until the agent has caught up (a slow or failing model
   must not let the inbox grow without bound). Read from the store, so it holds across instances.
+  A process that is the only one taking messages in for its store (``ROLE=all`` without a PostgreSQL
+  ``JOB_STORE_URL``: one instance per store) counts once and then spends the room the count left,
+  one message at a time, before it counts again: pending events only grow through its own appends,
+  so the cap holds without a store round trip per message (events the jobs append, bounded by the
+  job caps, are not spent from it).
 
 Every number 0 turns its limit off (for a bucket: either of its two numbers). A refused message
 is not stored: its activity id is not recorded either, so a redelivery of it is judged again
@@ -137,13 +142,17 @@ class IngestLimits:
         conversation_burst: int = 30,
         conversation_per_minute: float = 60,
         max_pending_events: int = 50,
+        sole_ingest: bool = False,
         clock: Clock = time.monotonic,
     ) -> None:
+        """``sole_ingest``: no other process appends messages to this store (see the module's docstring)."""
         self._store = store
         self.users = Buckets(user_burst, user_per_minute, clock)
         self.conversations = Buckets(conversation_burst, conversation_per_minute, clock)
         self.max_pending_events = max_pending_events
         self._inbox_noticed: set[str] = set()
+        self._sole_ingest = sole_ingest
+        self._room: dict[str, int] = {}  # conversation -> messages it may still take in before the next count
 
     async def refuse(self, conversation_key: str, who: Requester) -> Refusal | None:
         """None when the message may be taken in (it then counts against the buckets), else why not."""
@@ -177,8 +186,16 @@ class IngestLimits:
         return None
 
     async def _inbox(self, conversation_key: str) -> Refusal | None:
-        if await self._store.count_pending_events(conversation_key) < self.max_pending_events:
+        if self._room.get(conversation_key, 0) > 0:
+            self._room[conversation_key] -= 1
+            return None
+        pending = await self._store.count_pending_events(conversation_key)
+        if pending < self.max_pending_events:
             self._inbox_noticed.discard(conversation_key)
+            if self._sole_ingest:
+                if len(self._room) >= MAX_TRACKED:
+                    self._room.clear()  # at worst a conversation is counted again
+                self._room[conversation_key] = self.max_pending_events - pending - 1  # after this message
             return None
         if conversation_key in self._inbox_noticed:
             return Refusal("inbox", None)

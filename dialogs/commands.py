@@ -139,6 +139,14 @@ class CommandDialogs:
         self._dialogs = DialogSet(conversation_state.create_property("DialogState"))
         self._dialogs.add(ResetDialog(on_reset))
 
+    @staticmethod
+    def answers_inline(text: str) -> bool:
+        """Whether :meth:`handle` may answer ``text`` itself (a command, or a yes / no to the reset
+        question), judged from the text alone: anything else goes to the agent."""
+        command = normalise_command(text)
+        return (command in ("help", "reset", "jobs", "list jobs") or bool(_CANCEL.match(command))
+                or text.strip().startswith("/") or reset_answer(text) is not None)
+
     async def handle(self, turn_context: TurnContext, text: str, requester: Requester | None = None) -> bool:
         """``requester``: who sent the message (cancel rights; what the jobs list shows them)."""
         requester = requester or Requester()

@@ -113,6 +113,29 @@ async def test_a_full_inbox_refuses_messages_until_the_agent_caught_up() -> None
     assert await limit.refuse("msteams:other", ADA) is None  # another conversation's inbox is its own
 
 
+@pytest.mark.parametrize("sole_ingest", [False, True])
+async def test_the_sole_ingest_counts_the_inbox_once_and_spends_the_room_it_left(sole_ingest: bool) -> None:
+    """ROLE=all without PostgreSQL: one count, then the cap is reached on the same message as when counting
+    each time; with several instances (sole_ingest off) every message is counted."""
+    store = MemoryStore()
+    counts = []
+    counted = store.count_pending_events
+
+    async def count_pending_events(key: str) -> int:
+        counts.append(key)
+        return await counted(key)
+
+    store.count_pending_events = count_pending_events  # type: ignore[method-assign]
+    limit = IngestLimits(store, user_burst=0, conversation_burst=0, max_pending_events=4, sole_ingest=sole_ingest)
+    await store.append_event(KEY, InboxEvent(id="old", kind="message", payload={"text": "hi"}))  # before a restart
+    for n in range(3):
+        assert await limit.refuse(KEY, ADA) is None
+        await store.append_event(KEY, InboxEvent(id=f"m{n}", kind="message", payload={"text": "hi"}))
+    refusal = await limit.refuse(KEY, ADA)
+    assert refusal is not None and refusal.scope == "inbox"  # 4 pending: full, in both modes
+    assert len(counts) == (2 if sole_ingest else 4)  # the first message, then the one that finds it full
+
+
 async def test_refusals_are_counted_by_scope() -> None:
     before = {scope: metrics.RATE_LIMITED.labels(scope)._value.get() for scope in ("user", "conversation")}
     limit = limits(Clock())
