@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from botbuilder.integration.aiohttp import (
     ConfigurationServiceClientCredentialFactory,
 )
 from botbuilder.schema import Activity
+from botframework.connector.auth import AuthenticateRequestResult
 
 from bot.auth import (
     AuthRejected,
@@ -34,6 +36,7 @@ from bot.auth import (
     endpoint_settings,
     preparing_ingest,
 )
+from bot.connector_clients import ConnectorClients
 from bot.request_body import BodyRejected, read_json_body
 from bot.service_urls import ServiceUrlPolicy, is_http_url
 from runtime import metrics, tracing
@@ -65,13 +68,29 @@ class AdapterConfig:
 
 
 class EdgeAdapter(CloudAdapter):
-    """botbuilder's CloudAdapter plus the authenticator the messages endpoint runs before it."""
+    """botbuilder's CloudAdapter plus the authenticator the messages endpoint runs before it, and
+    connector clients reused across requests (bot/connector_clients.py)."""
 
     def __init__(self, auth: ConfigurationBotFrameworkAuthentication, *, auth_disabled: bool,
                  allow_emulator_tokens: bool = False) -> None:
         super().__init__(auth)
         self.authenticator = RequestAuthenticator(auth, auth_disabled=auth_disabled,
                                                   allow_emulator_tokens=allow_emulator_tokens)
+        self._connector_clients = ConnectorClients()
+
+    async def process_activity(self, auth_header_or_authenticate_request_result: str | AuthenticateRequestResult,
+                               activity: Activity, logic: Callable[[TurnContext], Awaitable[Any]]) -> Any:
+        """``CloudAdapterBase.process_activity`` for an authenticated request, with a reused connector client
+        and no user token client (this bot has no sign-in)."""
+        result = auth_header_or_authenticate_request_result
+        if not isinstance(result, AuthenticateRequestResult) or result.connector_factory is None:
+            return await super().process_activity(result, activity, logic)
+        activity.caller_id = result.caller_id
+        client = await self._connector_clients.get(result.connector_factory, activity.service_url, result.audience)
+        context = self._create_turn_context(activity, result.claims_identity, result.audience, client, None, logic,
+                                            result.connector_factory)
+        await self.run_pipeline(context, logic)
+        return self._process_turn_results(context)
 
 
 def _speed_up_msrest_retry_policy() -> None:
