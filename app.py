@@ -116,8 +116,7 @@ def build_ingest_limits(settings: Settings, store: ConversationStore) -> IngestL
                         conversation_burst=settings.rate_limit_conversation_burst,
                         conversation_per_minute=settings.rate_limit_conversation_per_minute,
                         max_pending_events=settings.max_pending_events,
-                        # One instance per store without PostgreSQL (README "Running several instances").
-                        sole_ingest=settings.role == "all" and not settings.shared_job_store)
+                        sole_ingest=settings.sole_ingest)
 
 
 def build_budget(settings: Settings, store: ConversationStore) -> TokenBudget:
@@ -194,7 +193,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     # The web half: the edge posts to the inbox and wakes the conversation's worker, wherever it runs.
     inbox = Inbox(store, coordinator.wake)
     cancel_job = JobCancels(store, job_runner, job_access, tell_worker=coordinator.cancel).cancel
-    commands = CommandDialogs(ConversationState(ConversationStoreStorage(store)),
+    commands = CommandDialogs(ConversationState(ConversationStoreStorage(store, sole_writer=settings.sole_ingest)),
                               functools.partial(help_text, settings.model_description, offline, declared),
                               on_reset=functools.partial(request_reset, inbox),
                               list_jobs=store.list_jobs, cancel_job=cancel_job,

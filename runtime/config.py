@@ -378,6 +378,12 @@ class Settings:
         return self.job_store_url.startswith("postgresql+psycopg://")
 
     @property
+    def sole_ingest(self) -> bool:
+        """The only process taking messages in for its store: ``ROLE=all`` without PostgreSQL (one instance
+        per store, README "Running several instances"), so it sees every append and dialog state write."""
+        return self.role == "all" and not self.shared_job_store
+
+    @property
     def coordination_url(self) -> str:
         """The job store's database as a libpq URL (psycopg's own connections: lock, LISTEN/NOTIFY)."""
         return "postgresql://" + self.job_store_url.removeprefix("postgresql+psycopg://")

@@ -86,3 +86,34 @@ async def test_dialog_item_key_is_where_conversation_state_writes() -> None:
 
     await TestAdapter(logic).send("reset")
     assert list(store._items) == seen
+
+
+@pytest.mark.parametrize("hostile_first", [False, True])
+async def test_a_sole_writer_reads_a_conversation_once_and_remembers_what_it_stored(hostile_first: bool) -> None:
+    """ROLE=all without PostgreSQL: after the first read, reads come from what this process stored
+    (an item it never read costs one read, a deleted one none), still decoded, so a hostile
+    stored value stays refused."""
+    store = MemoryStore()
+    reads: list[list[str]] = []
+    read_items = store.read_items
+
+    async def counted(keys):  # type: ignore[no-untyped-def]
+        keys = list(keys)
+        reads.append(keys)
+        return await read_items(keys)
+
+    store.read_items = counted  # type: ignore[method-assign]
+    if hostile_first:
+        await store.write_items({"dialog/c": {"format": FORMAT, "state": {"DialogState": {"py/object": "os.system"}}}})
+    storage = ConversationStoreStorage(store, sole_writer=True)
+    assert await storage.read(["c"]) == {}
+    assert await storage.read(["c"]) == {}
+    await storage.write({"c": {"DialogState": _prompt_state()}})
+    assert isinstance((await storage.read(["c"]))["c"]["DialogState"], DialogState)
+    await storage.delete(["c"])
+    assert await storage.read(["c"]) == {} and await store.read_items(["dialog/c"]) == {}
+    assert reads == [["dialog/c"], ["dialog/c"]]  # the first read, and the check just above
+    plain = ConversationStoreStorage(store)
+    await plain.read(["c"])
+    await plain.read(["c"])
+    assert len(reads) == 4  # without sole_writer every read goes to the store

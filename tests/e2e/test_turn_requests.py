@@ -1,10 +1,11 @@
 """A plain turn's Cosmos DB requests, end to end: the real app on the wire server (issue 17).
 
 Not a timing test: it counts every request the wire server received for one plain user turn (from
-the POST until the app is quiet), with the app's default ingest limits: the edge's dialog-state read
-and the event's create (the create is the redelivery check; the inbox cap was counted on the
-conversation's first message and is spent from since), then the worker's one query, one batch (the
-commit and the event's flag) and one patch (the reply out of the outbox). A change that adds a
+the POST until the app is quiet), with the app's default ingest limits and roles (``ROLE=all``, no
+PostgreSQL: the only process taking messages in): the edge's one create of the event (which is the
+redelivery check; the inbox cap was counted and the dialog state read on the conversation's first
+message, and this process has seen every change of either since), then the worker's one query, one
+batch (the commit and the event's flag) and one patch (the reply out of the outbox). A change that adds a
 round trip, or a second full write of the conversation item, fails here. The processor's own store
 calls are pinned on every store in tests/storage/test_turn_round_trips.py.
 """
@@ -23,7 +24,7 @@ from harness.connector import RecordingConnector
 from harness.peers import cosmos as cosmos_peer
 
 #: By operation: what one plain turn costs on Cosmos DB with the default settings.
-PLAIN_TURN = {"query": 1, "read": 1, "create": 1, "batch": 1, "patch": 1}
+PLAIN_TURN = {"query": 1, "create": 1, "batch": 1, "patch": 1}
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def _quiet(endpoint: str, timeout: float = 20.0) -> dict[str, Any]:
     raise AssertionError(f"the app did not go quiet: {last['log'][-10:]}")
 
 
-def test_a_plain_turn_is_five_requests_and_one_full_write(launch: Any, conn: RecordingConnector, conv: str,
+def test_a_plain_turn_is_four_requests_and_one_full_write(launch: Any, conn: RecordingConnector, conv: str,
                                                            cosmos_endpoint: str) -> None:
     bot: BotProcess = launch({})
     for n in range(2):  # the steady state: reference stored, conversation item written
