@@ -82,7 +82,7 @@ def run(runs: int, seconds: float, progress: Progress, weight: float) -> dict[st
 def rows(res: dict[str, Any]) -> list[tuple[str, str, str, str, str, str, bool]]:
     """(section, figure, ours, baseline, ratio, target, met) for the results table."""
     s, u = res["streamed"], res["unstreamed"]
-    sec = "7 streaming"
+    sec = "8 streaming"
     label = f"{res['runs']}+{res['runs']} chats, a {res['seconds']:g} s answer"
     first_ratio = ratio(s["first_p50"], u["first_p50"])
     late = s["final_p50"] - u["final_p50"]

@@ -173,7 +173,9 @@ def run(levels: tuple[int, ...], warmup: float, window: float, progress: Progres
     """The three bots as processes; for each level, echo, naive, then ours. Returns the figures per level."""
     out: dict[str, Any] = {"levels": {}, "warmup_s": warmup, "window_s": window}
     with tempfile.TemporaryDirectory(prefix="bench-turns-") as tmp, SignallingConnector() as connector:
-        ours = BotProcess(Path(tmp) / "ours", env=env_for_bot())
+        # The baselines send unpaced (the recording connector does not throttle); so does ours here, for like
+        # with like: with Teams' 7 messages/s per conversation (the default) a closed loop waits out the pacer.
+        ours = BotProcess(Path(tmp) / "ours", env=env_for_bot(SEND_RATE_PER_CONVERSATION="0"))
         echo = BotProcess(Path(tmp) / "echo", env=env_for_bot(), script="bench/echo_bot.py")
         naive = BotProcess(Path(tmp) / "naive", env=env_for_bot(), script="bench/naive_bot.py")
         bots = (("echo", echo), ("naive", naive), ("ours", ours))
