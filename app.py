@@ -220,6 +220,7 @@ def create_app(settings: Settings, store: ConversationStore | None = None,
     app.cleanup_ctx.append(resource("the coordination database", open=coordinator.open, close=coordinator.close,
                                     check="JOB_STORE_URL", quiet_close=True))  # closing it hands the role on
     app.cleanup_ctx.append(resource("the model client", close=model_client.close))
+    app.cleanup_ctx.append(resource("the Bot Connector session", close=sender.close))  # after the worker stopped
     if settings.runs_worker:
         app.cleanup_ctx.append(functools.partial(worker_services, worker))
         app.cleanup_ctx.append(functools.partial(standby, worker))
