@@ -1,13 +1,13 @@
 """The embedded default store: one SQLite file under DATA_DIR, accessed through aiosqlite.
 
-aiosqlite runs every statement on its own thread, so nothing here blocks the event loop.
-All statements go through one connection guarded by an asyncio lock, which keeps a
-multi-statement transaction from interleaving with another coroutine's; ``BEGIN IMMEDIATE``
-and a busy timeout make it safe for several processes on one file as well. The calls of a turn
-(``append_event``, ``load_turn``, ``commit``, ``remove_from_outbox``) each run as one function on
-that thread (:meth:`SqliteStore._in_thread`): one hand-over to the thread and back per call, not
-one per statement, fetch and cursor close (about 25 per turn before; each costs the event loop a
-wake-up and the GIL a hand-over).
+aiosqlite runs the statements on its own thread, so nothing here blocks the event loop. Every
+store call is one function run on that thread (:meth:`SqliteStore._in_thread`), whole
+transactions included: aiosqlite runs what it is given one at a time and in order, so one
+call's transaction never interleaves with another's, and no lock is held across awaits (calls
+queue on the thread, which works through them back to back). One hand-over per call, not one
+per statement, fetch and cursor close: a turn made about 25 before, each a wake-up of the
+event loop and of the thread. ``BEGIN IMMEDIATE`` and a busy timeout make it safe for several
+processes on one file as well.
 
 Retention: SQLite has no TTL, so every row carries ``updated_at`` (the time this store last
 wrote it) and :meth:`SqliteStore.purge_expired` deletes what expired (the app calls it hourly).
@@ -178,6 +178,15 @@ def _record_from_doc(key: str, etag: str, doc: str) -> ConversationRecord:
     )
 
 
+def _checkpoint(conn: sqlite3.Connection, why: str) -> None:
+    """Copy the WAL into the database and empty it, so the page images a deletion replaced are gone
+    from the ``-wal`` file too."""
+    row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    if row is not None and row[0]:  # another connection is reading: the old frames go at the next one
+        log.warning("%s: the WAL checkpoint was blocked by a reader; deleted content stays in the -wal "
+                    "file until the next checkpoint", why)
+
+
 @translate_errors(sqlite3.Error, OSError)
 class SqliteStore(ConversationStore):
     def __init__(self, path: str | os.PathLike[str], *, max_item_bytes: int = MAX_ITEM_BYTES) -> None:
@@ -185,7 +194,6 @@ class SqliteStore(ConversationStore):
         self._path = Path(path)
         self._max_item_bytes = max_item_bytes
         self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
 
     @property
     def path(self) -> Path:
@@ -220,12 +228,12 @@ class SqliteStore(ConversationStore):
         return self._db
 
     async def _in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``work(connection)`` on aiosqlite's thread, in one hand-over, under the store's lock."""
+        """``work(connection)`` on aiosqlite's thread, in one hand-over. aiosqlite runs what it is given one
+        at a time, in order, so a transaction inside ``work`` never interleaves with another call's."""
         db = self.db
         run: Any = db._execute  # aiosqlite's own queue to its thread (private, untyped; aiosqlite is pinned)
-        async with self._lock:
-            result: _T = await run(lambda: work(db._conn))
-            return result
+        result: _T = await run(lambda: work(db._conn))
+        return result
 
     async def _fetchone(self, sql: str, params: Sequence[Any]) -> Any:
         return await self._in_thread(lambda conn: conn.execute(sql, params).fetchone())
@@ -415,27 +423,27 @@ class SqliteStore(ConversationStore):
     async def _change_job(self, key: str, job_id: str,
                           change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
         """Read, ``change`` (None: leave it as it is), write: in one transaction, safe against other processes too."""
-        async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")
+        def read_change_write(conn: sqlite3.Connection) -> JobRecord | None:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                async with db.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)) as cur:
-                    row = await cur.fetchone()
+                row = conn.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)).fetchone()
                 if row is None:
                     raise JobNotFoundError(key, job_id)
                 job = change(JobRecord.from_json(json.loads(row[0])))
                 if job is None:
-                    await db.execute("ROLLBACK")
+                    conn.execute("ROLLBACK")
                     return None
                 doc = json.dumps(job.to_json())
                 check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
-                await db.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
-                                 (job.status, doc, time.time(), key, job_id))
-                await db.execute("COMMIT")
+                conn.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
+                             (job.status, doc, time.time(), key, job_id))
+                conn.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
-        return job
+            return job
+
+        return await self._in_thread(read_change_write)
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
         rows = await self._fetchall("SELECT doc FROM jobs WHERE key = ? ORDER BY created_at", (key,))
@@ -457,17 +465,15 @@ class SqliteStore(ConversationStore):
         return {r[0]: json.loads(r[1]) for r in rows}
 
     async def write_items(self, items: Mapping[str, JSON]) -> None:
-        async with self._lock:
-            now = time.time()
-            await self.db.executemany(
-                "INSERT INTO items (key, value, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                [(k, json.dumps(v), now) for k, v in items.items()],
-            )
+        now = time.time()
+        rows = [(k, json.dumps(v), now) for k, v in items.items()]
+        await self._in_thread(lambda conn: conn.executemany(
+            "INSERT INTO items (key, value, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at", rows))
 
     async def delete_items(self, keys: Iterable[str]) -> None:
-        async with self._lock:
-            await self.db.executemany("DELETE FROM items WHERE key = ?", [(k,) for k in keys])
+        rows = [(k,) for k in keys]
+        await self._in_thread(lambda conn: conn.executemany("DELETE FROM items WHERE key = ?", rows))
 
     # --- forgetting ---
     async def forget_conversation(self, key: str, *, item_keys: Iterable[str] = ()) -> int:
@@ -478,49 +484,37 @@ class SqliteStore(ConversationStore):
         copies the new ones back: ``wal_checkpoint(TRUNCATE)`` does that and empties the file.
         """
         keys = [(k,) for k in dict.fromkeys(item_keys)]
-        async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")
+
+        def forget(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                changed = 0
-                async with db.execute(
+                changed = conn.execute(
                     "UPDATE events SET payload = '{}' WHERE key = ? AND processed = 1 AND payload != '{}' "
                     "AND NOT EXISTS (SELECT 1 FROM jobs WHERE substr(events.id, 1, 4) = 'job:' "
                     f"AND jobs.key = events.key AND jobs.id = substr(events.id, 5) AND jobs.status IN {_UNFINISHED})",
                     (key,),
-                ) as cur:
-                    changed += cur.rowcount
-                async with db.execute(f"DELETE FROM jobs WHERE key = ? AND status IN {_FINISHED}", (key,)) as cur:
-                    changed += cur.rowcount
+                ).rowcount
+                changed += conn.execute(f"DELETE FROM jobs WHERE key = ? AND status IN {_FINISHED}", (key,)).rowcount
                 if keys:
-                    async with db.executemany("DELETE FROM items WHERE key = ?", keys) as cur:
-                        changed += cur.rowcount
-                await db.execute("COMMIT")
+                    changed += conn.executemany("DELETE FROM items WHERE key = ?", keys).rowcount
+                conn.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
-            await self._checkpoint(f"forgetting {key}")
-        return changed
+            _checkpoint(conn, f"forgetting {key}")
+            return changed
 
-    async def _checkpoint(self, why: str) -> None:
-        """Copy the WAL into the database and empty it (the caller holds the lock), so the page
-        images a deletion replaced are gone from the ``-wal`` file too."""
-        async with self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)") as cur:
-            row = await cur.fetchone()
-        if row is not None and row[0]:  # another connection is reading: the old frames go at the next one
-            log.warning("%s: the WAL checkpoint was blocked by a reader; deleted content stays in the -wal "
-                        "file until the next checkpoint", why)
+        return await self._in_thread(forget)
 
     # --- retention ---
     async def purge_expired(self, older_than: float) -> int:
         """See :meth:`ConversationStore.purge_expired`; one ``BEGIN IMMEDIATE`` transaction."""
         t = {"t": older_than}
-        async with self._lock:
-            db = self.db
-            await db.execute("BEGIN IMMEDIATE")
+
+        def purge(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                async with db.execute(_IDLE_KEYS, t) as cur:
-                    idle = [(row[0],) for row in await cur.fetchall()]
+                idle = [(row[0],) for row in conn.execute(_IDLE_KEYS, t).fetchall()]
                 deleted = 0
                 for sql in (
                     # A job's finish event stays while the job is unfinished (JobRunner recovery).
@@ -530,15 +524,15 @@ class SqliteStore(ConversationStore):
                     f"DELETE FROM jobs WHERE status IN {_FINISHED} AND updated_at < :t",
                     "DELETE FROM items WHERE updated_at < :t",
                 ):
-                    async with db.execute(sql, t) as cur:
-                        deleted += cur.rowcount
+                    deleted += conn.execute(sql, t).rowcount
                 for table in ("conversations", "conversation_references") if idle else ():
-                    async with db.executemany(f"DELETE FROM {table} WHERE key = ?", idle) as cur:
-                        deleted += cur.rowcount
-                await db.execute("COMMIT")
+                    deleted += conn.executemany(f"DELETE FROM {table} WHERE key = ?", idle).rowcount
+                conn.execute("COMMIT")
             except BaseException:
-                await db.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
                 raise
             if deleted:
-                await self._checkpoint("retention")
-        return deleted
+                _checkpoint(conn, "retention")
+            return deleted
+
+        return await self._in_thread(purge)
