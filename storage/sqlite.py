@@ -46,6 +46,7 @@ from storage.abc import (
     new_id,
     translate_errors,
 )
+from storage.group_commit import GroupCommit
 from storage.private_files import ensure_private_file, tighten_sidecars
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class SqliteStore(ConversationStore):
         self._path = Path(path)
         self._max_item_bytes = max_item_bytes
         self._db: aiosqlite.Connection | None = None
+        self._group: GroupCommit | None = None
 
     @property
     def path(self) -> Path:
@@ -215,11 +217,15 @@ class SqliteStore(ConversationStore):
         await db.executescript(_RETENTION_INDEXES)
         await asyncio.to_thread(tighten_sidecars, self._path)  # files an older version left too open
         self._db = db
+        self._group = GroupCommit(db)
 
     async def close(self) -> None:
         if self._db is not None:
+            if self._group is not None:
+                await self._group.wait_idle()
             await self._db.close()
             self._db = None
+            self._group = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -227,22 +233,23 @@ class SqliteStore(ConversationStore):
             raise StoreError("SqliteStore used before open()")
         return self._db
 
-    async def _in_thread(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        """``work(connection)`` on aiosqlite's thread, in one hand-over. aiosqlite runs what it is given one
-        at a time, in order, so a transaction inside ``work`` never interleaves with another call's."""
-        db = self.db
-        run: Any = db._execute  # aiosqlite's own queue to its thread (private, untyped; aiosqlite is pinned)
-        result: _T = await run(lambda: work(db._conn))
+    async def _in_thread(self, work: Callable[[sqlite3.Connection], _T], *, writes: bool, durable: bool = True,
+                         alone: bool = False) -> _T:
+        """``work(connection)`` on aiosqlite's thread, inside a transaction shared with the calls queued
+        beside it (storage/group_commit.py), unless ``alone``."""
+        if self._group is None:
+            raise StoreError("SqliteStore used before open()")
+        result: _T = await self._group.run(work, writes=writes, durable=durable, alone=alone)
         return result
 
     async def _fetchone(self, sql: str, params: Sequence[Any]) -> Any:
-        return await self._in_thread(lambda conn: conn.execute(sql, params).fetchone())
+        return await self._in_thread(lambda conn: conn.execute(sql, params).fetchone(), writes=False)
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        return await self._in_thread(lambda conn: conn.execute(sql, params).fetchall())
+        return await self._in_thread(lambda conn: conn.execute(sql, params).fetchall(), writes=False)
 
     async def _write(self, sql: str, params: Sequence[Any]) -> int:
-        return await self._in_thread(lambda conn: conn.execute(sql, params).rowcount)
+        return await self._in_thread(lambda conn: conn.execute(sql, params).rowcount, writes=True)
 
     # --- references ---
     async def save_reference(self, key: str, reference: JSON) -> None:
@@ -303,18 +310,15 @@ class SqliteStore(ConversationStore):
 
     async def load_turn(self, key: str) -> TurnStart:
         def read(conn: sqlite3.Connection) -> tuple[Any, list[Any], Any]:
-            conn.execute("BEGIN")  # one snapshot: the record and the events it has not processed agree
-            try:
-                record = conn.execute("SELECT etag, doc FROM conversations WHERE key = ?", (key,)).fetchone()
-                events = conn.execute("SELECT id, kind, payload, created_at FROM events "
-                                      "WHERE key = ? AND processed = 0 ORDER BY seq", (key,)).fetchall()
-                reference = conn.execute("SELECT reference FROM conversation_references WHERE key = ?",
-                                         (key,)).fetchone()
-            finally:
-                conn.execute("COMMIT")
+            # One transaction (the batch's): the record and the events it has not processed agree.
+            record = conn.execute("SELECT etag, doc FROM conversations WHERE key = ?", (key,)).fetchone()
+            events = conn.execute("SELECT id, kind, payload, created_at FROM events "
+                                  "WHERE key = ? AND processed = 0 ORDER BY seq", (key,)).fetchall()
+            reference = conn.execute("SELECT reference FROM conversation_references WHERE key = ?",
+                                     (key,)).fetchone()
             return record, events, reference
 
-        row, rows, reference = await self._in_thread(read)
+        row, rows, reference = await self._in_thread(read, writes=False)
         return TurnStart(
             record=_record_from_doc(key, row[0], row[1]) if row else ConversationRecord(key=key),
             events=[InboxEvent(id=r[0], kind=r[1], payload=json.loads(r[2]), created_at=r[3]) for r in rows],
@@ -338,35 +342,29 @@ class SqliteStore(ConversationStore):
         now = time.time()
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT etag FROM conversations WHERE key = ?", (record.key,)).fetchone()
-                if (row[0] if row else None) != record.etag:
-                    raise ConcurrencyError(record.key)
-                conn.execute(
-                    "INSERT INTO conversations (key, etag, doc, has_outbox, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
-                    "etag = excluded.etag, doc = excluded.doc, has_outbox = excluded.has_outbox, "
-                    "updated_at = excluded.updated_at",
-                    (record.key, etag, doc, int(bool(record.outbox)), now),
+            row = conn.execute("SELECT etag FROM conversations WHERE key = ?", (record.key,)).fetchone()
+            if (row[0] if row else None) != record.etag:
+                raise ConcurrencyError(record.key)
+            conn.execute(
+                "INSERT INTO conversations (key, etag, doc, has_outbox, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "etag = excluded.etag, doc = excluded.doc, has_outbox = excluded.has_outbox, "
+                "updated_at = excluded.updated_at",
+                (record.key, etag, doc, int(bool(record.outbox)), now),
+            )
+            if processed:
+                conn.executemany(
+                    "UPDATE events SET processed = 1, updated_at = ? WHERE key = ? AND id = ?",
+                    [(now, record.key, event_id) for event_id in processed],
                 )
-                if processed:
-                    conn.executemany(
-                        "UPDATE events SET processed = 1, updated_at = ? WHERE key = ? AND id = ?",
-                        [(now, record.key, event_id) for event_id in processed],
-                    )
-                if new_jobs:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO jobs (key, id, status, created_at, doc, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        [(j.conversation_key, j.id, j.status, j.created_at, job_doc, now) for j, job_doc in jobs],
-                    )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            if new_jobs:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO jobs (key, id, status, created_at, doc, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    [(j.conversation_key, j.id, j.status, j.created_at, job_doc, now) for j, job_doc in jobs],
+                )
 
-        await self._in_thread(write)
+        await self._in_thread(write, writes=True)  # in one transaction: a ConcurrencyError writes nothing
         return record.evolve(etag=etag)
 
     async def remove_from_outbox(self, record: ConversationRecord, ids: Iterable[str], *,
@@ -379,20 +377,16 @@ class SqliteStore(ConversationStore):
         etag = new_id()
 
         def write(conn: sqlite3.Connection) -> int:
-            # Not fsynced on its own (the next commit's fsync of the write-ahead log carries it): a process
-            # crash loses nothing; a power loss at worst loses the removal, and a sent message is sent
-            # again, the repeat a crash between a send and its removal makes anyway.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            try:
-                return conn.execute(
-                    "UPDATE conversations SET doc = json_set(doc, '$.outbox', json(?), '$.fence', ?), etag = ?, "
-                    "has_outbox = ?, updated_at = ? WHERE key = ? AND etag = ?",
-                    (outbox, record.fence, etag, int(bool(record.outbox)), time.time(), record.key,
-                     record.etag)).rowcount
-            finally:
-                conn.execute("PRAGMA synchronous=FULL")
+            return int(conn.execute(
+                "UPDATE conversations SET doc = json_set(doc, '$.outbox', json(?), '$.fence', ?), etag = ?, "
+                "has_outbox = ?, updated_at = ? WHERE key = ? AND etag = ?",
+                (outbox, record.fence, etag, int(bool(record.outbox)), time.time(), record.key,
+                 record.etag)).rowcount)
 
-        if await self._in_thread(write) != 1:
+        # Not fsynced on its own (the next durable commit's fsync of the write-ahead log carries it): a
+        # process crash loses nothing; a power loss at worst loses the removal, and a sent message is sent
+        # again, the repeat a crash between a send and its removal makes anyway.
+        if await self._in_thread(write, writes=True, durable=False) != 1:
             raise ConcurrencyError(record.key)
         return record.evolve(etag=etag)
 
@@ -424,26 +418,19 @@ class SqliteStore(ConversationStore):
                           change: Callable[[JobRecord], JobRecord | None]) -> JobRecord | None:
         """Read, ``change`` (None: leave it as it is), write: in one transaction, safe against other processes too."""
         def read_change_write(conn: sqlite3.Connection) -> JobRecord | None:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = conn.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)).fetchone()
-                if row is None:
-                    raise JobNotFoundError(key, job_id)
-                job = change(JobRecord.from_json(json.loads(row[0])))
-                if job is None:
-                    conn.execute("ROLLBACK")
-                    return None
-                doc = json.dumps(job.to_json())
-                check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
-                conn.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
-                             (job.status, doc, time.time(), key, job_id))
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            row = conn.execute("SELECT doc FROM jobs WHERE key = ? AND id = ?", (key, job_id)).fetchone()
+            if row is None:
+                raise JobNotFoundError(key, job_id)
+            job = change(JobRecord.from_json(json.loads(row[0])))
+            if job is None:
+                return None
+            doc = json.dumps(job.to_json())
+            check_item_size(f"job {job_id!r}", doc, self._max_item_bytes)
+            conn.execute("UPDATE jobs SET status = ?, doc = ?, updated_at = ? WHERE key = ? AND id = ?",
+                         (job.status, doc, time.time(), key, job_id))
             return job
 
-        return await self._in_thread(read_change_write)
+        return await self._in_thread(read_change_write, writes=True)
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
         rows = await self._fetchall("SELECT doc FROM jobs WHERE key = ? ORDER BY created_at", (key,))
@@ -469,11 +456,12 @@ class SqliteStore(ConversationStore):
         rows = [(k, json.dumps(v), now) for k, v in items.items()]
         await self._in_thread(lambda conn: conn.executemany(
             "INSERT INTO items (key, value, updated_at) VALUES (?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at", rows))
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at", rows),
+            writes=True)
 
     async def delete_items(self, keys: Iterable[str]) -> None:
         rows = [(k,) for k in keys]
-        await self._in_thread(lambda conn: conn.executemany("DELETE FROM items WHERE key = ?", rows))
+        await self._in_thread(lambda conn: conn.executemany("DELETE FROM items WHERE key = ?", rows), writes=True)
 
     # --- forgetting ---
     async def forget_conversation(self, key: str, *, item_keys: Iterable[str] = ()) -> int:
@@ -504,7 +492,7 @@ class SqliteStore(ConversationStore):
             _checkpoint(conn, f"forgetting {key}")
             return changed
 
-        return await self._in_thread(forget)
+        return await self._in_thread(forget, writes=True, alone=True)  # alone: the checkpoint needs no transaction
 
     # --- retention ---
     async def purge_expired(self, older_than: float) -> int:
@@ -535,4 +523,4 @@ class SqliteStore(ConversationStore):
                 _checkpoint(conn, "retention")
             return deleted
 
-        return await self._in_thread(purge)
+        return await self._in_thread(purge, writes=True, alone=True)
