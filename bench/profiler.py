@@ -129,7 +129,7 @@ def profile_turns(tmp: Path, out: Path, conversations: int, seconds: float) -> s
     from bench.turns import closed_loop
 
     port = free_port()
-    proc = start_profiled_app(tmp / "data", out, port)
+    proc = start_profiled_app(tmp / "data", out, port, SEND_RATE_PER_CONVERSATION="0")  # unpaced, as in the bench
     try:
         wait_healthy(port)
         with SignallingConnector() as connector:
