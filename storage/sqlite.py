@@ -179,6 +179,25 @@ def _record_from_doc(key: str, etag: str, doc: str) -> ConversationRecord:
     )
 
 
+#: How often :meth:`SqliteStore.open` tries again when the file is locked (about 15 s in all).
+OPEN_ATTEMPTS = 10
+
+
+async def _prepare(db: aiosqlite.Connection) -> None:
+    """The connection's settings, the schema and its upgrades."""
+    # WAL lets readers run during a write; FULL makes an acknowledged ingest survive
+    # power loss, not only a process crash.
+    await db.execute("PRAGMA journal_mode=WAL")
+    await db.execute("PRAGMA synchronous=FULL")
+    await db.execute("PRAGMA busy_timeout=30000")
+    # Deleted and overwritten content is zeroed, not left in free pages (a reset must really
+    # forget; see forget_conversation for the WAL file).
+    await db.execute("PRAGMA secure_delete=ON")
+    await db.executescript(_SCHEMA)
+    await _add_updated_at(db)
+    await db.executescript(_RETENTION_INDEXES)
+
+
 def _checkpoint(conn: sqlite3.Connection, why: str) -> None:
     """Copy the WAL into the database and empty it, so the page images a deletion replaced are gone
     from the ``-wal`` file too."""
@@ -203,18 +222,21 @@ class SqliteStore(ConversationStore):
 
     async def open(self) -> None:
         await asyncio.to_thread(ensure_private_file, self._path)  # 0600 in a 0700 directory, whatever the umask
-        db = await aiosqlite.connect(self._path, isolation_level=None, timeout=30)
-        # WAL lets readers run during a write; FULL makes an acknowledged ingest survive
-        # power loss, not only a process crash.
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=FULL")
-        await db.execute("PRAGMA busy_timeout=30000")
-        # Deleted and overwritten content is zeroed, not left in free pages (a reset must really
-        # forget; see forget_conversation for the WAL file).
-        await db.execute("PRAGMA secure_delete=ON")
-        await db.executescript(_SCHEMA)
-        await _add_updated_at(db)
-        await db.executescript(_RETENTION_INDEXES)
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            db = await aiosqlite.connect(self._path, isolation_level=None, timeout=30)
+            try:
+                await _prepare(db)
+                break
+            except sqlite3.OperationalError as exc:
+                await db.close()
+                # Processes starting together on one file (a web and two workers on a shared DATA_DIR): a
+                # statement SQLite cannot wait for (it would deadlock) answers "locked" at once, whatever
+                # the busy timeout; the scale-out benchmark's worker failed its start-up so, once in a run.
+                if "locked" not in str(exc) or attempt == OPEN_ATTEMPTS:
+                    raise
+                log.warning("opening %s: %s (attempt %d of %d); trying again", self._path, exc, attempt,
+                            OPEN_ATTEMPTS)
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** attempt))
         await asyncio.to_thread(tighten_sidecars, self._path)  # files an older version left too open
         self._db = db
         self._group = GroupCommit(db)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -10,8 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from storage.abc import ConcurrencyError, ConversationRecord, InboxEvent, JobRecord, OutboxMessage
+import pytest
+
+from storage.abc import ConcurrencyError, ConversationRecord, InboxEvent, JobRecord, OutboxMessage, StoreError
 from storage.sqlite import SqliteStore
 
 KEY = "19:sqlite-test@thread.tacv2"
@@ -210,3 +214,33 @@ async def test_forgotten_text_is_not_left_in_the_database_files(tmp_path: Path) 
         await store.forget_conversation(KEY, item_keys=[f"dialog/{KEY}"])
         found = await asyncio.to_thread(lambda: (_files_containing(tmp_path, short), _files_containing(tmp_path, long)))
         assert found == ([], []), found
+
+
+async def test_open_tries_again_while_another_process_holds_the_file_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Processes starting together on one file: SQLite answers some statements "locked" at once (no busy
+    wait); open tries again instead of failing the start-up. Any other error is not retried."""
+    from storage import sqlite as sqlite_module
+
+    prepare, calls = sqlite_module._prepare, []
+
+    async def locked_twice(db: Any) -> None:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        await prepare(db)
+
+    monkeypatch.setattr(sqlite_module, "_prepare", locked_twice)
+    store = SqliteStore(tmp_path / "c.sqlite3")
+    with caplog.at_level(logging.WARNING):
+        await store.open()
+    assert len(calls) == 3 and "attempt 2 of" in caplog.text
+    assert await store.append_event("k", InboxEvent(id="e", kind="message", payload={}))
+    await store.close()
+
+    async def broken(db: Any) -> None:
+        raise sqlite3.OperationalError("no such table: nothing")
+
+    monkeypatch.setattr(sqlite_module, "_prepare", broken)
+    with pytest.raises(StoreError):
+        await SqliteStore(tmp_path / "c.sqlite3").open()
