@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from harness.waiting import poll
+
 __all__ = ["BotProcess", "BotStartError", "HttpEndpoint", "free_port", "http_request", "log_text", "wait_for_log"]
 
 #: Repository root: harness/botproc.py -> parents[1].
@@ -153,6 +155,10 @@ class BotProcess(HttpEndpoint):
     def alive(self) -> bool:
         """True while the process has not exited."""
         return self._proc is not None and self._proc.poll() is None
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the process to exit (a crash point); True if it has."""
+        return poll(lambda: not self.alive, timeout)
 
     @property
     def returncode(self) -> int | None:

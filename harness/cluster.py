@@ -21,6 +21,7 @@ from typing import Any, Self
 from cluster.partitions import partition_of
 from harness.botproc import BotProcess, HttpEndpoint
 from harness.roundrobin import RoundRobinProxy
+from harness.waiting import poll
 
 
 class BotCluster(HttpEndpoint):
@@ -46,6 +47,10 @@ class BotCluster(HttpEndpoint):
     def alive(self) -> bool:
         """Every process runs (a crashed worker makes the cluster not alive, as a crashed bot would)."""
         return all(p.alive for p in self.processes)
+
+    def wait_exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a process to exit (a crash point); True if one has."""
+        return poll(lambda: not self.alive, timeout)
 
     def start(self, timeout: float = 60.0) -> Self:
         """Start the processes that are not running, in parallel, and wait until each is healthy and

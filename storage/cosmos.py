@@ -453,14 +453,19 @@ class CosmosStore(ConversationStore):
             new_doc["payload"] = {**doc["payload"], name: value}
             what = f"event {event_id!r} of conversation {key!r}"
             self._check_size(what, new_doc)
-            try:
-                await self._write(what, self.container.replace_item(item_id, new_doc, etag=doc["_etag"],
-                                                                    match_condition=MatchConditions.IfNotModified))
-            except exceptions.CosmosHttpResponseError as error:
-                if _is_status(error, 412):
-                    continue
-                raise
-            return True
+            if await self._replace_unchanged(what, item_id, new_doc, doc["_etag"]):
+                return True
+
+    async def _replace_unchanged(self, what: str, item_id: str, doc: JSON, etag: str) -> bool:
+        """Replace the item if it still has ``etag``; False (412) when another writer moved first: read again."""
+        try:
+            await self._write(what, self.container.replace_item(item_id, doc, etag=etag,
+                                                                match_condition=MatchConditions.IfNotModified))
+        except exceptions.CosmosHttpResponseError as error:
+            if _is_status(error, 412):
+                return False
+            raise
+        return True
 
     async def pending_events(self, key: str) -> list[InboxEvent]:
         pk = self.partition(key)
@@ -801,14 +806,8 @@ class CosmosStore(ConversationStore):
                 return None
             new_doc, what = self._job_doc(job), f"job {job_id!r}"
             self._check_size(what, new_doc)
-            try:
-                await self._write(what, self.container.replace_item(item_id, new_doc, etag=doc["_etag"],
-                                                                    match_condition=MatchConditions.IfNotModified))
-            except exceptions.CosmosHttpResponseError as error:
-                if _is_status(error, 412):
-                    continue
-                raise
-            return job
+            if await self._replace_unchanged(what, item_id, new_doc, doc["_etag"]):
+                return job
 
     async def list_jobs(self, key: str) -> list[JobRecord]:
         pk = self.partition(key)

@@ -288,9 +288,7 @@ def test_sigkill_between_the_claim_and_its_event_loses_nothing(launch: Launch, c
     job_id, card = ask(bot, conn, conv, "555-0109")
     with contextlib.suppress(OSError):  # the process dies under the request
         click(bot, conn, conv, card, "approveJob", job_id)
-    deadline = time.monotonic() + 10
-    while bot.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
+    bot.wait_exited(10)
     assert not bot.alive and "crash point 'approval_claimed'" in bot.log_tail()
     assert job(stored, conv, job_id)["status"] == "queued"  # claimed, and nothing told anyone
     bot.extra_env.pop("CRASH_AT")

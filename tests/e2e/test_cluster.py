@@ -8,7 +8,6 @@ The suites in test_conversation.py and test_jobs.py also run on such a cluster (
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +22,7 @@ from harness.cluster import BotCluster
 from harness.connector import RecordingConnector
 from harness.otlp import OtlpCollector
 from harness.peers.postgres import create_database, drop_database, psycopg_url
+from harness.waiting import wait_until
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_jobs import completions, job_id_in
@@ -63,14 +63,6 @@ def job_starts(process: BotProcess, job_id: str) -> list[float]:
     return [datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp() for r in records(process)
             if r["logger"] == "jobs.runner" and r.get("job_id") == job_id and " attempt " in r["message"]
             and r["message"].endswith("started")]
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def test_each_job_runs_on_its_conversations_owner_only(cluster: BotCluster, conn: RecordingConnector,

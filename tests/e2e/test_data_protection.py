@@ -54,10 +54,7 @@ def post_ignoring_a_crash(bot: BotProcess, activity: dict[str, Any]) -> None:
 
 
 def wait_until_dead(bot: BotProcess, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while bot.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not bot.alive, "the process never reached its crash point"
+    assert bot.wait_exited(timeout), "the process never reached its crash point"
     assert "crash point" in bot.log_tail()
 
 

@@ -65,9 +65,7 @@ def test_sigkill_around_a_job_announces_it_exactly_once(launch: Launch, conn: Re
                                                         crash_at: str, stored: StoreProbe) -> None:
     bot = launch({"ACTIVATE_LINE_SECONDS": "2", "CRASH_AT": crash_at})
     say(bot, conn, conv, "activate line 555-0199")
-    deadline = time.monotonic() + 15
-    while bot.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
+    bot.wait_exited(15)
     assert not bot.alive, f"the process never reached crash point {crash_at}"
     assert "crash point" in bot.log_tail()
     bot.extra_env.pop("CRASH_AT")
@@ -85,9 +83,7 @@ def test_sigkill_between_send_and_mark_repeats_at_most_one_message(launch: Launc
                                                                    conv: str) -> None:
     bot = launch({"ACTIVATE_LINE_SECONDS": "1", "CRASH_AT": "message_sent:2"})
     say(bot, conn, conv, "activate line 555-0142")
-    deadline = time.monotonic() + 15
-    while bot.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
+    bot.wait_exited(15)
     assert not bot.alive
     bot.extra_env.pop("CRASH_AT")
     bot.start()

@@ -44,15 +44,18 @@ def bot_env() -> dict[str, str]:
     return {"ACTIVATE_LINE_SECONDS": "4"}
 
 
+def personal_chat_spec(pg: Playground, failure_screenshot: str, timeout_ms: int) -> dict[str, object]:
+    """What every UI run here starts from: the Playground's personal chat, a timeout, where a failure's picture goes."""
+    return {"url": f"{pg.base_url}/", "chat": "Personal Chat", "timeoutMs": timeout_ms,
+            "failureScreenshot": str(ARTIFACTS_DIR / failure_screenshot)}
+
+
 def test_the_job_card_renders_live_in_the_playground_web_ui(pg: Playground, tmp_path: Path) -> None:
     for stale in (SCREENSHOT, RUNNING_SCREENSHOT):
         stale.unlink(missing_ok=True)
     personal = pg.chats.personal
     spec = {
-        "url": f"{pg.base_url}/",
-        "chat": "Personal Chat",
-        "timeoutMs": 20000,
-        "failureScreenshot": str(ARTIFACTS_DIR / "playground-job-card-failed.png"),
+        **personal_chat_spec(pg, "playground-job-card-failed.png", 20000),
         "steps": [
             {"name": "running", "card": ["Activate new line", "555-0100", "Running", "Progress"],
              "screenshot": str(RUNNING_SCREENSHOT)},
@@ -106,10 +109,7 @@ def test_the_welcome_and_reset_buttons_work_in_the_playground_web_ui(pg: Playgro
     personal = pg.chats.personal
     welcome = ["Hi! I'm your durable agent"]
     spec = {
-        "url": f"{pg.base_url}/",
-        "chat": "Personal Chat",
-        "timeoutMs": 20000,
-        "failureScreenshot": str(ARTIFACTS_DIR / "playground-buttons-failed.png"),
+        **personal_chat_spec(pg, "playground-buttons-failed.png", 20000),
         "steps": [
             {"name": "help", "card": welcome, "click": "Help"},
             {"name": "try", "card": welcome, "click": "Try: activate line 555-0100"},
@@ -161,10 +161,7 @@ def test_a_streamed_answer_with_its_ai_label_and_a_thumbs_up_in_the_playground_w
     personal = pg.chats.personal
     first_words, last_words = DURABILITY[:40], DURABILITY[-40:]
     spec = {
-        "url": f"{pg.base_url}/",
-        "chat": "Personal Chat",
-        "timeoutMs": 30000,
-        "failureScreenshot": str(ARTIFACTS_DIR / "playground-streaming-failed.png"),
+        **personal_chat_spec(pg, "playground-streaming-failed.png", 30000),
         "steps": [
             {"name": "streaming", "text": [first_words], "screenshot": str(STREAMING_SCREENSHOT)},
             {"name": "final", "text": [last_words, "AI generated"], "screenshot": str(STREAMED_SCREENSHOT),
@@ -211,10 +208,7 @@ def test_the_approval_card_is_approved_in_the_playground_web_ui(pg: Playground, 
         stale.unlink(missing_ok=True)
     personal = pg.chats.personal
     spec = {
-        "url": f"{pg.base_url}/",
-        "chat": "Personal Chat",
-        "timeoutMs": 20000,
-        "failureScreenshot": str(ARTIFACTS_DIR / "playground-approval-failed.png"),
+        **personal_chat_spec(pg, "playground-approval-failed.png", 20000),
         "steps": [
             {"name": "asked", "card": ["Approval needed", "555-0100", "Approve", "Reject"], "click": "Approve",
              "screenshot": str(APPROVAL_SCREENSHOT)},

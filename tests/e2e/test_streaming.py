@@ -309,9 +309,7 @@ def test_sigkill_mid_stream_the_rerun_turn_finishes_that_stream(launch: Launch, 
     conv = new_conversation_id()
     bot = launch({"CRASH_AT": "stream_chunk_sent:2"})
     say(bot, conn, conv, "think for 4 seconds")
-    deadline = time.monotonic() + 20
-    while bot.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
+    bot.wait_exited(20)
     assert not bot.alive, "the process never reached crash point stream_chunk_sent"
     before = conn.stream_sends(conv)
     assert len(before) == 3 and conn.messages(conv) == []  # "Thinking…" and two chunks, then the crash
@@ -332,9 +330,7 @@ def test_sigkill_mid_stream_then_teams_refuses_the_final_one_plain_message(launc
     conv = new_conversation_id()
     bot = launch({"CRASH_AT": "stream_chunk_sent:1"})
     say(bot, conn, conv, "think for 3 seconds")
-    deadline = time.monotonic() + 20
-    while bot.alive and time.monotonic() < deadline:
-        time.sleep(0.05)
+    bot.wait_exited(20)
     assert not bot.alive
     conn.fail_stream(1, 403, stream_type="final", code="ContentStreamNotAllowed")  # the stream is gone
     bot.extra_env.pop("CRASH_AT")

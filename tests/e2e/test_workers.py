@@ -25,6 +25,7 @@ from harness.cluster import BotCluster
 from harness.connector import RecordingConnector
 from harness.peers import cosmos as cosmos_peer
 from harness.peers.postgres import create_database, drop_database
+from harness.waiting import wait_until
 from tests.e2e.conftest import StoreProbe
 from tests.e2e.test_conversation import say
 from tests.e2e.test_jobs import completions, job_id_in
@@ -95,14 +96,6 @@ def turns(process: BotProcess, key: str) -> list[float]:
 def job_lines(process: BotProcess, job_id: str, ending: str) -> list[float]:
     return [at(r) for r in records(process) if r["logger"] == "jobs.runner" and r.get("job_id") == job_id
             and r["message"].endswith(ending)]
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
 
 
 def test_conversations_are_spread_over_all_workers_and_each_runs_on_one(healthy: BotCluster,
