@@ -19,20 +19,29 @@ from botframework.connector.auth import ConnectorFactory
 MAX_CLIENTS = 64
 
 
+async def factory_credentials(factory: ConnectorFactory, audience: str | None) -> Any | None:
+    """The credentials ``factory.create`` would give a new client for ``audience`` (None: the bot's scope),
+    asked of its credentials factory (which renews the token off the loop); None for a factory that is not
+    botbuilder's ``_ConnectorFactoryImpl``, whose private fields this reads."""
+    impl: Any = factory
+    credentials_factory = getattr(impl, "_credential_factory", None)
+    if credentials_factory is None:
+        return None
+    return await credentials_factory.create_credentials(
+        impl._app_id, audience or impl._to_channel_from_bot_oauth_scope, impl._login_endpoint,
+        impl._validate_authority)
+
+
 class ConnectorClients:
     def __init__(self) -> None:
         self._clients: dict[tuple[str, str], ConnectorClient] = {}  # (service URL, audience) -> client
 
     async def get(self, factory: ConnectorFactory, service_url: str, audience: str | None) -> ConnectorClient:
         """``factory.create(service_url, audience)``, reused while its credentials are the current ones."""
-        impl: Any = factory
-        credentials_factory = getattr(impl, "_credential_factory", None)  # botbuilder's _ConnectorFactoryImpl
-        if credentials_factory is None:  # another factory: a client each time, as botbuilder does
+        credentials = await factory_credentials(factory, audience)
+        if credentials is None:  # another factory: a client each time, as botbuilder does
             return await factory.create(service_url, audience)
-        scope = audience or impl._to_channel_from_bot_oauth_scope
-        credentials = await credentials_factory.create_credentials(
-            impl._app_id, scope, impl._login_endpoint, impl._validate_authority)
-        key = (service_url, scope or "")
+        key = (service_url, audience or "")
         client = self._clients.get(key)
         if client is None or client.config.credentials is not credentials:
             client = await factory.create(service_url, audience)

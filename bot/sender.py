@@ -22,6 +22,7 @@ from botbuilder.schema import ActivityTypes
 from botframework.connector.auth import ConnectorFactory
 
 from bot.connector_api import BotConnector, ConnectorError
+from bot.connector_clients import factory_credentials
 from bot.service_urls import ServiceUrlPolicy
 from runtime import metrics
 from runtime.protocol import DeliveryError
@@ -75,13 +76,9 @@ class ProactiveSender:
             adapter: Any = self._adapter
             claims = adapter.create_claims_identity(self._app_id)
             self._connectors = adapter.bot_framework_authentication.create_connector_factory(claims)
-        impl: Any = self._connectors
-        credentials_factory = getattr(impl, "_credential_factory", None)  # botbuilder's _ConnectorFactoryImpl
-        if credentials_factory is not None:
-            credentials = await credentials_factory.create_credentials(
-                impl._app_id, impl._to_channel_from_bot_oauth_scope, impl._login_endpoint, impl._validate_authority)
-        else:  # another factory: its client's credentials
-            credentials = (await impl.create(service_url, None)).config.credentials
+        credentials = await factory_credentials(self._connectors, None)
+        if credentials is None:  # another factory: its client's credentials
+            credentials = (await self._connectors.create(service_url, None)).config.credentials
         signed = _SignedHeaders()
         credentials.signed_session(signed)  # the token: an MSAL cache hit, or bot.auth.OutboundTokenError
         return signed.headers.get("Authorization")
